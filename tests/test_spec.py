@@ -1,0 +1,229 @@
+"""Dataset specs: the two shipped public data sets load, and bad specs fail with a named field."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from features.spec import ROW_ID, SpecError, load_dataset, load_spec
+
+DATASETS = Path(__file__).resolve().parents[1] / "datasets"
+
+
+# --- shipped specs ------------------------------------------------------------------------------
+
+
+def test_german_credit_loads() -> None:
+    spec = load_spec(DATASETS / "german_credit.toml")
+    assert spec.name == "german_credit"
+    assert spec.path == (DATASETS / "german_credit.csv").resolve()
+    assert spec.path.is_absolute()
+    assert spec.id_column is None
+    assert spec.timestamp_column is None
+    assert spec.label_column == "creditability"
+    assert spec.bad_value == "bad"
+    assert spec.segments == ("purpose", "personal_status_and_sex")
+    assert len(spec.features) == 20
+
+    directions = {f.name: f.direction for f in spec.features}
+    assert directions["duration_in_month"] == 1
+    assert directions["credit_amount"] == 1
+    assert directions["age_in_years"] == -1
+    assert directions["job"] == 0
+    for f in spec.features:
+        assert not (f.categorical and f.direction != 0)
+
+    df = load_dataset(spec)
+    assert df.height == 1000
+    assert df["label"].sum() == 300
+    assert df["label"].dtype == pl.Int8
+    assert set(df["label"].unique()) == {0, 1}
+    assert df[ROW_ID].to_list() == list(range(1000))
+    assert df.columns[0] == ROW_ID
+    assert df.columns[-1] == "label"
+    assert "creditability" not in df.columns
+    for name in spec.categorical_features:
+        assert df.schema[name] == pl.String, name
+    assert spec.categorical_features  # string columns are declared categorical
+    assert df.schema["duration_in_month"].is_numeric()
+
+
+def test_belanche_loads() -> None:
+    spec = load_spec(DATASETS / "credit_scoring_belanche.toml")
+    assert spec.label_column == "Status"
+    assert spec.segments == ("Home", "Job")
+    directions = {f.name: f.direction for f in spec.features}
+    assert directions == {
+        "Seniority": -1,
+        "Home": 0,
+        "Time": 0,
+        "Age": 0,
+        "Marital": 0,
+        "Records": 0,
+        "Job": 0,
+        "Expenses": 0,
+        "Income": -1,
+        "Assets": -1,
+        "Debt": 1,
+        "Amount": 1,
+        "Price": 0,
+    }
+    assert set(spec.categorical_features) == {"Home", "Marital", "Records", "Job"}
+
+    raw = pl.read_parquet(DATASETS / "credit_scoring_belanche.parquet")
+    assert raw.height == 4454
+    labelled = raw.filter(pl.col("Status").is_not_null())
+    expected_bad = labelled.filter(pl.col("Status") == "bad").height
+
+    df = load_dataset(spec)
+    assert df.height == labelled.height
+    assert df["label"].sum() == expected_bad
+    assert set(df["label"].unique()) == {0, 1}
+    for name in ("Home", "Marital", "Records", "Job"):
+        assert df.schema[name] == pl.String
+    assert df[ROW_ID].n_unique() == df.height
+
+
+# --- hand-written specs in tmp_path ---------------------------------------------------------------
+
+DATA_CSV = """\
+cust,applied_at,amount,purpose,outcome
+a,2024-01-05,1000,car,good
+b,2024-02-10,2500,tv,bad
+c,2024-03-15,400,car,good
+d,2024-04-20,,tv,
+"""
+
+GOOD_SPEC = """\
+name = "tiny"
+path = "tiny.csv"
+id = "cust"
+timestamp = "applied_at"
+segments = ["purpose"]
+
+[label]
+column = "outcome"
+bad = "bad"
+
+[features.amount]
+direction = 1
+
+[features.purpose]
+categorical = true
+"""
+
+
+def write_spec(tmp_path: Path, text: str, name: str = "tiny.toml") -> Path:
+    (tmp_path / "tiny.csv").write_text(DATA_CSV)
+    spec_path = tmp_path / name
+    spec_path.write_text(text)
+    return spec_path
+
+
+def test_tiny_spec_with_id_timestamp_and_null_label(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = load_spec(write_spec(tmp_path, GOOD_SPEC))
+    assert spec.path == (tmp_path / "tiny.csv").resolve()
+    with caplog.at_level(logging.WARNING, logger="features.spec"):
+        df = load_dataset(spec)
+    assert "dropped 1 of 4 rows with a null label" in caplog.text
+    assert df.columns == ["cust", "applied_at", "amount", "purpose", "label"]
+    assert df["cust"].to_list() == ["a", "b", "c"]
+    assert df.schema["applied_at"] == pl.Datetime("us")
+    assert df["label"].to_list() == [0, 1, 0]
+
+
+def expect_error(tmp_path: Path, text: str, *fragments: str) -> None:
+    path = write_spec(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_dataset(load_spec(path))
+    message = str(info.value)
+    assert message.startswith("tiny.toml: "), message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_bad_direction(tmp_path: Path) -> None:
+    text = GOOD_SPEC.replace("direction = 1", "direction = 2")
+    expect_error(tmp_path, text, "features.amount.direction must be -1, 0 or 1, got 2")
+
+
+def test_categorical_with_direction(tmp_path: Path) -> None:
+    text = GOOD_SPEC.replace("categorical = true", "categorical = true\ndirection = -1")
+    expect_error(tmp_path, text, "features.purpose.direction must be 0 for a categorical")
+
+
+def test_label_column_missing_from_data(tmp_path: Path) -> None:
+    text = GOOD_SPEC.replace('column = "outcome"', 'column = "default_flag"')
+    expect_error(tmp_path, text, "'default_flag' (label.column)", "available columns: cust,")
+
+
+def test_data_file_missing(tmp_path: Path) -> None:
+    text = GOOD_SPEC.replace('path = "tiny.csv"', 'path = "nowhere.csv"')
+    expect_error(tmp_path, text, "path 'nowhere.csv' does not exist")
+
+
+def test_unsupported_extension(tmp_path: Path) -> None:
+    text = GOOD_SPEC.replace('path = "tiny.csv"', 'path = "tiny.xlsx"')
+    expect_error(tmp_path, text, "path 'tiny.xlsx' has unsupported extension '.xlsx'")
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    expect_error(tmp_path, 'lable = "oops"\n' + GOOD_SPEC, "unknown top-level key(s): lable")
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    expect_error(tmp_path, GOOD_SPEC + "[features.broken\n", "invalid TOML")
+
+
+def test_bad_value_absent_from_data(tmp_path: Path) -> None:
+    text = GOOD_SPEC.replace('bad = "bad"', 'bad = "defaulted"')
+    expect_error(tmp_path, text, "label.bad value 'defaulted' does not occur in column 'outcome'")
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    text = GOOD_SPEC.replace('column = "outcome"\n', "")
+    expect_error(tmp_path, text, "missing required key label.column")
+
+
+def test_empty_features(tmp_path: Path) -> None:
+    head = GOOD_SPEC.split("[features.amount]")[0]
+    expect_error(tmp_path, head + "[features]\n", "features must declare at least one feature")
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    text = GOOD_SPEC.replace('segments = ["purpose"]', 'segments = "purpose"')
+    expect_error(tmp_path, text, "segments must be a list of column names")
+
+
+def test_bad_value_type_mismatch(tmp_path: Path) -> None:
+    text = GOOD_SPEC.replace('bad = "bad"', "bad = 1")
+    expect_error(tmp_path, text, "label.bad is int 1 but label column 'outcome' has dtype String")
+
+
+def test_unparseable_timestamp(tmp_path: Path) -> None:
+    text = GOOD_SPEC.replace('timestamp = "applied_at"', 'timestamp = "purpose"').replace(
+        'segments = ["purpose"]\n', ""
+    )
+    text = text.replace("[features.purpose]\ncategorical = true\n", "")
+    expect_error(tmp_path, text, "timestamp column 'purpose' cannot be parsed as a datetime")
+
+
+def test_string_feature_not_marked_categorical(tmp_path: Path) -> None:
+    text = GOOD_SPEC.replace("categorical = true", "")
+    expect_error(tmp_path, text, "features.purpose: column has dtype String")
+
+
+def test_duplicate_id(tmp_path: Path) -> None:
+    text = GOOD_SPEC.replace('id = "cust"', 'id = "purpose"')
+    text = text.replace("[features.purpose]\ncategorical = true\n", "")
+    expect_error(tmp_path, text, "id column 'purpose' must be unique")
+
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"^absent\.toml: spec file not found"):
+        load_spec(tmp_path / "absent.toml")
