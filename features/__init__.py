@@ -1,1 +1,1 @@
-"""Feature engineering: the feature schema, polars point-in-time pipelines, Feast definitions, dataset specs."""
+"""Features: the schema, polars point-in-time pipelines, Feast definitions, dataset specs."""

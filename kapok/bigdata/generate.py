@@ -59,7 +59,9 @@ def write_chunk(tables: dict[str, pl.DataFrame], out: Path, chunk: int) -> dict[
     for name, frame in tables.items():
         counts[name] = frame.height
         if name in MONTHLY_TABLES:
-            for (month,), part in frame.partition_by("month", as_dict=True, maintain_order=True).items():
+            for (month,), part in frame.partition_by(
+                "month", as_dict=True, maintain_order=True
+            ).items():
                 _write(part, out / name / f"period={month:%Y-%m}" / chunk_name(chunk))
         else:
             _write(frame, out / name / chunk_name(chunk))

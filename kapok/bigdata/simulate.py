@@ -24,7 +24,6 @@ from kapok.bigdata.world import (
     SIZE_EMPLOYEES,
     SIZE_REVENUE,
     SIZE_SHARES,
-    TAX_RATINGS,
 )
 
 BURN_IN = 24  # months of latent history simulated before the first exported month
@@ -65,7 +64,8 @@ AMOUNT = {  # requested amount as a share of annual revenue: (median, log-sd, mi
     "guarantee": (0.22, 0.55, 1.0e5, 2.0e7),
     "insurance": (0.14, 0.55, 5.0e4, 5.0e6),
 }
-INTERCEPT = {"microloan": -3.95, "guarantee": -4.45, "insurance": -4.3}
+INTERCEPT = {"microloan": -3.75, "guarantee": -4.2, "insurance": -4.1}
+RISK_SCALE = 0.7
 ID_PREFIX = {"microloan": "ML", "guarantee": "GU", "insurance": "IN"}
 
 
@@ -159,17 +159,24 @@ class _Chunk:
         self.alive = t_idx >= self.found_t[:, None]
         season = np.sin(2 * np.pi * (self.month.astype(int) % 12 - 2) / 12)
         self.season = season[None, :]
-        self.revenue = (
-            self.revenue_scale[:, None]
-            * np.exp(0.30 * self.h + 0.06 * self.season + 0.22 * rng.standard_normal((n, T)))
+        self.revenue = self.revenue_scale[:, None] * np.exp(
+            0.30 * self.h + 0.06 * self.season + 0.30 * rng.standard_normal((n, T))
         )
 
     # -- helpers -------------------------------------------------------------------------------
-    def _long(self, mask: np.ndarray, columns: dict[str, np.ndarray], publish_day: int | None,
-              late_months: np.ndarray | None = None) -> pl.DataFrame:  # fmt: skip
+    def _long(
+        self,
+        mask: np.ndarray,
+        columns: dict[str, np.ndarray],
+        publish_day: int | None,
+        late_months: np.ndarray | None = None,
+    ) -> pl.DataFrame:
         """Flatten (n, T) arrays where mask holds into a long table with month and available_at."""
         rows, months = np.nonzero(mask)
-        frame = {"enterprise_id": self.ids.gather(rows), "month": pl.Series(self.month_days[months])}
+        frame = {
+            "enterprise_id": self.ids.gather(rows),
+            "month": pl.Series(self.month_days[months]),
+        }
         for name, values in columns.items():
             frame[name] = values[rows, months]
         if publish_day is not None:
@@ -231,15 +238,18 @@ class _Chunk:
     def tax(self) -> pl.DataFrame:
         rng, n, T = self.rng, self.n, self.T
         w = self.willingness[:, None]
-        underreport = np.clip(0.93 + 0.05 * self.willingness + 0.04 * rng.standard_normal(n),
-                              0.55, 1.0)[:, None]  # fmt: skip
+        underreport = np.clip(
+            0.93 + 0.05 * self.willingness + 0.04 * rng.standard_normal(n), 0.55, 1.0
+        )[:, None]
         declared = self.revenue * underreport
         vat_rate = rng.uniform(0.012, 0.035, n)[:, None]
         margin = 0.05 + 0.04 * self.h + 0.02 * rng.standard_normal((n, T))
         vat = declared * vat_rate
         income_tax = np.maximum(margin, 0) * declared * 0.05
         p_overdue = _sigmoid(-5.0 - 1.5 * self.h - 0.7 * w)
-        overdue = np.where(rng.random((n, T)) < p_overdue, (vat + income_tax) * rng.uniform(0.5, 3, (n, T)), 0)  # fmt: skip
+        overdue = np.where(
+            rng.random((n, T)) < p_overdue, (vat + income_tax) * rng.uniform(0.5, 3, (n, T)), 0
+        )
         vat_paid = np.maximum(0, vat - overdue * 0.7)
         income_paid = np.maximum(0, income_tax - overdue * 0.3)
         p_late = _sigmoid(-3.6 - 0.7 * w - 0.4 * self.h)
@@ -271,8 +281,8 @@ class _Chunk:
                 continue
             score = (
                 self.h_full[:, lo:hi].mean(axis=1)
-                + 0.8 * self.willingness
-                + 0.5 * rng.standard_normal(n)
+                + 0.6 * self.willingness
+                + 0.9 * rng.standard_normal(n)
             )
             rating = np.select(
                 [score > 0.9, score > -0.5, score > -1.4], ["A", "B", "C"], default="D"
@@ -324,7 +334,9 @@ class _Chunk:
     def payments(self) -> pl.DataFrame:
         rng, n, T = self.rng, self.n, self.T
         inflow = self.revenue * np.exp(0.05 + 0.12 * rng.standard_normal((n, T)))
-        outflow = inflow * np.clip(0.95 - 0.05 * self.h + 0.06 * rng.standard_normal((n, T)), 0.5, 1.6)  # fmt: skip
+        outflow = inflow * np.clip(
+            0.95 - 0.04 * self.h + 0.12 * rng.standard_normal((n, T)), 0.5, 1.6
+        )
         base_cp = np.array([4.0, 15.0, 50.0])[self.size] * np.exp(0.3 * rng.standard_normal(n))
         counterparties = rng.poisson(base_cp[:, None] * np.exp(0.15 * self.h))
         base_share = rng.normal(-0.5, 0.6, n)[:, None]
@@ -344,11 +356,17 @@ class _Chunk:
 
     def receivables_payables(self) -> pl.DataFrame:
         rng, n, T = self.rng, self.n, self.T
-        dso = np.array([i.dso_days for i in INDUSTRIES])[self.industry] * np.exp(0.3 * rng.standard_normal(n))  # fmt: skip
+        dso = np.array([i.dso_days for i in INDUSTRIES])[self.industry] * np.exp(
+            0.3 * rng.standard_normal(n)
+        )
         dso_t = dso[:, None] * np.exp(-0.15 * self.h + 0.1 * rng.standard_normal((n, T)))
         receivables = self.revenue * dso_t / 30
-        overdue_share = _sigmoid(-2.2 - 0.8 * self.h + 0.4 * rng.standard_normal((n, T)))
-        dpo = 45 * np.exp(0.3 * rng.standard_normal(n))[:, None] * np.exp(-0.22 * self.h + 0.1 * rng.standard_normal((n, T)))  # fmt: skip
+        overdue_share = _sigmoid(-2.2 - 0.55 * self.h + 0.9 * rng.standard_normal((n, T)))
+        dpo = (
+            45
+            * np.exp(0.3 * rng.standard_normal(n))[:, None]
+            * np.exp(-0.22 * self.h + 0.1 * rng.standard_normal((n, T)))
+        )
         payables = self.revenue * 0.7 * dpo / 30
         reports = rng.random(n) < 0.75
         mask = self.alive & reports[:, None]
@@ -377,8 +395,12 @@ class _Chunk:
             p = _sigmoid(-8.0 - 1.0 * h[:, t] - 1.1 * w[:, 0] + 2.5 * (recent_enf > 0.3))
             dishonest[:, t] = draws[:, t] < p
         penalty = rng.random((n, T)) < _sigmoid(-5.2 - 0.3 * h - 0.6 * w)
-        lags = {"lawsuit": (15, 60), "enforcement": (7, 30), "dishonest_debtor": (3, 20),
-                "admin_penalty": (10, 40)}  # fmt: skip
+        lags = {
+            "lawsuit": (15, 60),
+            "enforcement": (7, 30),
+            "dishonest_debtor": (3, 20),
+            "admin_penalty": (10, 40),
+        }
         parts = []
         for kind, mask in (
             ("lawsuit", lawsuit),
@@ -390,8 +412,10 @@ class _Chunk:
             rows, months = np.nonzero(mask)
             day = _days(self.month[months]) + rng.integers(0, 28, len(rows))
             lo, hi = lags[kind]
-            amount = self.revenue_scale[rows] * rng.lognormal(0, 0.8, len(rows)) * (
-                0.05 if kind == "admin_penalty" else 0.8
+            amount = (
+                self.revenue_scale[rows]
+                * rng.lognormal(0, 0.8, len(rows))
+                * (0.05 if kind == "admin_penalty" else 0.8)
             )
             parts.append(
                 pl.DataFrame(
@@ -439,10 +463,21 @@ class _Chunk:
                 PUBLICATION_DAY["credit_history"],
             )
             parts.append(frame.with_columns(reporter_type=pl.lit(reporter)))
-        return pl.concat(parts).select(
-            "enterprise_id", "month", "reporter_type", "loans", "balance", "dpd30", "dpd90",
-            "guarantee_compensations", "available_at",
-        ).sort("enterprise_id", "month", "reporter_type")  # fmt: skip
+        return (
+            pl.concat(parts)
+            .select(
+                "enterprise_id",
+                "month",
+                "reporter_type",
+                "loans",
+                "balance",
+                "dpd30",
+                "dpd90",
+                "guarantee_compensations",
+                "available_at",
+            )
+            .sort("enterprise_id", "month", "reporter_type")
+        )
 
     def applications(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         """Applications for the three products, their outcomes (null until matured), the oracle."""
@@ -451,7 +486,9 @@ class _Chunk:
         apps, oracle = [], []
         for product in PRODUCTS:
             rate = APPLY_RATE[product] * np.exp(-0.25 * self.h)  # weaker firms ask more often
-            eligible = (np.arange(T)[None, :] >= np.maximum(FIRST_APPLICATION_MONTH, self.found_t[:, None] + 3))  # fmt: skip
+            eligible = np.arange(T)[None, :] >= np.maximum(
+                FIRST_APPLICATION_MONTH, self.found_t[:, None] + 3
+            )
             rows, months = np.nonzero((rng.random((n, T)) < rate) & eligible)
             k = len(rows)
             terms = np.array(TERMS[product])[rng.integers(0, len(TERMS[product]), k)]
@@ -468,14 +505,19 @@ class _Chunk:
             path = padded[rows[:, None], idx]
             mean_h = (path * inside).sum(axis=1) / inside.sum(axis=1)
             min_h = np.where(inside, path, np.inf).min(axis=1)
-            trailing = self.revenue[rows[:, None], np.clip(months[:, None] - np.arange(12)[None, :], 0, None)]  # fmt: skip
+            trailing = self.revenue[
+                rows[:, None], np.clip(months[:, None] - np.arange(12)[None, :], 0, None)
+            ]
             burden = amount / np.maximum(trailing.mean(axis=1) * 12, 1.0)
-            logit = (
-                INTERCEPT[product]
-                - 0.85 * mean_h
+            # convex in health, with burden and willingness mattering more for weak firms: a
+            # scorecard that adds up one feature at a time cannot represent this exactly
+            weak = np.maximum(0, -mean_h - 0.4)
+            logit = INTERCEPT[product] + RISK_SCALE * (
+                -0.45 * mean_h
+                + 0.9 * weak
                 + 0.55 * np.maximum(0, -min_h - 1.2)
-                + 0.45 * np.log(burden / AMOUNT[product][0])
-                - 0.35 * self.willingness[rows]
+                + (0.15 + 0.5 * _sigmoid(-2 * mean_h)) * np.log(burden / AMOUNT[product][0])
+                - 0.3 * self.willingness[rows] * (1 + weak)
                 + 0.3 * (window / 12 - 1)
             )
             pd_true = _sigmoid(logit)
@@ -505,8 +547,9 @@ class _Chunk:
                 )
             )
             oracle.append(
-                pl.DataFrame({"application_id": app_id, "product": np.full(k, product),
-                              "pd_true": pd_true})  # fmt: skip
+                pl.DataFrame(
+                    {"application_id": app_id, "product": np.full(k, product), "pd_true": pd_true}
+                )
             )
         return (
             pl.concat(apps).sort("applied_at", "application_id"),

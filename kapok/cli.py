@@ -1,0 +1,248 @@
+"""`kapok`: one command, one subcommand group per stage of the lending pipeline."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import kapok  # noqa: F401  (telemetry off before any framework import)
+from kapok.settings import kapok_home, online_store_url, paths
+
+console = Console(stderr=True)
+app = typer.Typer(
+    help=(
+        "Kapok turns the regional big-data system's enterprise data into lending decisions.\n\n"
+        "Start with `kapok run` (simulate a region, build features, load Feast), or step by step: "
+        "`kapok data generate`, `kapok features build`, `kapok features apply`, "
+        "`kapok features materialize`. Everything is written under KAPOK_HOME "
+        f"(now: {kapok_home()})."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="The regional big-data system: simulate it, check your own data.")
+features_app = typer.Typer(help="Feature tables and the Feast feature store.")
+app.add_typer(data_app, name="data", no_args_is_help=True)
+app.add_typer(features_app, name="features", no_args_is_help=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(func: F) -> F:
+    """Known failures end with a one-line message and exit code 2, never a traceback."""
+    from features.spec import SpecError
+    from features.store import OnlineStoreConfigError
+    from kapok.uscc import USCCError
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (SpecError, OnlineStoreConfigError, USCCError, FileNotFoundError, ValueError) as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
+
+
+# -- data ----------------------------------------------------------------------------------------
+@data_app.command("generate")
+@friendly_errors
+def data_generate(
+    enterprises: Annotated[int, typer.Option(help="Number of enterprises to simulate.")] = 100_000,
+    months: Annotated[int, typer.Option(help="Months of history (12-120).")] = 36,
+    seed: Annotated[
+        int, typer.Option(help="Random seed; same arguments give identical files.")
+    ] = 7,
+    start: Annotated[str, typer.Option(help="First month, YYYY-MM.")] = "2023-01",
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: KAPOK_HOME/data/raw).")
+    ] = None,
+) -> None:
+    """Simulate the regional big-data system and write its raw tables (parquet).
+
+    Registration, tax, electricity, social insurance, payments, receivables/payables, court
+    records, credit history, and applications for microloans, guarantees and insurance with
+    their outcomes. The true default probabilities go to a separate `oracle/` table.
+    """
+    from kapok.bigdata.generate import generate
+    from kapok.bigdata.simulate import SimulationConfig
+
+    _check_month(start)
+    target = out or paths().raw
+    config = SimulationConfig(enterprises, months, seed, start)
+    t0 = time.perf_counter()
+    with progress_bar("simulating enterprises", enterprises) as advance:
+        manifest = generate(config, target, progress=advance)
+    table = Table("table", "rows", title=f"raw tables in {target}")
+    for name, rows in manifest["rows"].items():
+        table.add_row(name, f"{rows:,}")
+    console.print(table)
+    console.print(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+def _check_month(text: str) -> None:
+    import datetime as dt
+
+    try:
+        dt.date.fromisoformat(text + "-01")
+    except ValueError:
+        raise ValueError(f"--start must be a month as YYYY-MM, got {text!r}") from None
+
+
+@data_app.command("check-spec")
+@friendly_errors
+def data_check_spec(
+    spec: Annotated[
+        Path, typer.Argument(help="A dataset spec (TOML), e.g. datasets/german_credit.toml")
+    ],
+) -> None:
+    """Validate a bring-your-own-data spec and load its data; print what Kapok will train on."""
+    from features.spec import load_dataset, load_spec
+
+    s = load_spec(spec)
+    frame = load_dataset(s)
+    table = Table("feature", "direction", "categorical", "nulls", title=f"{s.name}: {s.path.name}")
+    for f in s.features:
+        table.add_row(
+            f.name,
+            f"{f.direction:+d}",
+            "yes" if f.categorical else "",
+            str(frame[f.name].null_count()),
+        )
+    console.print(table)
+    bad = int(frame["label"].sum())
+    console.print(
+        f"{frame.height:,} rows, {bad:,} bad ({bad / frame.height:.1%}); "
+        f"timestamp: {s.timestamp_column or 'none (K-fold validation)'}; "
+        f"segments: {', '.join(s.segments) or 'none'}"
+    )
+
+
+# -- features ------------------------------------------------------------------------------------
+@features_app.command("build")
+@friendly_errors
+def features_build() -> None:
+    """Turn the raw tables into point-in-time feature tables, one per source family."""
+    from features.build import build
+    from features.schema import FAMILIES
+    from kapok.bigdata.generate import read_manifest
+
+    p = paths()
+    chunks = read_manifest(p.raw)["chunks"]
+    t0 = time.perf_counter()
+    with progress_bar("building feature tables", chunks * len(FAMILIES)) as advance:
+        summary = build(p.raw, p.features, progress=lambda _family: advance(1))
+    table = Table("family", "snapshot rows", title=f"feature tables in {p.features}")
+    for name, rows in summary["rows"].items():
+        table.add_row(name, f"{rows:,}")
+    console.print(table)
+    console.print(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+@features_app.command("apply")
+@friendly_errors
+def features_apply() -> None:
+    """Register the entity, feature views and feature services with Feast (feast apply)."""
+    from features import store as fs
+
+    p = paths()
+    from features.build import read_summary
+
+    read_summary(p.features)  # the views point at these tables: fail early if they are missing
+    yaml_path = fs.write_feature_store_yaml(p)
+    names = fs.apply(fs.feature_store(p), p)
+    console.print(
+        f"applied {len(names)} objects to project {fs.project_name()!r}: {', '.join(names)}"
+    )
+    console.print(f"online store: {online_store_url()}; config written to {yaml_path}")
+
+
+@features_app.command("materialize")
+@friendly_errors
+def features_materialize(
+    full: Annotated[
+        bool, typer.Option(help="Replay every snapshot, not only the latest ones.")
+    ] = False,
+) -> None:
+    """Load the latest snapshot of every enterprise into the online store.
+
+    Simulated data lives in its own time range, so the window is taken from the data, not from
+    today's date.
+    """
+    from features import store as fs
+    from features.build import read_summary
+
+    p = paths()
+    start, end = fs.materialize_window(read_summary(p.features), full)
+    t0 = time.perf_counter()
+    console.print(f"materializing {start:%Y-%m-%d} .. {end:%Y-%m-%d} into {online_store_url()}")
+    fs.materialize(fs.feature_store(p), start, end)
+    console.print(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+@features_app.command("online")
+@friendly_errors
+def features_online(
+    enterprise_id: Annotated[str, typer.Argument(help="Unified Social Credit Code (18 chars).")],
+    product: Annotated[str, typer.Option(help="microloan, guarantee or insurance.")] = "microloan",
+    amount: Annotated[float, typer.Option(help="Requested amount, CNY.")] = 100_000.0,
+    term: Annotated[int, typer.Option(help="Requested term, months.")] = 12,
+) -> None:
+    """Show the online features of one enterprise, as the scoring API will see them."""
+    from features import store as fs
+    from features.schema import PRODUCTS
+    from kapok import uscc
+
+    if product not in PRODUCTS:
+        raise ValueError(f"--product must be one of {', '.join(PRODUCTS)}, got {product!r}")
+    code = uscc.validate(enterprise_id)
+    row = {"enterprise_id": code, "requested_amount": amount, "term_months": term}
+    frame = fs.online_features(fs.feature_store(), [row], product)
+    table = Table("feature", "value", title=f"{code} ({fs.project_name()}, {product})")
+    for name, value in frame.row(0, named=True).items():
+        table.add_row(name, "" if value is None else str(value))
+    console.print(table)
+
+
+# -- the main job --------------------------------------------------------------------------------
+@app.command("run")
+@friendly_errors
+def run(
+    enterprises: Annotated[int, typer.Option(help="Enterprises to simulate.")] = 100_000,
+    months: Annotated[int, typer.Option(help="Months of history.")] = 36,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+) -> None:
+    """The main job on embedded defaults: simulate, build features, feast apply, materialize."""
+    data_generate(enterprises=enterprises, months=months, seed=seed, start="2023-01", out=None)
+    features_build()
+    features_apply()
+    features_materialize(full=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Serving: the BentoML lending API and the policy engine (issue 4)."""

@@ -1,0 +1,1 @@
+"""Training: Optuna-tuned LightGBM per product, tracked and registered in MLflow (issue 3)."""
