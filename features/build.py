@@ -32,16 +32,20 @@ def build(raw: Path, out: Path, progress: Callable[[str], None] | None = None) -
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     rows = dict.fromkeys((f.name for f in FAMILIES), 0)
-    for chunk in range(manifest["chunks"]):
-        tables = raw_chunk(raw, chunk)
-        for fam in FAMILIES:
-            frame = build_family(fam.name, tables, manifest["months"], start).collect()
-            target = staging / fam.name / chunk_name(chunk)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            frame.write_parquet(target, compression="zstd", statistics=True)
-            rows[fam.name] += frame.height
-            if progress:
-                progress(fam.name)
+    try:
+        for chunk in range(manifest["chunks"]):
+            tables = raw_chunk(raw, chunk)
+            for fam in FAMILIES:
+                frame = build_family(fam.name, tables, manifest["months"], start).collect()
+                target = staging / fam.name / chunk_name(chunk)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                frame.write_parquet(target, compression="zstd", statistics=True)
+                rows[fam.name] += frame.height
+                if progress:
+                    progress(fam.name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the previous tables stay as they were
+        raise
     summary = {
         "schema_version": SCHEMA_VERSION,
         "raw": manifest,

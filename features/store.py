@@ -19,6 +19,10 @@ from features.feast_defs import definitions
 from features.schema import FEATURE_SERVICE, REQUEST_FIELDS
 from kapok.settings import Paths, online_store_url, paths
 
+ROW_KEY = "__kapok_row"
+REQUEST_VIEW = "request_features"
+REQUEST_INPUTS = ("tax_sales_12m", "pay_inflow_3m")  # the view features the on-demand view reads
+
 
 class OnlineStoreConfigError(ValueError):
     """KAPOK_ONLINE_STORE is neither 'sqlite' nor a redis:// URL."""
@@ -90,9 +94,30 @@ def materialize(store: FeatureStore, start: datetime, end: datetime) -> None:
 def historical_features(store: FeatureStore, entities: pl.DataFrame, product: str) -> pl.DataFrame:
     """Point-in-time correct features for (enterprise_id, event_timestamp[, request fields])."""
     service = store.get_feature_service(FEATURE_SERVICE[product])
-    entity_df = entities.to_pandas()
-    job = store.get_historical_features(entity_df=entity_df, features=service)
-    return pl.from_arrow(job.to_arrow())  # type: ignore[return-value]
+    keyed = entities.with_row_index(ROW_KEY)
+    job = store.get_historical_features(entity_df=keyed.to_pandas(), features=service)
+    result = pl.from_arrow(job.to_arrow())
+    assert isinstance(result, pl.DataFrame)
+    # Feast's file offline store drops entity rows that match no snapshot in any view (e.g. a
+    # timestamp before the firm was founded). A training set must keep them, with null features.
+    feature_cols = [c for c in result.columns if c not in keyed.columns]
+    out = keyed.join(result.select(ROW_KEY, *feature_cols), on=ROW_KEY, how="left")
+    missing = out.filter(
+        pl.col(feature_cols[0]).is_null() & ~pl.col(ROW_KEY).is_in(result[ROW_KEY].implode())
+    )
+    if missing.height:
+        udf = store.get_on_demand_feature_view(REQUEST_VIEW).feature_transformation.udf
+        inputs = {c: missing[c].to_list() for c in (*REQUEST_FIELDS, *REQUEST_INPUTS)}
+        computed = udf(inputs)
+        filled = pl.DataFrame(
+            {
+                c: pl.Series(c, computed[c], dtype=out.schema[c])
+                for c in computed
+                if c in out.columns
+            }
+        )
+        out = out.update(missing.select(ROW_KEY).hstack(filled), on=ROW_KEY)
+    return out.sort(ROW_KEY).drop(ROW_KEY)
 
 
 def online_features(store: FeatureStore, rows: list[dict], product: str) -> pl.DataFrame:

@@ -83,14 +83,18 @@ def generate(
     macro = simulate_macro(config)
     totals: dict[str, int] = dict.fromkeys(TABLES, 0)
     n_chunks = -(-config.enterprises // CHUNK_SIZE)
-    for chunk in range(n_chunks):
-        first = chunk * CHUNK_SIZE
-        n = min(CHUNK_SIZE, config.enterprises - first)
-        counts = write_chunk(simulate_chunk(config, macro, chunk, first, n), staging, chunk)
-        for name, count in counts.items():
-            totals[name] += count
-        if progress:
-            progress(n)
+    try:
+        for chunk in range(n_chunks):
+            first = chunk * CHUNK_SIZE
+            n = min(CHUNK_SIZE, config.enterprises - first)
+            counts = write_chunk(simulate_chunk(config, macro, chunk, first, n), staging, chunk)
+            for name, count in counts.items():
+                totals[name] += count
+            if progress:
+                progress(n)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the previous output stays as it was
+        raise
     manifest = {
         "enterprises": config.enterprises,
         "months": config.months,

@@ -78,7 +78,7 @@ def simulate_macro(config: SimulationConfig) -> Macro:
     shape = np.array([0.35, 0.75, 1.0, 0.95, 0.8, 0.6, 0.4, 0.25, 0.12])
     start = BURN_IN + config.downturn_month
     end = min(length, start + len(shape))
-    city[start:end] -= 1.1 * shape[: end - start]
+    city[start:end] -= 1.6 * shape[: end - start]
     industry = np.zeros((len(INDUSTRIES), length))
     for t in range(1, length):
         industry[:, t] = 0.8 * industry[:, t - 1] + 0.10 * rng.standard_normal(len(INDUSTRIES))
@@ -160,7 +160,10 @@ class _Chunk:
         season = np.sin(2 * np.pi * (self.month.astype(int) % 12 - 2) / 12)
         self.season = season[None, :]
         self.revenue = self.revenue_scale[:, None] * np.exp(
-            0.30 * self.h + 0.06 * self.season + 0.30 * rng.standard_normal((n, T))
+            # distressed firms have more erratic sales
+            0.30 * self.h
+            + 0.06 * self.season
+            + (0.25 + 0.12 * np.maximum(0, -self.h)) * rng.standard_normal((n, T))
         )
 
     # -- helpers -------------------------------------------------------------------------------
@@ -386,7 +389,7 @@ class _Chunk:
         rng, n, T = self.rng, self.n, self.T
         h, w = self.h, self.willingness[:, None]
         lawsuit = rng.random((n, T)) < _sigmoid(-5.4 - 0.8 * h - 0.45 * w)
-        enforcement = rng.random((n, T)) < _sigmoid(-6.4 - 1.0 * h - 0.8 * w)
+        enforcement = (rng.random((n, T)) < _sigmoid(-6.4 - 1.0 * h - 0.8 * w)) & self.alive
         recent_enf = np.zeros(n)
         dishonest = np.zeros((n, T), dtype=bool)
         draws = rng.random((n, T))
@@ -505,10 +508,12 @@ class _Chunk:
             path = padded[rows[:, None], idx]
             mean_h = (path * inside).sum(axis=1) / inside.sum(axis=1)
             min_h = np.where(inside, path, np.inf).min(axis=1)
-            trailing = self.revenue[
-                rows[:, None], np.clip(months[:, None] - np.arange(12)[None, :], 0, None)
-            ]
-            burden = amount / np.maximum(trailing.mean(axis=1) * 12, 1.0)
+            # the firm's real revenue over the months it existed in the last year
+            back = months[:, None] - np.arange(12)[None, :]
+            trailing = self.revenue[rows[:, None], np.clip(back, 0, None)]
+            existed = (back >= 0) & (back >= self.found_t[rows, None])
+            annual = (trailing * existed).sum(axis=1) / np.maximum(existed.sum(axis=1), 1) * 12
+            burden = amount / np.maximum(annual, 1.0)
             # convex in health, with burden and willingness mattering more for weak firms: a
             # scorecard that adds up one feature at a time cannot represent this exactly
             weak = np.maximum(0, -mean_h - 0.4)

@@ -1,0 +1,57 @@
+"""Shared fixtures: a small simulated region with features, built once per session."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import kapok  # noqa: F401  (telemetry off)
+from features.build import build
+from kapok.bigdata.generate import generate
+from kapok.bigdata.simulate import SimulationConfig
+from kapok.settings import Paths
+
+SMALL = SimulationConfig(enterprises=3_000, months=36, seed=11)
+
+
+@dataclass(frozen=True)
+class System:
+    config: SimulationConfig
+    paths: Paths
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """No test writes into the checkout: KAPOK_HOME is a fresh temporary folder by default."""
+    monkeypatch.setenv("KAPOK_HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.delenv("KAPOK_ONLINE_STORE", raising=False)
+    monkeypatch.delenv("KAPOK_FEAST_PROJECT", raising=False)
+
+
+@pytest.fixture(scope="session")
+def small_system(tmp_path_factory: pytest.TempPathFactory) -> System:
+    """3,000 enterprises x 36 months, raw tables and feature tables (read-only for tests)."""
+    p = Paths(tmp_path_factory.mktemp("small_system"))
+    generate(SMALL, p.raw)
+    build(p.raw, p.features)
+    return System(SMALL, p)
+
+
+def require_service(host: str, port: int, what: str) -> None:
+    """Skip locally when a server is absent; under CI=true a missing server fails the run."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return
+    except OSError as e:
+        message = f"{what} at {host}:{port} is not reachable: {e}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + " (CI=true: service-backed tests must run)")
+        pytest.skip(message)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
