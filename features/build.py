@@ -7,7 +7,6 @@ The previous output stays in place until the new one is complete.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -17,6 +16,7 @@ import polars as pl
 from features.pipelines import build_family
 from features.schema import FAMILIES, SCHEMA_VERSION
 from kapok.bigdata.generate import TABLES, chunk_name, read_manifest, scan
+from kapok.staging import staged_folder
 
 INPUT_TABLES = tuple(t for t in TABLES if t not in ("applications", "oracle"))
 MANIFEST = "_manifest.json"
@@ -29,10 +29,15 @@ def raw_chunk(raw: Path, chunk: int) -> dict[str, pl.LazyFrame]:
 def build(raw: Path, out: Path, progress: Callable[[str], None] | None = None) -> dict:
     manifest = read_manifest(raw)
     start = date.fromisoformat(manifest["start"] + "-01")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
     rows = dict.fromkeys((f.name for f in FAMILIES), 0)
-    try:
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "raw": manifest,
+        "rows": rows,
+        "first_snapshot": f"{start:%Y-%m}",
+        "months": manifest["months"],
+    }
+    with staged_folder(out) as staging:
         for chunk in range(manifest["chunks"]):
             tables = raw_chunk(raw, chunk)
             for fam in FAMILIES:
@@ -43,26 +48,7 @@ def build(raw: Path, out: Path, progress: Callable[[str], None] | None = None) -
                 rows[fam.name] += frame.height
                 if progress:
                     progress(fam.name)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # the previous tables stay as they were
-        raise
-    summary = {
-        "schema_version": SCHEMA_VERSION,
-        "raw": manifest,
-        "rows": rows,
-        "first_snapshot": f"{start:%Y-%m}",
-        "months": manifest["months"],
-    }
-    (staging / MANIFEST).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out)
+        (staging / MANIFEST).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 

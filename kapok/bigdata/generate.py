@@ -11,13 +11,13 @@ chunk in bounded memory.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 
 from kapok.bigdata.simulate import SimulationConfig, simulate_chunk, simulate_macro
+from kapok.staging import staged_folder
 
 CHUNK_SIZE = 20_000  # enterprises per chunk; fixed so that output does not depend on the machine
 MONTHLY_TABLES = (
@@ -78,23 +78,9 @@ def generate(
         raise ValueError(f"--enterprises must be at least 1, got {config.enterprises}")
     if not 12 <= config.months <= 120:
         raise ValueError(f"--months must be between 12 and 120, got {config.months}")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
     macro = simulate_macro(config)
     totals: dict[str, int] = dict.fromkeys(TABLES, 0)
     n_chunks = -(-config.enterprises // CHUNK_SIZE)
-    try:
-        for chunk in range(n_chunks):
-            first = chunk * CHUNK_SIZE
-            n = min(CHUNK_SIZE, config.enterprises - first)
-            counts = write_chunk(simulate_chunk(config, macro, chunk, first, n), staging, chunk)
-            for name, count in counts.items():
-                totals[name] += count
-            if progress:
-                progress(n)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # the previous output stays as it was
-        raise
     manifest = {
         "enterprises": config.enterprises,
         "months": config.months,
@@ -105,17 +91,16 @@ def generate(
         "chunks": n_chunks,
         "rows": totals,
     }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    # a failed run leaves the previous output intact: swap only once everything is written
-    if out.exists():
-        backup = out.with_name(out.name + ".old")
-        shutil.rmtree(backup, ignore_errors=True)
-        out.rename(backup)
-        staging.rename(out)
-        shutil.rmtree(backup)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out)
+    with staged_folder(out) as staging:
+        for chunk in range(n_chunks):
+            first = chunk * CHUNK_SIZE
+            n = min(CHUNK_SIZE, config.enterprises - first)
+            counts = write_chunk(simulate_chunk(config, macro, chunk, first, n), staging, chunk)
+            for name, count in counts.items():
+                totals[name] += count
+            if progress:
+                progress(n)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 
