@@ -39,7 +39,7 @@ format: install
 
 ## make lock: re-pin every dependency after changing pyproject.toml
 lock:
-	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --python-version 3.11 -o requirements.lock
 
 ## make bench: the simulator's time and memory at 100,000 enterprises (by hand, not in CI)
 bench: install
