@@ -21,10 +21,10 @@ console = Console(stderr=True)
 app = typer.Typer(
     help=(
         "Kapok turns the regional big-data system's enterprise data into lending decisions.\n\n"
-        "Start with `kapok run` (simulate a region, build features, load Feast), or step by step: "
-        "`kapok data generate`, `kapok features build`, `kapok features apply`, "
-        "`kapok features materialize`. Everything is written under KAPOK_HOME "
-        f"(now: {kapok_home()})."
+        "Start with `kapok run` (simulate a region, build features, load Feast, train), or step "
+        "by step: `kapok data generate`, `kapok features build`, `kapok features apply`, "
+        "`kapok features materialize`, `kapok train`, `kapok promote`. "
+        f"Everything is written under KAPOK_HOME (now: {kapok_home()})."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -40,6 +40,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def friendly_errors(func: F) -> F:
     """Known failures end with a one-line message and exit code 2, never a traceback."""
+    from mlflow.exceptions import MlflowException
+
     from features.spec import SpecError
     from features.store import OnlineStoreConfigError
     from kapok.uscc import USCCError
@@ -48,7 +50,14 @@ def friendly_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (SpecError, OnlineStoreConfigError, USCCError, FileNotFoundError, ValueError) as e:
+        except (
+            SpecError,
+            OnlineStoreConfigError,
+            USCCError,
+            FileNotFoundError,
+            ValueError,
+            MlflowException,
+        ) as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
 
@@ -229,6 +238,111 @@ def features_online(
     console.print(table)
 
 
+REPORTED_METRICS = (
+    "auc", "gini", "ks", "brier", "log_loss", "ece", "calibration_slope",
+    "calibration_intercept", "psi_train_test", "oracle_auc", "gini_share_of_oracle",
+)  # fmt: skip
+
+
+# -- training ------------------------------------------------------------------------------------
+def _quiet_mlflow() -> None:
+    import logging
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _training_data(product: str | None, dataset: Path | None):
+    from features.spec import load_spec
+    from training.data import product_data, spec_data
+
+    if (product is None) == (dataset is None):
+        raise ValueError("give exactly one of --product or --dataset")
+    _quiet_mlflow()
+    if dataset is not None:
+        return spec_data(load_spec(dataset))
+    with console.status(f"building the {product} training set through Feast (point in time)"):
+        return product_data(paths(), product)  # type: ignore[arg-type]
+
+
+@app.command("train")
+@friendly_errors
+def train_command(
+    product: Annotated[
+        str | None, typer.Option(help="microloan, guarantee or insurance (simulated data).")
+    ] = None,
+    dataset: Annotated[
+        Path | None, typer.Option(help="Or a dataset spec (TOML) for your own data.")
+    ] = None,
+    trials: Annotated[int, typer.Option(help="Optuna trials (the study resumes).")] = 30,
+    timeout: Annotated[
+        float | None, typer.Option(help="Stop tuning after this many seconds.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed: same data, seed, trials = same model.")] = 7,
+) -> None:
+    """Tune (Optuna), fit (LightGBM), calibrate and validate a model; register it in MLflow.
+
+    The new version becomes `champion` if the model has none, else `challenger`
+    (see `kapok promote`). Simulated products validate out of time; a dataset spec without
+    timestamps uses repeated stratified K-fold.
+    """
+    from training.tracking import tracking_uri
+    from training.train import train
+
+    data = _training_data(product, dataset)
+    with progress_bar(f"tuning {data.name}", trials) as advance:
+        result = train(data, paths(), trials=trials, timeout=timeout, seed=seed,
+                       on_trial=lambda study, trial: advance(1))  # fmt: skip
+    table = Table(
+        "metric", "value", title=f"{result.model_name} v{result.version} -> @{result.alias}"
+    )
+    for key in REPORTED_METRICS:
+        if key in result.metrics:
+            table.add_row(key, f"{result.metrics[key]:.4f}")
+    console.print(table)
+    for part, w in result.windows.items():
+        console.print(
+            f"{part:6s} {w['window']}: {int(w['rows']):,} rows, bad rate {w['bad_rate']:.3f}"
+        )
+    console.print(f"validation: {result.validation}")
+    console.print(f"MLflow run {result.run_id}; to look at it:")
+    console.print(f"  mlflow ui --backend-store-uri {tracking_uri(paths())}")
+
+
+@app.command("promote")
+@friendly_errors
+def promote_command(
+    product: Annotated[str | None, typer.Option(help="microloan, guarantee or insurance.")] = None,
+    dataset: Annotated[
+        Path | None, typer.Option(help="Or the dataset spec it was trained on.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Promote even if the gate refuses.")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why a human overrides the gate.")] = None,
+) -> None:
+    """Compare challenger and champion on the most recent window; move `champion` if it passes.
+
+    The gate (training/promotion.toml): AUC not worse than the champion's by more than the
+    tolerance, ECE within the limit, PSI of the challenger's PDs against the champion's below
+    0.25. The comparison and verdict are logged to MLflow (experiment kapok-promotions).
+    """
+    from training.promote import promote
+
+    if force and not reason:
+        raise ValueError("--force needs --reason: a human override must say why")
+    data = _training_data(product, dataset)
+    result = promote(data, paths(), force=force, reason=reason)
+    c = result.comparison
+    table = Table("metric", f"champion v{result.champion_version}", f"challenger v{result.challenger_version}",  # noqa: E501
+                  title=f"{result.model_name} on {c.window} ({c.rows:,} applications)")  # fmt: skip
+    for key in ("auc", "ks", "brier", "ece"):
+        table.add_row(key, f"{c.champion[key]:.4f}", f"{c.challenger[key]:.4f}")
+    console.print(table)
+    for line in result.reasons:
+        console.print(line)
+    verdict = "PROMOTED" if result.promoted else "REFUSED"
+    console.print(f"[bold]{verdict}[/]{' (forced)' if result.forced else ''}")
+
+
 # -- the main job --------------------------------------------------------------------------------
 @app.command("run")
 @friendly_errors
@@ -236,12 +350,19 @@ def run(
     enterprises: Annotated[int, typer.Option(help="Enterprises to simulate.")] = 100_000,
     months: Annotated[int, typer.Option(help="Months of history.")] = 36,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+    trials: Annotated[int, typer.Option(help="Optuna trials per product.")] = 10,
+    timeout: Annotated[float, typer.Option(help="Tuning time limit per product, s.")] = 90,
 ) -> None:
-    """The main job on embedded defaults: simulate, build features, feast apply, materialize."""
+    """The main job on embedded defaults: simulate, build features, feast apply, materialize,
+    then train one model per product (registered in MLflow)."""
+    from features.schema import PRODUCTS
+
     data_generate(enterprises=enterprises, months=months, seed=seed, start="2023-01", out=None)
     features_build()
     features_apply()
     features_materialize(full=False)
+    for product in PRODUCTS:
+        train_command(product=product, dataset=None, trials=trials, timeout=timeout, seed=seed)
 
 
 if __name__ == "__main__":

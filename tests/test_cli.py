@@ -16,6 +16,7 @@ def test_help_lists_every_stage():
     assert result.exit_code == 0
     for word in ("run", "data", "features", "KAPOK_HOME"):
         assert word in result.output
+    assert "train" in result.output and "promote" in result.output
     groups = {
         "data": ("generate", "check-spec"),
         "features": ("build", "apply", "materialize", "online"),
@@ -27,7 +28,7 @@ def test_help_lists_every_stage():
 
 @pytest.mark.slow
 def test_main_job_runs_end_to_end_in_kapok_home():
-    result = runner.invoke(app, ["run", "--enterprises", "1500", "--months", "24"])
+    result = runner.invoke(app, ["run", "--enterprises", "2500", "--months", "36", "--trials", "2"])
     assert result.exit_code == 0, result.output
     p = paths()
     assert (p.raw / "_manifest.json").exists()
@@ -35,6 +36,10 @@ def test_main_job_runs_end_to_end_in_kapok_home():
     assert (p.feast_data / "registry.db").exists()
     assert (p.feast_data / "online_store.db").exists()
     assert (p.feature_repo / "feature_store.yaml").read_text().count(str(p.home)) >= 2
+    output = " ".join(result.output.split())
+    for product in ("microloan", "guarantee", "insurance"):
+        assert f"kapok-{product} v1 -> @champion" in output
+    assert "mlflow ui --backend-store-uri sqlite:///" in output
     import polars as pl
 
     eid = pl.read_parquet(p.raw / "registration" / "*.parquet")["enterprise_id"][0]
@@ -53,6 +58,11 @@ def test_main_job_runs_end_to_end_in_kapok_home():
         (["features", "online", "91440106326110621Q"], "GB 32100 check"),
         (["features", "online", "91440106326110621P", "--product", "car"], "--product"),
         (["data", "check-spec", "no/such/spec.toml"], "no/such/spec.toml"),
+        (["train"], "exactly one of --product or --dataset"),
+        (["train", "--product", "mortgage"], "unknown product 'mortgage'"),
+        (["train", "--dataset", "no/such/spec.toml"], "no/such/spec.toml"),
+        (["promote", "--product", "microloan", "--force"], "--force needs --reason"),
+        (["promote", "--product", "microloan"], "kapok data generate"),
     ],
 )
 def test_bad_input_gives_a_clear_error_not_a_traceback(args, message):

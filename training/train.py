@@ -1,0 +1,286 @@
+"""`kapok train`: tune, fit, calibrate and validate one model, log it to MLflow and register it.
+
+Out of time when the data has application dates (train on the oldest months, tune and calibrate
+on the next, report on the most recent); repeated stratified K-fold when it has none.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import mlflow
+import numpy as np
+import optuna
+import polars as pl
+from mlflow.models import infer_signature
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+
+import kapok
+from kapok.settings import Paths
+from training import plots
+from training.calibration import fit_calibrator
+from training.data import LABEL, TIME, TrainingData, describe_windows, out_of_time_split
+from training.metrics import binary_metrics, psi
+from training.pyfunc import KapokModel, model_input
+from training.scorer import Scorer, category_levels, encode
+from training.tracking import CHALLENGER, CHAMPION, alias_version, configure, experiment
+from training.tracking import model_name as registered_name
+from training.tune import (
+    Matrices,
+    _datasets,
+    base_params,
+    best_params,
+    fit,
+    study_storage,
+    tune,
+)
+
+KFOLD_REPEATS = 2
+MIN_SEGMENT_ROWS = 50
+
+
+@dataclass
+class TrainResult:
+    model_name: str
+    version: str
+    alias: str
+    run_id: str
+    validation: str
+    metrics: dict[str, float]
+    windows: dict[str, Any]
+    scorer: Scorer
+    study_name: str
+
+
+def _monotone(data: TrainingData) -> list[int]:
+    return [0 if f in data.categorical else data.directions.get(f, 0) for f in data.features]
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def segment_metrics(
+    frame: pl.DataFrame, segments: list[str], y: np.ndarray, p: np.ndarray
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The test-window metrics per value of each segment column (small groups left out)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for seg in segments:
+        values = frame[seg].cast(pl.String).fill_null("(missing)").to_numpy()
+        out[seg] = {}
+        for value in sorted(set(values)):
+            mask = values == value
+            if mask.sum() >= MIN_SEGMENT_ROWS:
+                out[seg][str(value)] = binary_metrics(y[mask], p[mask])
+    return out
+
+
+def train(
+    data: TrainingData,
+    paths: Paths,
+    *,
+    trials: int = 30,
+    timeout: float | None = None,
+    seed: int = 7,
+    on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+) -> TrainResult:
+    if trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {trials}")
+    frame, features = data.frame, data.features
+    y = frame[LABEL].to_numpy().astype(int)
+    categories = category_levels(frame, data.categorical)
+    x = encode(frame, features, categories)
+    cat_idx = [features.index(c) for c in data.categorical]
+    base = base_params(seed, _monotone(data), cat_idx)
+    fingerprint = data.fingerprint()
+    name = registered_name(data.name)
+    study_name = f"{name}-{fingerprint['content_hash']}-seed{seed}"
+    storage = study_storage(paths.mlruns)
+
+    if data.has_time:
+        split = out_of_time_split(frame[TIME])
+        m = Matrices(x[split.train], y[split.train], x[split.valid], y[split.valid], features)
+        study = tune(m, base, seed=seed, trials=trials, timeout=timeout, storage=storage,
+                     study_name=study_name, on_trial=on_trial)  # fmt: skip
+        params, rounds = best_params(study, base)
+        booster, _ = fit(m, params)
+        rounds = booster.best_iteration
+        calibrator, losses = fit_calibrator(
+            booster.predict(x[split.valid], raw_score=True), y[split.valid]
+        )
+        p_all = calibrator(booster.predict(x, raw_score=True))
+        eval_idx, p_eval = split.test, p_all[split.test]
+        metrics = binary_metrics(y[eval_idx], p_eval)
+        metrics["psi_train_test"] = psi(p_all[split.train], p_eval)
+        validation = "out-of-time: train / validation (tuning, early stopping, calibration) / test"
+        windows: dict[str, Any] = describe_windows(split, frame)
+    else:
+        m = Matrices(x, y, None, None, features)
+        study = tune(m, base, seed=seed, trials=trials, timeout=timeout, storage=storage,
+                     study_name=study_name, on_trial=on_trial)  # fmt: skip
+        params, rounds = best_params(study, base)
+        train_set, _ = _datasets(m, params)
+        lgb_params = {k: v for k, v in params.items() if k != "categorical_feature"}
+        oof = np.zeros((KFOLD_REPEATS, len(y)))
+        for r in range(KFOLD_REPEATS):
+            folds = StratifiedKFold(5, shuffle=True, random_state=seed + r)
+            for fit_idx, held in folds.split(x, y):
+                fold_booster = lgb.train(lgb_params, train_set.subset(fit_idx), rounds)
+                oof[r, held] = fold_booster.predict(x[held], raw_score=True)
+        # calibrate on one repeat's out-of-fold margins, report on the other's: no row is judged
+        # by a calibration fitted on its own prediction
+        first_calibration, _ = fit_calibrator(oof[0], y)
+        eval_idx, p_eval = np.arange(len(y)), first_calibration(oof[1])
+        metrics = binary_metrics(y, p_eval)
+        metrics["auc_repeats_mean"] = float(np.mean([roc_auc_score(y, o) for o in oof]))
+        booster = lgb.train(lgb_params, train_set, rounds)
+        calibrator, losses = fit_calibrator(oof.ravel(), np.tile(y, KFOLD_REPEATS))
+        validation = f"repeated stratified K-fold (5 folds, {KFOLD_REPEATS} repeats): no timestamp"
+        windows = {"all": {"window": "no timestamp", "rows": float(len(y)),
+                           "bad_rate": float(y.mean())}}  # fmt: skip
+
+    scorer = Scorer(booster, features, categories, calibrator)
+    eval_frame = frame[eval_idx]
+    if data.has_oracle:
+        oracle = eval_frame["pd_true"].to_numpy()
+        oracle_auc = float(roc_auc_score(y[eval_idx], oracle))
+        metrics["oracle_auc"] = oracle_auc
+        metrics["gini_share_of_oracle"] = metrics["gini"] / (2 * oracle_auc - 1)
+    segments = segment_metrics(eval_frame, data.segments, y[eval_idx], p_eval)
+
+    client = configure(paths)
+    experiment_id = experiment(client, name, paths)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"train {data.name}") as run:
+        mlflow.set_tags(
+            {
+                **{f"kapok.{k}": v for k, v in data.source.items()},
+                "kapok.validation": validation,
+                "kapok.version": kapok.__version__,
+                "kapok.code_version": _git_commit(),
+                "kapok.optuna_study": study_name,
+            }
+        )
+        mlflow.log_params(
+            {
+                f"lgb.{k}": v
+                for k, v in params.items()
+                if k not in ("monotone_constraints", "categorical_feature")
+            }
+        )
+        mlflow.log_params(
+            {
+                "trials": trials,
+                "seed": seed,
+                "rounds": rounds,
+                "calibration": calibrator.method,
+                **{f"data.{k}": v for k, v in fingerprint.items()},
+                **{f"window.{part}": w["window"] for part, w in windows.items()},
+            }
+        )
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+        mlflow.log_metrics({f"calibration_logloss_{k}": v for k, v in losses.items()})
+        _log_study(study)
+        mlflow.log_dict(windows, "windows.json")
+        mlflow.log_dict(segments, "segments.json")
+        mlflow.log_dict(
+            {
+                "features": features,
+                "categorical": data.categorical,
+                "monotone_constraints": dict(zip(features, _monotone(data), strict=True)),
+                "categories": categories,
+            },
+            "model_spec.json",
+        )
+        y_eval = y[eval_idx]
+        mlflow.log_figure(
+            plots.roc(y_eval, p_eval, f"{name}: ROC on the test window"), "plots/roc.png"
+        )
+        mlflow.log_figure(
+            plots.calibration(y_eval, p_eval, f"{name}: calibration"), "plots/calibration.png"
+        )
+        gain = booster.feature_importance(importance_type="gain")
+        mlflow.log_figure(
+            plots.importance(features, gain, f"{name}: importance"), "plots/importance.png"
+        )
+        version = _log_model(scorer, frame, name)
+        run_id = run.info.run_id
+    alias = CHALLENGER if alias_version(client, name, CHAMPION) else CHAMPION
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, "validation", validation)
+    for key in ("auc", "ece", "ks"):
+        if key in metrics:
+            client.set_model_version_tag(name, version, f"test_{key}", f"{metrics[key]:.4f}")
+    return TrainResult(
+        name, version, alias, run_id, validation, metrics, windows, scorer, study_name
+    )
+
+
+def _log_study(study: optuna.Study) -> None:
+    trials = study.trials
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    values = [float(t.value) for t in finished if t.value is not None]
+    mlflow.log_dict(
+        {
+            "study_name": study.study_name,
+            "trials": len(trials),
+            "complete": len(finished),
+            "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
+            "best_value_valid_auc": study.best_value,
+            "best_params": study.best_params,
+            "best_trial": study.best_trial.number,
+        },
+        "optuna/study.json",
+    )
+    table = pl.DataFrame(
+        {
+            "number": [t.number for t in trials],
+            "state": [t.state.name for t in trials],
+            "value": [t.value for t in trials],
+            "params": [str(t.params) for t in trials],
+        }
+    )
+    mlflow.log_text(table.write_csv(), "optuna/trials.csv")
+    mlflow.log_figure(
+        plots.history(values, "Optuna: validation AUC by trial"), "plots/optuna_history.png"
+    )
+    mlflow.log_metric("best_valid_auc", study.best_value)
+
+
+def _log_model(scorer: Scorer, frame: pl.DataFrame, name: str) -> str:
+    example = frame.head(5)
+    example_pd = model_input(example, scorer)
+    signature = infer_signature(example_pd, scorer.pd(example), params={"output": "pd"})
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = scorer.save(Path(tmp) / "scorer")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=KapokModel(),
+            artifacts={"scorer": str(folder)},
+            signature=signature,
+            input_example=example_pd,
+            registered_model_name=name,
+            code_paths=[str(Path(__file__).parent)],
+            pip_requirements=[
+                f"lightgbm=={lgb.__version__}",
+                f"polars=={pl.__version__}",
+                f"mlflow=={mlflow.__version__}",
+            ],
+        )
+    return str(info.registered_model_version)

@@ -1,0 +1,170 @@
+"""Optuna (TPE, seeded) over the LightGBM parameters that matter, with pruning and a resumable
+study stored in SQLite under the MLflow store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import optuna
+from optuna_integration import LightGBMPruningCallback
+
+MAX_ROUNDS = 3000
+EARLY_STOPPING = 100
+
+
+def base_params(seed: int, monotone: list[int], categorical: list[int]) -> dict[str, Any]:
+    """Fixed parameters: reproducible (deterministic, fixed threads), binary log loss."""
+    return {
+        "objective": "binary",
+        "metric": "auc",
+        "verbosity": -1,
+        "seed": seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": 2,
+        "feature_pre_filter": False,
+        "monotone_constraints": monotone,
+        "categorical_feature": categorical,
+    }
+
+
+def suggest(trial: optuna.Trial) -> dict[str, Any]:
+    bagging = trial.suggest_float("bagging_fraction", 0.5, 1.0)
+    return {
+        "num_leaves": trial.suggest_int("num_leaves", 4, 128, log=True),
+        "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.2, log=True),
+        "min_child_samples": trial.suggest_int("min_child_samples", 10, 500, log=True),
+        "feature_fraction": trial.suggest_float("feature_fraction", 0.3, 1.0),
+        "bagging_fraction": bagging,
+        "bagging_freq": 1 if bagging < 1.0 else 0,
+        "lambda_l1": trial.suggest_float("lambda_l1", 1e-8, 10.0, log=True),
+        "lambda_l2": trial.suggest_float("lambda_l2", 1e-8, 10.0, log=True),
+        "min_gain_to_split": trial.suggest_float("min_gain_to_split", 0.0, 1.0),
+        "monotone_constraints_method": trial.suggest_categorical(
+            "monotone_constraints_method", ["basic", "intermediate", "advanced"]
+        ),
+        "cat_smooth": trial.suggest_float("cat_smooth", 1.0, 50.0, log=True),
+    }
+
+
+@dataclass
+class Matrices:
+    """Training matrices: out-of-time (train/valid) or, without timestamps, all rows for K-fold."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_valid: np.ndarray | None
+    y_valid: np.ndarray | None
+    feature_names: list[str]
+
+
+def _datasets(m: Matrices, params: dict) -> tuple[lgb.Dataset, lgb.Dataset | None]:
+    common = {
+        "feature_name": m.feature_names,
+        "categorical_feature": params["categorical_feature"],
+        "free_raw_data": False,
+    }
+    train = lgb.Dataset(m.x_train, m.y_train, **common)
+    if m.x_valid is None:
+        return train, None
+    return train, lgb.Dataset(m.x_valid, m.y_valid, reference=train, **common)
+
+
+def fit(m: Matrices, params: dict, trial: optuna.Trial | None = None) -> tuple[lgb.Booster, float]:
+    """Train with early stopping on the validation window; returns the booster and its AUC."""
+    train, valid = _datasets(m, params)
+    callbacks: list[Callable] = [lgb.early_stopping(EARLY_STOPPING, verbose=False)]
+    if trial is not None:
+        callbacks.append(LightGBMPruningCallback(trial, "auc", valid_name="valid"))
+    lgb_params = {k: v for k, v in params.items() if k != "categorical_feature"}
+    booster = lgb.train(
+        lgb_params,
+        train,
+        MAX_ROUNDS,
+        valid_sets=[valid],
+        valid_names=["valid"],
+        callbacks=callbacks,
+    )
+    return booster, float(booster.best_score["valid"]["auc"])
+
+
+def cross_validate(
+    m: Matrices, params: dict, seed: int, trial: optuna.Trial | None = None
+) -> tuple[float, int]:
+    """Stratified 5-fold AUC and the mean best number of rounds (datasets without timestamps)."""
+    train, _ = _datasets(m, params)
+    callbacks: list[Callable] = [lgb.early_stopping(EARLY_STOPPING, verbose=False)]
+    if trial is not None:
+        callbacks.append(LightGBMPruningCallback(trial, "auc", valid_name="valid"))
+    lgb_params = {k: v for k, v in params.items() if k != "categorical_feature"}
+    result = lgb.cv(
+        lgb_params, train, MAX_ROUNDS, nfold=5, stratified=True, seed=seed, callbacks=callbacks
+    )
+    scores = result["valid auc-mean"]
+    return float(scores[-1]), len(scores)
+
+
+def study_storage(mlruns: Path) -> str:
+    mlruns.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{mlruns / 'optuna.db'}"
+
+
+def tune(
+    m: Matrices,
+    base: dict,
+    *,
+    seed: int,
+    trials: int,
+    timeout: float | None,
+    storage: str,
+    study_name: str,
+    on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+) -> optuna.Study:
+    """Run until the study holds `trials` finished trials (a re-run resumes, never repeats)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=min(10, max(trials // 3, 3))
+        ),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=30),
+        load_if_exists=True,
+    )
+    done = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+
+    def objective(trial: optuna.Trial) -> float:
+        params = base | suggest(trial)
+        if m.x_valid is None:
+            auc, rounds = cross_validate(m, params, seed, trial)
+        else:
+            booster, auc = fit(m, params, trial)
+            rounds = booster.best_iteration
+        trial.set_user_attr("rounds", int(rounds))
+        return auc
+
+    remaining = trials - sum(t.state in done for t in study.trials)
+    if remaining > 0:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=timeout,
+            callbacks=[on_trial] if on_trial else None,
+            catch=(),
+        )
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        raise RuntimeError("no Optuna trial completed: raise --trials or --timeout")
+    return study
+
+
+def best_params(study: optuna.Study, base: dict) -> tuple[dict, int]:
+    """Parameters of the best trial, as LightGBM takes them, and its number of rounds."""
+    best = study.best_trial
+    fixed = optuna.trial.FixedTrial(best.params)
+    return base | suggest(fixed), int(best.user_attrs["rounds"])
