@@ -14,17 +14,28 @@ from kapok.settings import Paths
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-def tracking_uri(paths: Paths) -> str:
-    """MLFLOW_TRACKING_URI if set (e.g. postgresql://...), else SQLite under KAPOK_HOME/mlruns."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if uri:
-        return uri
+# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI for subprocesses; remember the default
+# stores Kapok itself exported, so that a later KAPOK_HOME is not mistaken for a user's server.
+_exported_defaults: set[str] = set()
+
+
+def _default_uri(paths: Paths) -> str:
     paths.mlruns.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{paths.mlruns / 'mlflow.db'}"
 
 
+def tracking_uri(paths: Paths) -> str:
+    """MLFLOW_TRACKING_URI if set (e.g. postgresql://...), else SQLite under KAPOK_HOME/mlruns."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri and uri not in _exported_defaults:
+        return uri
+    return _default_uri(paths)
+
+
 def configure(paths: Paths) -> MlflowClient:
     uri = tracking_uri(paths)
+    if uri == _default_uri(paths):
+        _exported_defaults.add(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
