@@ -34,6 +34,8 @@ data_app = typer.Typer(help="The regional big-data system: simulate it, check yo
 features_app = typer.Typer(help="Feature tables and the Feast feature store.")
 app.add_typer(data_app, name="data", no_args_is_help=True)
 app.add_typer(features_app, name="features", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of the lending API (stored hashed).")
+app.add_typer(keys_app, name="keys", no_args_is_help=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -341,6 +343,85 @@ def promote_command(
         console.print(line)
     verdict = "PROMOTED" if result.promoted else "REFUSED"
     console.print(f"[bold]{verdict}[/]{' (forced)' if result.forced else ''}")
+
+
+# -- serving -------------------------------------------------------------------------------------
+CURL_EXAMPLE = (
+    "curl -s -X POST http://127.0.0.1:{port}/score -H 'Content-Type: application/json' "
+    '{auth}-d \'{{"enterprise_id": "{eid}", "product": "microloan", '
+    '"requested_amount": 300000, "term_months": 12}}\''
+)
+
+
+def _example_enterprise() -> str:
+    import polars as pl
+
+    from kapok.bigdata.generate import scan
+
+    try:
+        return scan(paths().raw, "registration").select("enterprise_id").head(1).collect().item()
+    except (FileNotFoundError, pl.exceptions.ComputeError):
+        return "91440106326110621P"
+
+
+@app.command("serve")
+@friendly_errors
+def serve_command(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 3000,
+    demo: Annotated[
+        bool, typer.Option(help="No API keys (local demo only; says so loudly).")
+    ] = False,
+) -> None:
+    """Serve the lending API (BentoML) with the champion model of each product.
+
+    Endpoints: POST /score /limit /price /explain /screen /decision; BentoML's /healthz,
+    /livez, /readyz, /metrics and the OpenAPI page at /. API keys: `kapok keys add`.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.setdefault("BENTOML_HOME", str(paths().home / "bentoml"))
+    if demo:
+        env["KAPOK_DEMO"] = "1"
+        console.print("[bold red]DEMO MODE: no API keys are checked. Do not expose this server.[/]")
+    auth = "" if demo else "-H 'Authorization: Bearer YOUR_KEY' "
+    console.print("try:\n  " + CURL_EXAMPLE.format(port=port, auth=auth, eid=_example_enterprise()))
+    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Kapok",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
+@app.command("replay")
+@friendly_errors
+def replay_command(
+    request_id: Annotated[str, typer.Argument(help="The request_id of a logged decision.")],
+) -> None:
+    """Re-score a logged decision from its model version and logged features; confirm it."""
+    from serving.replay import replay
+
+    result = replay(request_id, paths())
+    for line in result.lines:
+        console.print(line)
+    if not result.same:
+        console.print("[bold red]MISMATCH[/]: the replay does not reproduce the logged decision")
+        raise typer.Exit(1)
+    console.print("[bold green]confirmed[/]: same PD, score, grade and decision")
+
+
+@keys_app.command("add")
+@friendly_errors
+def keys_add(
+    name: Annotated[str, typer.Argument(help="Who the key is for, e.g. acme-microloans.")],
+    role: Annotated[str, typer.Option(help="lender, reviewer or admin.")] = "lender",
+) -> None:
+    """Create an API key; only its hash is stored. The key is printed once."""
+    from serving.auth import add_key, keys_path
+
+    key = add_key(keys_path(), name, role)
+    console.print(f"key for {name} ({role}), shown once:")
+    print(key)
 
 
 # -- the main job --------------------------------------------------------------------------------

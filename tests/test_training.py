@@ -64,6 +64,7 @@ def test_first_version_is_champion_second_is_challenger(home, microloan, first):
         "oracle_auc",
     } <= set(first.metrics)
     assert 0.6 < first.metrics["auc"] < first.metrics["oracle_auc"] + 0.05
+    assert first.scorer.pd(microloan.frame).std() > 0.01  # a model, not a constant
     assert first.windows["train"]["window"] < first.windows["test"]["window"]
     client = configure(home)
     run = client.get_run(first.run_id)

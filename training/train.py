@@ -119,7 +119,7 @@ def train(
         m = Matrices(x[split.train], y[split.train], x[split.valid], y[split.valid], features)
         study = tune(m, base, seed=seed, trials=trials, timeout=timeout, storage=storage,
                      study_name=study_name, on_trial=on_trial)  # fmt: skip
-        params, rounds = best_params(study, base)
+        params, rounds = best_params(study, base, len(m.y_train))
         booster, _ = fit(m, params)
         rounds = booster.best_iteration
         calibrator, losses = fit_calibrator(
@@ -135,7 +135,7 @@ def train(
         m = Matrices(x, y, None, None, features)
         study = tune(m, base, seed=seed, trials=trials, timeout=timeout, storage=storage,
                      study_name=study_name, on_trial=on_trial)  # fmt: skip
-        params, rounds = best_params(study, base)
+        params, rounds = best_params(study, base, len(m.y_train))
         train_set, _ = _datasets(m, params)
         lgb_params = {k: v for k, v in params.items() if k != "categorical_feature"}
         oof = np.zeros((KFOLD_REPEATS, len(y)))

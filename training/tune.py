@@ -33,18 +33,20 @@ def base_params(seed: int, monotone: list[int], categorical: list[int]) -> dict[
     }
 
 
-def suggest(trial: optuna.Trial) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, n_train: int = 100_000) -> dict[str, Any]:
+    """The search space; leaf sizes scale with the data so that no trial is unable to split."""
+    max_child = max(20, min(500, n_train // 20))
     bagging = trial.suggest_float("bagging_fraction", 0.5, 1.0)
     return {
         "num_leaves": trial.suggest_int("num_leaves", 4, 128, log=True),
         "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.2, log=True),
-        "min_child_samples": trial.suggest_int("min_child_samples", 10, 500, log=True),
+        "min_child_samples": trial.suggest_int("min_child_samples", 10, max_child, log=True),
         "feature_fraction": trial.suggest_float("feature_fraction", 0.3, 1.0),
         "bagging_fraction": bagging,
         "bagging_freq": 1 if bagging < 1.0 else 0,
         "lambda_l1": trial.suggest_float("lambda_l1", 1e-8, 10.0, log=True),
         "lambda_l2": trial.suggest_float("lambda_l2", 1e-8, 10.0, log=True),
-        "min_gain_to_split": trial.suggest_float("min_gain_to_split", 0.0, 1.0),
+        "min_gain_to_split": trial.suggest_float("min_gain_to_split", 0.0, 0.5),
         "monotone_constraints_method": trial.suggest_categorical(
             "monotone_constraints_method", ["basic", "intermediate", "advanced"]
         ),
@@ -140,7 +142,7 @@ def tune(
     done = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
 
     def objective(trial: optuna.Trial) -> float:
-        params = base | suggest(trial)
+        params = base | suggest(trial, len(m.y_train))
         if m.x_valid is None:
             auc, rounds = cross_validate(m, params, seed, trial)
         else:
@@ -163,8 +165,8 @@ def tune(
     return study
 
 
-def best_params(study: optuna.Study, base: dict) -> tuple[dict, int]:
+def best_params(study: optuna.Study, base: dict, n_train: int) -> tuple[dict, int]:
     """Parameters of the best trial, as LightGBM takes them, and its number of rounds."""
     best = study.best_trial
     fixed = optuna.trial.FixedTrial(best.params)
-    return base | suggest(fixed), int(best.user_attrs["rounds"])
+    return base | suggest(fixed, n_train), int(best.user_attrs["rounds"])

@@ -1,0 +1,268 @@
+"""API keys with roles: keys are stored as SHA-256 hashes in a TOML file (KAPOK_API_KEYS)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import tempfile
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kapok.settings import paths
+
+ENV_VAR = "KAPOK_API_KEYS"
+KEY_PREFIX = "kpk_"
+
+PERMISSIONS = frozenset({"score", "limit", "price", "screen", "explain", "log"})
+ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
+    "lender": frozenset({"score", "limit", "price", "screen"}),
+    "reviewer": frozenset({"explain", "log"}),
+    "admin": PERMISSIONS,
+}
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,99}$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_ENTRY_FIELDS = ("name", "role", "sha256")
+
+
+class AuthError(Exception):
+    """Authentication (401) or authorization (403) failed; `message` is safe to return."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"AuthError(status={self.status}, message={self.message!r})"
+
+
+class AuthConfigError(ValueError):
+    """The API-key file is missing or invalid; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the key's name (logged as the decision's caller) and its role."""
+
+    name: str
+    role: str
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """One configured key: name, role and the hex SHA-256 of the key (never the key)."""
+
+    name: str
+    role: str
+    sha256: str
+
+
+def hash_key(key: str) -> str:
+    """Hex SHA-256 of the key's UTF-8 bytes, as stored in the key file."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def generate_key() -> str:
+    """A new random API key: 'kpk_' + secrets.token_urlsafe(32)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def keys_path() -> Path:
+    """KAPOK_API_KEYS if set, else $KAPOK_HOME/api_keys.toml."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    return Path(value).expanduser() if value else paths().home / "api_keys.toml"
+
+
+def _roles() -> str:
+    return ", ".join(sorted(ROLE_PERMISSIONS))
+
+
+def _check_role(role: Any, where: str) -> str:
+    if not isinstance(role, str) or role not in ROLE_PERMISSIONS:
+        raise AuthConfigError(f"{where}.role: unknown role {role!r} (expected one of {_roles()})")
+    return role
+
+
+def _check_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AuthConfigError(
+            f"{where}.name: invalid name {name!r} (1-100 characters: letters, digits, "
+            "'.', '_', '@', ':', '-', starting with a letter or digit)"
+        )
+    return name
+
+
+def _parse(text: str, source: Path | str) -> list[KeyEntry]:
+    """Validate the TOML text of a key file; errors name the file and the field."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise AuthConfigError(f"{source}: invalid TOML: {e}") from e
+    unknown = sorted(set(data) - {"keys"})
+    if unknown:
+        raise AuthConfigError(f"{source}: unknown top-level field {unknown[0]!r} (expected 'keys')")
+    keys = data.get("keys", [])
+    if not isinstance(keys, list):
+        raise AuthConfigError(f"{source}: keys: expected an array of tables ([[keys]])")
+    entries: list[KeyEntry] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(keys):
+        where = f"{source}: keys[{i}]"
+        if not isinstance(item, dict):
+            raise AuthConfigError(f"{where}: expected a table ([[keys]])")
+        extra = sorted(set(item) - set(_ENTRY_FIELDS))
+        if extra:
+            raise AuthConfigError(
+                f"{where}.{extra[0]}: unknown field (expected {', '.join(_ENTRY_FIELDS)})"
+            )
+        for field in _ENTRY_FIELDS:
+            if field not in item:
+                raise AuthConfigError(f"{where}.{field}: missing")
+        name = _check_name(item["name"], where)
+        role = _check_role(item["role"], where)
+        digest = item["sha256"]
+        if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest.lower()):
+            length = len(digest) if isinstance(digest, str) else type(digest).__name__
+            raise AuthConfigError(
+                f"{where}.sha256: expected 64 hexadecimal characters (got {length}); "
+                "store hash_key(key), never the key itself"
+            )
+        if name in seen:
+            raise AuthConfigError(
+                f"{where}.name: duplicate name {name!r} (also keys[{seen[name]}])"
+            )
+        seen[name] = i
+        entries.append(KeyEntry(name, role, digest.lower()))
+    return entries
+
+
+class _DemoAttribute:
+    """`KeyStore.demo()` builds a demo store; `store.demo` (bool) tells whether a store is one.
+
+    A demo store lets every request in as Caller("demo", "admin"): for local use, never production.
+    """
+
+    def __get__(self, instance: KeyStore | None, owner: type[KeyStore]) -> Any:
+        if instance is None:
+            return lambda: owner(demo=True)
+        return instance._demo
+
+
+class KeyStore:
+    """The configured API keys; authenticate() a header, then authorize() a permission."""
+
+    def __init__(
+        self, entries: Iterable[KeyEntry] = (), *, path: Path | None = None, demo: bool = False
+    ) -> None:
+        self._entries = tuple(entries)
+        self._digests = [bytes.fromhex(e.sha256) for e in self._entries]
+        self._path = path
+        self._demo = demo
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> KeyStore:
+        """Read the key file (default: KAPOK_API_KEYS or $KAPOK_HOME/api_keys.toml)."""
+        p = Path(path).expanduser() if path is not None else keys_path()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError as e:
+            raise AuthConfigError(
+                f"{p}: API-key file not found (create keys with add_key, or run in demo mode)"
+            ) from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise AuthConfigError(f"{p}: cannot read the API-key file: {e}") from e
+        return cls(_parse(text, p), path=p)
+
+    demo = _DemoAttribute()
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self._entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        if self._demo:
+            return "KeyStore(demo=True)"
+        return f"KeyStore({len(self._entries)} keys from {self._path})"
+
+    def authenticate(self, authorization_header: str | None) -> Caller:
+        """The caller for an 'Authorization: Bearer <key>' header; AuthError(401) otherwise."""
+        if self._demo:
+            return Caller("demo", "admin")
+        if not authorization_header or not authorization_header.strip():
+            raise AuthError(401, "missing Authorization header (expected 'Bearer <api key>')")
+        parts = authorization_header.split()
+        if len(parts) != 2 or parts[0].lower() != "bearer":
+            raise AuthError(401, "malformed Authorization header (expected 'Bearer <api key>')")
+        presented = hashlib.sha256(parts[1].encode("utf-8")).digest()
+        found: KeyEntry | None = None
+        for entry, digest in zip(self._entries, self._digests, strict=True):
+            # every entry is compared, so the time taken does not reveal which one matched
+            if hmac.compare_digest(presented, digest) and found is None:
+                found = entry
+        if found is None:
+            raise AuthError(401, "unknown API key")
+        return Caller(found.name, found.role)
+
+    def authorize(self, caller: Caller, permission: str) -> None:
+        """AuthError(403) unless the caller's role grants the permission."""
+        if permission not in PERMISSIONS:
+            raise ValueError(
+                f"unknown permission {permission!r} (expected one of {sorted(PERMISSIONS)})"
+            )
+        if permission not in ROLE_PERMISSIONS.get(caller.role, frozenset()):
+            raise AuthError(
+                403,
+                f"role {caller.role!r} (caller {caller.name!r}) "
+                f"does not have permission {permission!r}",
+            )
+
+
+def add_key(path: str | os.PathLike[str], name: str, role: str) -> str:
+    """Append a hashed key entry to the TOML file and return the plaintext key (shown once)."""
+    p = Path(path).expanduser()
+    where = f"{p}: new key"
+    _check_name(name, where)
+    _check_role(role, where)
+    text = p.read_text(encoding="utf-8") if p.exists() else ""
+    entries = _parse(text, p)
+    if any(e.name == name for e in entries):
+        raise AuthConfigError(f"{where}.name: a key named {name!r} already exists")
+    key = generate_key()
+    block = (
+        "[[keys]]\n"
+        f"name = {json.dumps(name)}\n"
+        f"role = {json.dumps(role)}\n"
+        f"sha256 = {json.dumps(hash_key(key))}\n"
+    )
+    new_text = text
+    if new_text and not new_text.endswith("\n"):
+        new_text += "\n"
+    new_text += ("\n" if new_text else "") + block
+    _parse(new_text, p)  # never write a file that would not load
+    p.parent.mkdir(parents=True, exist_ok=True)
+    mode = p.stat().st_mode & 0o777 if p.exists() else 0o600
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(new_text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return key

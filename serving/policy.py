@@ -1,0 +1,1170 @@
+"""The lending policy: score scale, grades, knock-outs, cut-offs, IRB capital, pricing, limits.
+
+Pure functions over a validated, frozen `Policy` read from policy.toml (stdlib only, no framework).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any, Literal
+
+__all__ = [
+    "DEFAULT_PATH",
+    "PRODUCTS",
+    "Caps",
+    "Decision",
+    "Grade",
+    "Knockout",
+    "KnockoutRule",
+    "Limit",
+    "Policy",
+    "PolicyError",
+    "Price",
+    "ProductPolicy",
+    "Scale",
+    "annuity_payment",
+    "decide",
+    "grade",
+    "grade_band",
+    "irb_capital",
+    "is_missing",
+    "knockouts",
+    "limit",
+    "load_policy",
+    "max_principal",
+    "policy_from_dict",
+    "price",
+    "score_points",
+]
+
+DEFAULT_PATH = Path(__file__).with_name("policy.toml")
+PRODUCTS = ("microloan", "guarantee", "insurance")
+# the product's headline rate, as named in Price
+HEADLINE_RATE = {"microloan": "annual_rate", "guarantee": "fee_rate", "insurance": "premium_rate"}
+IRB_PD_FLOOR = 0.0003  # Basel II corporate PD floor
+IRB_CONFIDENCE = 0.999
+SME_SALES_EUR_M = (5.0, 50.0)  # Basel SME firm-size adjustment: sales clamped to this range
+
+Action = Literal["decline", "refer"]
+Outcome = Literal["approve", "refer", "decline"]
+SEVERITY: dict[str, int] = {"approve": 0, "refer": 1, "decline": 2}
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+_N = NormalDist()
+_EPS = 1e-12
+
+# Features the limit rules read.
+SALES_FEATURE = "tax_sales_12m"
+INFLOW_FEATURE = "pay_inflow_3m"
+
+# Ties between constraints: a limit equal to the request is reported as the request; a zero
+# limit is explained by the risk constraint first.
+_BINDING_ORDER = (
+    "requested_amount",
+    "policy_cap",
+    "revenue_capacity",
+    "debt_service_capacity",
+    "expected_loss_budget",
+    "pd_cutoff",
+)
+_ZERO_ORDER = tuple(reversed(_BINDING_ORDER))
+
+
+class PolicyError(ValueError):
+    """The policy file is wrong, or a name does not exist in it; the message names the field."""
+
+
+# -- the policy --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scale:
+    base_points: float
+    base_odds: float
+    pdo: float
+    min_score: float
+    max_score: float
+
+    @property
+    def factor(self) -> float:
+        return self.pdo / math.log(2.0)
+
+    @property
+    def offset(self) -> float:
+        return self.base_points - self.factor * math.log(self.base_odds)
+
+
+@dataclass(frozen=True)
+class Grade:
+    name: str
+    upper_pd: float  # inclusive; the lower bound (exclusive) is the previous grade's upper_pd
+
+
+@dataclass(frozen=True)
+class ProductPolicy:
+    name: str
+    approve_max_pd: float
+    refer_max_pd: float
+    term_months_min: int
+    term_months_max: int
+    amount_min: float
+    amount_max: float
+    lgd: float
+    cost_of_funds: float
+    operating_cost: float
+    capital_hurdle_rate: float
+    margin: float
+    policy_cap: float
+    sales_multiple: float
+    debt_service_ratio: float
+    expected_loss_budget: float
+    premium_loading: float = 0.0  # insurance only
+    assumed_loan_rate: float | None = None  # guarantee and insurance: the lender's loan rate
+
+
+@dataclass(frozen=True)
+class Caps:
+    mode: Literal["fixed", "lpr_multiple"]
+    fixed: float
+    lpr_one_year: float
+    lpr_multiple: float
+    guarantee_government_backed: bool
+    guarantee_fee_cap: float
+    guarantee_fee_cap_large: float
+    guarantee_large_amount: float
+    eur_per_cny: float
+
+    @property
+    def microloan_all_in(self) -> float:
+        """The cap on a microloan's all-in annual cost."""
+        if self.mode == "fixed":
+            return self.fixed
+        return self.lpr_multiple * self.lpr_one_year
+
+    def guarantee_fee(self, amount: float) -> float | None:
+        """The cap on the guarantee fee rate (None when the guarantor is not government-backed)."""
+        if not self.guarantee_government_backed:
+            return None
+        if amount > self.guarantee_large_amount:
+            return self.guarantee_fee_cap_large
+        return self.guarantee_fee_cap
+
+
+@dataclass(frozen=True)
+class KnockoutRule:
+    code: str
+    feature: str
+    op: str
+    threshold: float
+    action: Action
+    text_en: str
+    text_zh: str
+    if_missing: Literal["decline", "refer", "ignore"]
+    missing_code: str
+    missing_text_en: str
+    missing_text_zh: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    scale: Scale
+    master_scale: tuple[Grade, ...]
+    products: dict[str, ProductPolicy]
+    caps: Caps
+    knockout_rules: tuple[KnockoutRule, ...]
+    source: str = "<dict>"
+
+    def product(self, name: str) -> ProductPolicy:
+        try:
+            return self.products[name]
+        except (KeyError, TypeError):
+            allowed = ", ".join(self.products)
+            raise PolicyError(f"unknown product {name!r}; allowed: {allowed}") from None
+
+    @property
+    def grades(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.master_scale)
+
+
+# -- loading and validation --------------------------------------------------------------------
+def load_policy(path: Path | None = None) -> Policy:
+    """Read and validate the policy: `path`, else $KAPOK_POLICY, else the shipped policy.toml."""
+    if path is None:
+        path = Path(os.environ["KAPOK_POLICY"]) if os.environ.get("KAPOK_POLICY") else DEFAULT_PATH
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise PolicyError(f"policy file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError(f"{path}: not valid TOML: {e}") from None
+    return policy_from_dict(data, source=str(path))
+
+
+def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
+    """Validate a parsed policy document; every error names the offending field."""
+    _keys(data, "", {"scale", "master_scale", "products", "caps", "knockouts"})
+    scale = _scale(_table(data, "scale", ""))
+    master = _master_scale(data.get("master_scale"))
+    products_t = _table(data, "products", "")
+    _keys(products_t, "products", set(PRODUCTS), required=set(PRODUCTS))
+    products = {name: _product(name, _table(products_t, name, "products")) for name in PRODUCTS}
+    caps = _caps(_table(data, "caps", ""))
+    rules = _knockout_rules(_table(data, "knockouts", ""))
+    return Policy(scale, master, products, caps, rules, source)
+
+
+def _where(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _keys(
+    t: Mapping[str, Any], where: str, allowed: set[str], required: set[str] | None = None
+) -> None:
+    required = allowed if required is None else required
+    for key in t:
+        if key not in allowed:
+            raise PolicyError(
+                f"{_where(where, key)}: unknown key (allowed in {where or 'the top level'}: "
+                f"{', '.join(sorted(allowed))})"
+            )
+    for key in sorted(required):
+        if key not in t:
+            raise PolicyError(f"{_where(where, key)} is missing")
+
+
+def _table(t: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    name = _where(where, key)
+    if key not in t:
+        raise PolicyError(f"{name} is missing")
+    value = t[key]
+    if not isinstance(value, Mapping):
+        raise PolicyError(f"{name} must be a table, got {value!r}")
+    return value
+
+
+def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def _number(
+    t: Mapping[str, Any],
+    key: str,
+    where: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    integer: bool = False,
+) -> float:
+    name = _where(where, key)
+    if key not in t:
+        raise PolicyError(f"{name} is missing")
+    v = t[key]
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise PolicyError(f"{name} must be a number, got {v!r}")
+    if integer and not (isinstance(v, int) or float(v).is_integer()):
+        raise PolicyError(f"{name} must be a whole number, got {v!r}")
+    x = float(v)
+    if not math.isfinite(x):
+        raise PolicyError(f"{name} must be finite, got {v!r}")
+    bad_lo = lo is not None and (x <= lo if lo_open else x < lo)
+    bad_hi = hi is not None and (x >= hi if hi_open else x > hi)
+    if bad_lo or bad_hi:
+        raise PolicyError(f"{name} must be {_interval(lo, hi, lo_open, hi_open)}, got {v!r}")
+    return x
+
+
+def _text(t: Mapping[str, Any], key: str, where: str, choices: tuple[str, ...] = ()) -> str:
+    name = _where(where, key)
+    if key not in t:
+        raise PolicyError(f"{name} is missing")
+    v = t[key]
+    if not isinstance(v, str) or not v.strip():
+        raise PolicyError(f"{name} must be a non-empty string, got {v!r}")
+    if choices and v not in choices:
+        raise PolicyError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+def _scale(t: Mapping[str, Any]) -> Scale:
+    _keys(t, "scale", {"base_points", "base_odds", "pdo", "min_score", "max_score"})
+    s = Scale(
+        base_points=_number(t, "base_points", "scale"),
+        base_odds=_number(t, "base_odds", "scale", 0, lo_open=True),
+        pdo=_number(t, "pdo", "scale", 0, lo_open=True),
+        min_score=_number(t, "min_score", "scale"),
+        max_score=_number(t, "max_score", "scale"),
+    )
+    if not s.min_score < s.max_score:
+        raise PolicyError(
+            f"scale.max_score must be > scale.min_score ({s.min_score:g}), got {s.max_score:g}"
+        )
+    if not s.min_score <= s.base_points <= s.max_score:
+        raise PolicyError(
+            f"scale.base_points must be in [{s.min_score:g}, {s.max_score:g}], "
+            f"got {s.base_points:g}"
+        )
+    return s
+
+
+def _master_scale(rows: Any) -> tuple[Grade, ...]:
+    if rows is None:
+        raise PolicyError("master_scale is missing")
+    if not isinstance(rows, list) or not rows:
+        raise PolicyError("master_scale must be a non-empty list of [[master_scale]] tables")
+    grades: list[Grade] = []
+    for i, row in enumerate(rows):
+        where = f"master_scale[{i}]"
+        if not isinstance(row, Mapping):
+            raise PolicyError(f"{where} must be a table, got {row!r}")
+        _keys(row, where, {"grade", "upper_pd"})
+        name = _text(row, "grade", where)
+        upper = _number(row, "upper_pd", where, 0, 1, lo_open=True)
+        if any(g.name == name for g in grades):
+            raise PolicyError(f"{where}.grade {name!r} appears twice")
+        if grades and not upper > grades[-1].upper_pd:
+            raise PolicyError(
+                f"{where}.upper_pd must be > {grades[-1].upper_pd:g} (bounds strictly "
+                f"increasing), got {upper:g}"
+            )
+        grades.append(Grade(name, upper))
+    if grades[-1].upper_pd != 1.0:
+        raise PolicyError(
+            f"master_scale[{len(grades) - 1}].upper_pd must be 1.0 (the last grade takes every "
+            f"PD), got {grades[-1].upper_pd:g}"
+        )
+    return tuple(grades)
+
+
+_PRODUCT_KEYS = {
+    "approve_max_pd",
+    "refer_max_pd",
+    "term_months_min",
+    "term_months_max",
+    "amount_min",
+    "amount_max",
+    "lgd",
+    "cost_of_funds",
+    "operating_cost",
+    "capital_hurdle_rate",
+    "margin",
+    "policy_cap",
+    "sales_multiple",
+    "debt_service_ratio",
+    "expected_loss_budget",
+}
+
+
+def _product(name: str, t: Mapping[str, Any]) -> ProductPolicy:
+    w = f"products.{name}"
+    extra = {"premium_loading"} if name == "insurance" else set()
+    if name in ("guarantee", "insurance"):
+        extra.add("assumed_loan_rate")
+    _keys(t, w, _PRODUCT_KEYS | extra)
+    approve = _number(t, "approve_max_pd", w, 0, 1, lo_open=True, hi_open=True)
+    refer = _number(t, "refer_max_pd", w, approve, 1, hi_open=True)
+    term_min = _number(t, "term_months_min", w, 1, integer=True)
+    term_max = _number(t, "term_months_max", w, term_min, integer=True)
+    amount_min = _number(t, "amount_min", w, 0, lo_open=True)
+    amount_max = _number(t, "amount_max", w, amount_min)
+    cost_of_funds = _number(t, "cost_of_funds", w, 0, 1, hi_open=True)
+    if name != "microloan" and cost_of_funds != 0:
+        raise PolicyError(
+            f"{w}.cost_of_funds must be 0 (the {name} provider does not fund the loan), "
+            f"got {t['cost_of_funds']!r}"
+        )
+    return ProductPolicy(
+        name=name,
+        approve_max_pd=approve,
+        refer_max_pd=refer,
+        term_months_min=int(term_min),
+        term_months_max=int(term_max),
+        amount_min=amount_min,
+        amount_max=amount_max,
+        lgd=_number(t, "lgd", w, 0, 1, lo_open=True),
+        cost_of_funds=cost_of_funds,
+        operating_cost=_number(t, "operating_cost", w, 0, 1, hi_open=True),
+        capital_hurdle_rate=_number(t, "capital_hurdle_rate", w, 0, 1, hi_open=True),
+        margin=_number(t, "margin", w, 0, 1, hi_open=True),
+        policy_cap=_number(t, "policy_cap", w, amount_min, amount_max),
+        sales_multiple=_number(t, "sales_multiple", w, 0, lo_open=True),
+        debt_service_ratio=_number(t, "debt_service_ratio", w, 0, 1, lo_open=True),
+        expected_loss_budget=_number(t, "expected_loss_budget", w, 0, lo_open=True),
+        premium_loading=_number(t, "premium_loading", w, 0) if name == "insurance" else 0.0,
+        assumed_loan_rate=(
+            _number(t, "assumed_loan_rate", w, 0, 1, hi_open=True) if name != "microloan" else None
+        ),
+    )
+
+
+def _caps(t: Mapping[str, Any]) -> Caps:
+    w = "caps"
+    _keys(
+        t,
+        w,
+        {
+            "mode",
+            "fixed",
+            "lpr_one_year",
+            "lpr_multiple",
+            "guarantee_government_backed",
+            "guarantee_fee_cap",
+            "guarantee_fee_cap_large",
+            "guarantee_large_amount",
+            "eur_per_cny",
+        },
+    )
+    mode = _text(t, "mode", w, ("fixed", "lpr_multiple"))
+    backed = t["guarantee_government_backed"]
+    if not isinstance(backed, bool):
+        raise PolicyError(f"caps.guarantee_government_backed must be true or false, got {backed!r}")
+    return Caps(
+        mode=mode,  # type: ignore[arg-type]
+        fixed=_number(t, "fixed", w, 0, 1, lo_open=True),
+        lpr_one_year=_number(t, "lpr_one_year", w, 0, 1, lo_open=True, hi_open=True),
+        lpr_multiple=_number(t, "lpr_multiple", w, 0, lo_open=True),
+        guarantee_government_backed=backed,
+        guarantee_fee_cap=_number(t, "guarantee_fee_cap", w, 0, 1, lo_open=True),
+        guarantee_fee_cap_large=_number(t, "guarantee_fee_cap_large", w, 0, 1, lo_open=True),
+        guarantee_large_amount=_number(t, "guarantee_large_amount", w, 0, lo_open=True),
+        eur_per_cny=_number(t, "eur_per_cny", w, 0, lo_open=True),
+    )
+
+
+_RULE_KEYS = {
+    "code",
+    "feature",
+    "op",
+    "threshold",
+    "action",
+    "text_en",
+    "text_zh",
+    "if_missing",
+    "missing_code",
+    "missing_text_en",
+    "missing_text_zh",
+}
+
+
+def _knockout_rules(t: Mapping[str, Any]) -> tuple[KnockoutRule, ...]:
+    _keys(t, "knockouts", {"rules"})
+    rows = t["rules"]
+    if not isinstance(rows, list):
+        raise PolicyError("knockouts.rules must be a list of [[knockouts.rules]] tables")
+    rules: list[KnockoutRule] = []
+    owner: dict[str, int] = {}  # code -> rule index
+    for i, row in enumerate(rows):
+        w = f"knockouts.rules[{i}]"
+        if not isinstance(row, Mapping):
+            raise PolicyError(f"{w} must be a table, got {row!r}")
+        _keys(row, w, _RULE_KEYS)
+        rule = KnockoutRule(
+            code=_text(row, "code", w),
+            feature=_text(row, "feature", w),
+            op=_text(row, "op", w, tuple(_OPS)),
+            threshold=_number(row, "threshold", w),
+            action=_text(row, "action", w, ("decline", "refer")),  # type: ignore[arg-type]
+            text_en=_text(row, "text_en", w),
+            text_zh=_text(row, "text_zh", w),
+            if_missing=_text(row, "if_missing", w, ("decline", "refer", "ignore")),  # type: ignore[arg-type]
+            missing_code=_text(row, "missing_code", w),
+            missing_text_en=_text(row, "missing_text_en", w),
+            missing_text_zh=_text(row, "missing_text_zh", w),
+        )
+        for key, code in (("code", rule.code), ("missing_code", rule.missing_code)):
+            if owner.get(code, i) != i:
+                raise PolicyError(
+                    f"{w}.{key} {code!r} is already used by knockouts.rules[{owner[code]}]"
+                )
+            owner[code] = i
+        rules.append(rule)
+    return tuple(rules)
+
+
+# -- small helpers -----------------------------------------------------------------------------
+def is_missing(value: object) -> bool:
+    """None, NaN (float or numpy) and pandas NA count as missing."""
+    if value is None:
+        return True
+    try:
+        return bool(value != value)  # NaN is the only value unequal to itself
+    except (TypeError, ValueError):  # pandas.NA: its truth value is ambiguous
+        return True
+
+
+def _plain(value: object) -> object:
+    """A JSON-friendly copy of a feature value: None for missing, int for whole numbers."""
+    if is_missing(value):
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+    return int(x) if x.is_integer() else x
+
+
+def _number_feature(features: Mapping[str, object], name: str) -> float | None:
+    value = features.get(name)
+    if is_missing(value):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"feature {name} must be a number, got {value!r}") from None
+
+
+def _check_pd(pd: float) -> float:
+    x = float(pd)
+    if not 0.0 <= x <= 1.0:  # also rejects NaN
+        raise ValueError(f"pd must be in [0, 1], got {pd!r}")
+    return x
+
+
+def _resolve(product: ProductPolicy | str, policy: Policy) -> ProductPolicy:
+    return product if isinstance(product, ProductPolicy) else policy.product(product)
+
+
+# -- score and grades --------------------------------------------------------------------------
+def score_points(pd: float, policy: Policy) -> float:
+    """Points on the policy's scale, clamped to [min_score, max_score]."""
+    p = _check_pd(pd)
+    s = policy.scale
+    if p <= 0.0:
+        return s.max_score
+    if p >= 1.0:
+        return s.min_score
+    points = s.offset + s.factor * math.log((1.0 - p) / p)
+    return min(max(points, s.min_score), s.max_score)
+
+
+def grade(pd: float, policy: Policy) -> str:
+    """The master-scale grade: the first whose upper_pd is >= pd (PD 0 is in the first grade)."""
+    p = _check_pd(pd)
+    for g in policy.master_scale:
+        if p <= g.upper_pd:
+            return g.name
+    return policy.master_scale[-1].name  # unreachable: the last bound is 1.0
+
+
+def grade_band(grade: str, policy: Policy) -> tuple[float, float]:
+    """(lower exclusive, upper inclusive) PD bounds of a grade."""
+    lower = 0.0
+    for g in policy.master_scale:
+        if g.name == grade:
+            return lower, g.upper_pd
+        lower = g.upper_pd
+    raise PolicyError(f"unknown grade {grade!r}; allowed: {', '.join(policy.grades)}")
+
+
+# -- knock-outs and decisions ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Knockout:
+    code: str
+    action: Action
+    feature: str
+    value: object  # the feature value that fired the rule (None when missing)
+    text_en: str
+    text_zh: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision: Outcome
+    path: list[str]  # every step, in order, readable by a reviewer
+    reasons: list[str] = field(default_factory=list)  # codes of the steps that were not approve
+
+
+def knockouts(features: Mapping[str, object], policy: Policy) -> list[Knockout]:
+    """The knock-out rules that fire for these features, in the policy's order.
+
+    A missing feature (absent, None, NaN) is never read as clean: the rule's `if_missing` action
+    applies with its `missing_code` (e.g. no tax history -> KO_NO_TAX_HISTORY, refer).
+    """
+    out: list[Knockout] = []
+    for rule in policy.knockout_rules:
+        value = _number_feature(features, rule.feature)
+        if value is None:
+            if rule.if_missing != "ignore":
+                out.append(
+                    Knockout(
+                        rule.missing_code,
+                        rule.if_missing,
+                        rule.feature,
+                        None,
+                        rule.missing_text_en,
+                        rule.missing_text_zh,
+                    )
+                )
+        elif _OPS[rule.op](value, rule.threshold):
+            out.append(
+                Knockout(
+                    rule.code,
+                    rule.action,
+                    rule.feature,
+                    _plain(features.get(rule.feature)),
+                    rule.text_en,
+                    rule.text_zh,
+                )
+            )
+    return out
+
+
+_Step = tuple[str | None, Outcome, str]  # (reason code or None, outcome, text)
+
+
+def decide(
+    pd: float,
+    product: ProductPolicy,
+    knockouts: list[Knockout],
+    price_ok: bool = True,
+    *,
+    term_months: int | None = None,
+    amount: float | None = None,
+) -> Decision:
+    """Approve, refer or decline: knock-outs, the product range (when given), the PD cut-offs
+    and the price cap; the most severe step wins (decline > refer > approve)."""
+    return _finish(_steps(pd, product, knockouts, price_ok, term_months, amount))
+
+
+def _steps(
+    pd: float,
+    product: ProductPolicy,
+    kos: list[Knockout],
+    price_ok: bool,
+    term_months: int | None,
+    amount: float | None,
+) -> list[_Step]:
+    p = _check_pd(pd)
+    steps = _knockout_steps(kos)
+    if term_months is not None:
+        lo, hi = product.term_months_min, product.term_months_max
+        if lo <= term_months <= hi:
+            steps.append((None, "approve", f"term {term_months} months within {lo}-{hi}"))
+        else:
+            text = f"TERM_OUT_OF_RANGE: term {term_months} months outside {lo}-{hi} -> decline"
+            steps.append(("TERM_OUT_OF_RANGE", "decline", text))
+    if amount is not None:
+        lo_a, hi_a = product.amount_min, product.amount_max
+        if lo_a <= amount <= hi_a:
+            steps.append((None, "approve", f"amount {amount:,.0f} within {lo_a:,.0f}-{hi_a:,.0f}"))
+        else:
+            text = (
+                f"AMOUNT_OUT_OF_RANGE: amount {amount:,.0f} outside {lo_a:,.0f}-{hi_a:,.0f} "
+                "-> decline"
+            )
+            steps.append(("AMOUNT_OUT_OF_RANGE", "decline", text))
+    a, r = product.approve_max_pd, product.refer_max_pd
+    if p <= a:
+        steps.append((None, "approve", f"PD {p:.3%} <= approve cut-off {a:.2%} -> approve"))
+    elif p <= r:
+        text = f"PD {p:.3%} > approve cut-off {a:.2%} and <= refer cut-off {r:.2%} -> refer"
+        steps.append(("PD_ABOVE_APPROVE_CUTOFF", "refer", text))
+    else:
+        text = f"PD {p:.3%} > refer cut-off {r:.2%} -> decline"
+        steps.append(("PD_ABOVE_REFER_CUTOFF", "decline", text))
+    if price_ok:
+        steps.append((None, "approve", "price within the cap"))
+    else:
+        text = "PRICE_ABOVE_CAP: the price this risk needs is above the cap -> decline"
+        steps.append(("PRICE_ABOVE_CAP", "decline", text))
+    return steps
+
+
+def _knockout_steps(kos: list[Knockout]) -> list[_Step]:
+    if not kos:
+        return [(None, "approve", "knock-outs: none")]
+    steps: list[_Step] = []
+    for k in kos:
+        value = "missing" if k.value is None else f"= {k.value!r}"
+        steps.append(
+            (k.code, k.action, f"{k.code}: {k.feature} {value} -> {k.action} ({k.text_en})")
+        )
+    return steps
+
+
+def _finish(steps: list[_Step]) -> Decision:
+    outcome: Outcome = max((s[1] for s in steps), key=SEVERITY.__getitem__)
+    path = [s[2] for s in steps]
+    path.append(f"decision: {outcome} (the most severe step wins: decline > refer > approve)")
+    flagged = [s for s in steps if s[0] is not None and s[1] != "approve"]
+    flagged.sort(key=lambda s: -SEVERITY[s[1]])  # stable: declines first, then in path order
+    return Decision(outcome, path, list(dict.fromkeys(s[0] for s in flagged if s[0] is not None)))
+
+
+# -- capital -----------------------------------------------------------------------------------
+def irb_capital(
+    pd: float, lgd: float, maturity_years: float, sales_cny: float | None, policy: Policy
+) -> float:
+    """Basel II/III IRB corporate capital requirement K per unit of exposure, with the SME
+    firm-size adjustment when annual sales (CNY, converted with caps.eur_per_cny) are known and
+    below EUR 50m. PD floored at 0.03%, maturity clamped to [1, 5] years; a defaulted exposure
+    (PD = 1) carries no unexpected-loss capital here (it is provisioned)."""
+    p = _check_pd(pd)
+    if not 0.0 <= lgd <= 1.0:
+        raise ValueError(f"lgd must be in [0, 1], got {lgd!r}")
+    if not maturity_years > 0:
+        raise ValueError(f"maturity_years must be > 0, got {maturity_years!r}")
+    if p >= 1.0:
+        return 0.0
+    p = max(p, IRB_PD_FLOOR)
+    w = (1.0 - math.exp(-50.0 * p)) / (1.0 - math.exp(-50.0))
+    r = 0.12 * w + 0.24 * (1.0 - w)
+    if not is_missing(sales_cny):
+        sales = float(sales_cny)  # type: ignore[arg-type]
+        if sales < 0:
+            raise ValueError(f"sales_cny must be >= 0, got {sales_cny!r}")
+        s = sales * policy.caps.eur_per_cny / 1e6
+        lo, hi = SME_SALES_EUR_M
+        if s < hi:
+            s = min(max(s, lo), hi)
+            r -= 0.04 * (1.0 - (s - lo) / (hi - lo))
+    b = (0.11852 - 0.05478 * math.log(p)) ** 2
+    m = min(max(float(maturity_years), 1.0), 5.0)
+    z = math.sqrt(1.0 / (1.0 - r)) * _N.inv_cdf(p) + math.sqrt(r / (1.0 - r)) * _N.inv_cdf(
+        IRB_CONFIDENCE
+    )
+    k = (lgd * _N.cdf(z) - p * lgd) * (1.0 + (m - 2.5) * b) / (1.0 - 1.5 * b)
+    return max(k, 0.0)
+
+
+# -- pricing -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Price:
+    """Every part of a price, as annual rates on the exposure (amounts in CNY).
+
+    The PD is a 12-month PD and every rate part is per year of exposure: the 12-month PD is read
+    as the yearly default rate (constant hazard), so the expected-loss rate PD x LGD is charged per
+    year whatever the term, and no part is scaled by term/12 (a 6-month loan pays half a year of
+    it, a 36-month loan three years). The term enters through the IRB maturity (term/12, clamped
+    to [1, 5] years). `expected_loss` is the one-year loss PD x LGD x amount (what the
+    expected-loss budget limits); `expected_loss_lifetime` is (1 - (1 - PD)^(term/12)) x LGD x
+    amount, for information.
+    """
+
+    product: str
+    pd: float
+    amount: float
+    term_months: int
+    lgd: float
+    expected_loss: float
+    expected_loss_lifetime: float
+    expected_loss_rate: float  # PD x LGD
+    expected_loss_loading: float  # insurance: PD x LGD x premium_loading; else 0
+    cost_of_funds: float
+    operating_cost: float
+    capital_k: float  # IRB capital per unit of exposure
+    capital_charge: float  # capital_k x capital_hurdle_rate
+    margin: float
+    rate_name: str  # annual_rate | fee_rate | premium_rate
+    rate: float  # the headline rate: the sum of the parts
+    annual_rate: float | None  # microloan interest rate
+    fee_rate: float | None  # guarantee fee rate
+    premium_rate: float | None  # insurance premium rate
+    extra_annual_cost: float  # other annual costs of the same loan (guarantee fee, premium)
+    all_in_rate: float  # microloan: annual_rate + extra_annual_cost; else the headline rate
+    cap: float | None  # the cap that applies to all_in_rate (None: no cap)
+    within_cap: bool
+
+    def parts(self) -> dict[str, float]:
+        """The parts that add up to the headline rate."""
+        return {
+            "expected_loss_rate": self.expected_loss_rate,
+            "expected_loss_loading": self.expected_loss_loading,
+            "cost_of_funds": self.cost_of_funds,
+            "operating_cost": self.operating_cost,
+            "capital_charge": self.capital_charge,
+            "margin": self.margin,
+        }
+
+
+def price(
+    pd: float,
+    amount: float,
+    term_months: int,
+    product: ProductPolicy | str,
+    sales_12m: float | None,
+    policy: Policy,
+    extra_annual_cost: float = 0.0,
+) -> Price:
+    """The risk-based price of one exposure and whether it fits under the applicable cap.
+
+    microloan annual_rate = EL rate + cost of funds + operating cost + capital charge + margin,
+    capped (with extra_annual_cost) by caps.microloan_all_in; guarantee fee_rate = the same
+    without funding cost, capped only for a government-backed guarantor; insurance premium_rate =
+    EL rate x (1 + premium_loading) + costs + capital charge + margin, not capped.
+    The product's term and amount ranges are not checked here: decide() checks them when given.
+    """
+    prod = _resolve(product, policy)
+    p = _check_pd(pd)
+    amount = float(amount)
+    if not (math.isfinite(amount) and amount >= 0):
+        raise ValueError(f"amount must be a finite number >= 0, got {amount!r}")
+    if int(term_months) != term_months or term_months < 1:
+        raise ValueError(f"term_months must be a whole number >= 1, got {term_months!r}")
+    term_months = int(term_months)
+    if not (math.isfinite(extra_annual_cost) and extra_annual_cost >= 0):
+        raise ValueError(f"extra_annual_cost must be >= 0, got {extra_annual_cost!r}")
+    k = irb_capital(p, prod.lgd, term_months / 12.0, sales_12m, policy)
+    el_rate = p * prod.lgd
+    loading = el_rate * prod.premium_loading
+    capital_charge = k * prod.capital_hurdle_rate
+    rate = el_rate + loading + prod.cost_of_funds + prod.operating_cost + capital_charge
+    rate += prod.margin
+    cap: float | None = None
+    all_in = rate
+    if prod.name == "microloan":
+        cap = policy.caps.microloan_all_in
+        all_in = rate + extra_annual_cost
+    elif prod.name == "guarantee":
+        cap = policy.caps.guarantee_fee(amount)
+    rate_name = HEADLINE_RATE[prod.name]
+    return Price(
+        product=prod.name,
+        pd=p,
+        amount=amount,
+        term_months=term_months,
+        lgd=prod.lgd,
+        expected_loss=el_rate * amount,
+        expected_loss_lifetime=(1.0 - (1.0 - p) ** (term_months / 12.0)) * prod.lgd * amount,
+        expected_loss_rate=el_rate,
+        expected_loss_loading=loading,
+        cost_of_funds=prod.cost_of_funds,
+        operating_cost=prod.operating_cost,
+        capital_k=k,
+        capital_charge=capital_charge,
+        margin=prod.margin,
+        rate_name=rate_name,
+        rate=rate,
+        annual_rate=rate if rate_name == "annual_rate" else None,
+        fee_rate=rate if rate_name == "fee_rate" else None,
+        premium_rate=rate if rate_name == "premium_rate" else None,
+        extra_annual_cost=float(extra_annual_cost),
+        all_in_rate=all_in,
+        cap=cap,
+        within_cap=cap is None or all_in <= cap + _EPS,
+    )
+
+
+def annuity_payment(amount: float, annual_rate: float, term_months: int) -> float:
+    """Level monthly installment (等额本息) at the monthly rate annual_rate / 12."""
+    _check_annuity(annual_rate, term_months)
+    r, n = annual_rate / 12.0, int(term_months)
+    if r == 0:
+        return amount / n
+    return amount * r / (1.0 - (1.0 + r) ** -n)
+
+
+def max_principal(payment: float, annual_rate: float, term_months: int) -> float:
+    """The principal a level monthly installment repays over the term (annuity_payment inverse)."""
+    _check_annuity(annual_rate, term_months)
+    r, n = annual_rate / 12.0, int(term_months)
+    if r == 0:
+        return payment * n
+    return payment * (1.0 - (1.0 + r) ** -n) / r
+
+
+def _check_annuity(annual_rate: float, term_months: int) -> None:
+    if not (math.isfinite(annual_rate) and annual_rate >= 0):
+        raise ValueError(f"annual_rate must be a finite number >= 0, got {annual_rate!r}")
+    if int(term_months) != term_months or term_months < 1:
+        raise ValueError(f"term_months must be a whole number >= 1, got {term_months!r}")
+
+
+# -- limits ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Limit:
+    """The recommended limit, the constraint that binds it, and the price at the limit.
+
+    constraints: each constraint's own value in CNY; math.inf when it cannot be computed because
+    its feature is missing (see notes). pd_at_limit, annual_rate (the product's headline annual
+    rate: interest, guarantee fee or premium), parts and price are None/empty when limit is 0.
+    decision is decide() at the limit with all knock-outs: "refer" when a refer knock-out fired
+    (the limit then applies once a credit officer clears it), "decline" when limit is 0.
+    """
+
+    limit: float
+    binding: str
+    constraints: dict[str, float]
+    pd_at_limit: float | None
+    annual_rate: float | None
+    parts: dict[str, float]
+    price: Price | None
+    decision: Decision
+    knockouts: list[Knockout]
+    notes: list[str]
+    product: str
+    term_months: int
+    requested_amount: float
+    step: float
+
+
+def limit(
+    pd_of_amount: Callable[[float], float],
+    requested_amount: float,
+    term_months: int,
+    product: ProductPolicy | str,
+    features: Mapping[str, object],
+    policy: Policy,
+    step: float = 1000.0,
+    extra_annual_cost: float = 0.0,
+) -> Limit:
+    """The recommended credit limit: the smallest of the policy cap, the revenue capacity
+    (sales_multiple x tax_sales_12m), the debt-service capacity (largest principal whose
+    installment at the borrower's all-in rate fits debt_service_ratio x pay_inflow_3m / 3), the
+    expected-loss budget (largest amount with PD x LGD x amount <= budget), the PD cut-off
+    (largest amount decide() approves, price cap included) and the request; rounded down to a
+    multiple of `step`.
+
+    PD may rise with the amount (loan-burden features), so the PD-dependent constraints are found
+    by bisection over the step grid calling pd_of_amount; this is exact when PD is non-decreasing
+    in the amount (the models' monotone constraints). The grid is split where a cap changes (the
+    government-backed guarantee cap rises above CNY 5m) and the result is verified; should a check
+    fail at the returned amount, the search is repeated below it and a note says so.
+
+    The borrower's all-in rate for debt service is the microloan rate + extra_annual_cost, or for
+    guarantee/insurance the lender's assumed_loan_rate + our fee or premium + extra_annual_cost.
+    Refer knock-outs do not reduce the limit (the officer decides); decline knock-outs give 0.
+    A missing tax_sales_12m or pay_inflow_3m leaves that constraint out (math.inf, with a note).
+    """
+    prod = _resolve(product, policy)
+    if not (math.isfinite(step) and step > 0):
+        raise ValueError(f"step must be a finite number > 0, got {step!r}")
+    requested = float(requested_amount)
+    if not (math.isfinite(requested) and requested >= 0):
+        raise ValueError(f"requested_amount must be a finite number >= 0, got {requested_amount!r}")
+    if int(term_months) != term_months or term_months < 1:
+        raise ValueError(f"term_months must be a whole number >= 1, got {term_months!r}")
+    term = int(term_months)
+    kos = knockouts(features, policy)
+    notes: list[str] = []
+    sales = _number_feature(features, SALES_FEATURE)
+    inflow = _number_feature(features, INFLOW_FEATURE)
+
+    pds: dict[float, float] = {}
+    quotes: dict[float, Price] = {}
+
+    def pd_at(a: float) -> float:
+        if a not in pds:
+            p = float(pd_of_amount(a))
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"pd_of_amount({a:,.0f}) must be in [0, 1], got {p!r}")
+            pds[a] = p
+        return pds[a]
+
+    def quote(a: float) -> Price:
+        if a not in quotes:
+            quotes[a] = price(pd_at(a), a, term, prod, sales, policy, extra_annual_cost)
+        return quotes[a]
+
+    def borrower_rate(q: Price) -> float:
+        if prod.assumed_loan_rate is None:
+            return q.all_in_rate
+        return prod.assumed_loan_rate + q.rate + extra_annual_cost
+
+    def approves(a: float) -> bool:
+        q = quote(a)
+        return decide(q.pd, prod, [], price_ok=q.within_cap).decision == "approve"
+
+    def no_limit(binding: str, constraints: dict[str, float], text: str) -> Limit:
+        if any(k.action == "decline" for k in kos):
+            steps = _knockout_steps(kos)  # no need to ask the model
+        else:  # the checks at the smallest amount the product offers
+            q = quote(prod.amount_min)
+            steps = _steps(q.pd, prod, kos, q.within_cap, term, prod.amount_min)
+        if binding not in {s[0] for s in steps}:  # a knock-out or the term explains it already
+            steps.append(("LIMIT_BELOW_MINIMUM", "decline", f"limit 0 ({binding}): {text}"))
+        notes.append(text)
+        return Limit(
+            limit=0.0,
+            binding=binding,
+            constraints=constraints,
+            pd_at_limit=None,
+            annual_rate=None,
+            parts={},
+            price=None,
+            decision=_finish(steps),
+            knockouts=kos,
+            notes=notes,
+            product=prod.name,
+            term_months=term,
+            requested_amount=requested,
+            step=step,
+        )
+
+    declines = [k for k in kos if k.action == "decline"]
+    if declines:
+        return no_limit(declines[0].code, {}, f"knock-out {declines[0].code}: no limit is offered")
+    if not prod.term_months_min <= term <= prod.term_months_max:
+        return no_limit(
+            "TERM_OUT_OF_RANGE",
+            {},
+            f"term {term} months outside {prod.term_months_min}-{prod.term_months_max}",
+        )
+
+    k_lo = math.ceil(prod.amount_min / step - 1e-9)
+    k_hi = math.floor(prod.amount_max / step + 1e-9)
+    breaks: list[float] = []
+    if prod.name == "guarantee" and policy.caps.guarantee_government_backed:
+        breaks.append(policy.caps.guarantee_large_amount)
+    lo_amount, hi_amount = k_lo * step, k_hi * step
+
+    constraints: dict[str, float] = {
+        "requested_amount": requested,
+        "policy_cap": prod.policy_cap,
+    }
+    if sales is None:
+        constraints["revenue_capacity"] = math.inf
+        notes.append(f"{SALES_FEATURE} missing: revenue_capacity not applied")
+    else:
+        constraints["revenue_capacity"] = prod.sales_multiple * max(sales, 0.0)
+
+    checks: dict[str, Callable[[float], bool]] = {"pd_cutoff": approves}
+
+    budget = prod.expected_loss_budget
+
+    def el_ok(a: float) -> bool:
+        return pd_at(a) * prod.lgd * a <= budget * (1 + _EPS)
+
+    def el_closed(a: float) -> float:
+        p = pd_at(a)
+        return budget / (p * prod.lgd) if p > 0 else a
+
+    checks["expected_loss_budget"] = el_ok
+    closed: dict[str, Callable[[float], float]] = {"expected_loss_budget": el_closed}
+
+    if inflow is None:
+        constraints["debt_service_capacity"] = math.inf
+        notes.append(f"{INFLOW_FEATURE} missing: debt_service_capacity not applied")
+    else:
+        payment = prod.debt_service_ratio * max(inflow, 0.0) / 3.0
+
+        def dsc_ok(a: float) -> bool:
+            return annuity_payment(a, borrower_rate(quote(a)), term) <= payment * (1 + _EPS)
+
+        def dsc_closed(a: float) -> float:
+            return max_principal(payment, borrower_rate(quote(a)), term)
+
+        checks["debt_service_capacity"] = dsc_ok
+        closed["debt_service_capacity"] = dsc_closed
+
+    if k_hi < k_lo:
+        return no_limit(
+            "pd_cutoff",
+            constraints,
+            f"no multiple of {step:,.0f} between {prod.amount_min:,.0f} and {prod.amount_max:,.0f}",
+        )
+
+    for name, ok in checks.items():
+        k = _largest(ok, k_lo, k_hi, step, breaks)
+        if name == "pd_cutoff":
+            constraints[name] = 0.0 if k is None else k * step
+            if k == k_hi:
+                notes.append(f"pd_cutoff: approves up to the product maximum {hi_amount:,.0f}")
+        elif k is None:
+            constraints[name] = closed[name](lo_amount)  # below amount_min
+        elif k == k_hi:
+            constraints[name] = max(closed[name](hi_amount), hi_amount)
+        else:
+            constraints[name] = k * step
+
+    ordered = {name: constraints[name] for name in _BINDING_ORDER}
+    raw = min(ordered.values())
+    amount = math.floor(raw / step + 1e-9) * step
+    if amount < lo_amount:
+        binding = next(n for n in _ZERO_ORDER if ordered[n] < lo_amount)
+        if binding == "pd_cutoff":
+            text = f"no amount from {lo_amount:,.0f} passes the cut-offs and the cap"
+        else:
+            text = (
+                f"{binding} {ordered[binding]:,.0f} is below the product minimum {lo_amount:,.0f}"
+            )
+        return no_limit(binding, ordered, text)
+    binding = next(n for n in _BINDING_ORDER if ordered[n] == raw)
+
+    # verify: every PD-dependent check holds at the returned amount
+    for _ in range(k_hi - k_lo + 1):
+        failing = [name for name, ok in checks.items() if not ok(amount)]
+        if not failing:
+            break
+        name = failing[0]
+        notes.append(
+            f"{name} fails at {amount:,.0f} although the search passed: PD or the cap is not "
+            "monotone in the amount; searched again below"
+        )
+        below = math.floor(amount / step + 1e-9) - 1
+        k = _largest(lambda a: all(ok(a) for ok in checks.values()), k_lo, below, step, breaks)
+        if k is None:
+            ordered[name] = 0.0
+            return no_limit(name, ordered, f"{name}: no amount from {lo_amount:,.0f} passes")
+        amount = k * step
+        ordered[name] = amount
+        binding = name
+
+    p = pd_at(amount)
+    q = quote(amount)
+    decision = decide(p, prod, kos, price_ok=q.within_cap, term_months=term, amount=amount)
+    refers = [k.code for k in kos if k.action == "refer"]
+    if refers:
+        notes.append(f"limit applies once a credit officer clears: {', '.join(refers)}")
+    return Limit(
+        limit=amount,
+        binding=binding,
+        constraints=ordered,
+        pd_at_limit=p,
+        annual_rate=q.rate,
+        parts=q.parts(),
+        price=q,
+        decision=decision,
+        knockouts=kos,
+        notes=notes,
+        product=prod.name,
+        term_months=term,
+        requested_amount=requested,
+        step=step,
+    )
+
+
+def _largest(
+    ok: Callable[[float], bool], k_lo: int, k_hi: int, step: float, breaks: list[float]
+) -> int | None:
+    """The largest k in [k_lo, k_hi] with ok(k * step), or None. Within each segment between
+    `breaks` (amounts where a cap changes) ok must be true-then-false in k (bisection)."""
+    cuts = sorted({math.floor(b / step + 1e-9) for b in breaks if k_lo <= b / step < k_hi})
+    segments, start = [], k_lo
+    for c in cuts:
+        segments.append((start, c))
+        start = c + 1
+    segments.append((start, k_hi))
+    for lo, hi in reversed(segments):
+        if hi < lo or not ok(lo * step):
+            continue
+        if ok(hi * step):
+            return hi
+        while hi - lo > 1:  # ok(lo), not ok(hi)
+            mid = (lo + hi) // 2
+            if ok(mid * step):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+    return None

@@ -1,0 +1,373 @@
+"""The BentoML lending API: /score /limit /price /explain /screen (+ /decision for reviewers).
+
+A thin layer: authenticate, validate, call the lending engine (serving/engine.py) and the policy
+(serving/policy.py), write the decision log before answering. Run it with `kapok serve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+
+import bentoml
+from bentoml.exceptions import BentoMLException
+
+import kapok  # noqa: F401  (telemetry off)
+from features.schema import PRODUCTS
+from kapok import uscc
+from kapok.settings import paths
+from serving.auth import AuthError, KeyStore
+from serving.decision_log import (
+    DecisionLog,
+    DecisionLogError,
+    DecisionRecord,
+    json_safe,
+    new_request_id,
+)
+from serving.engine import EnterpriseNotFound, LendingEngine, Reason
+
+MAX_SCREEN = 1000
+
+
+class ApiError(BentoMLException):
+    """An error with its HTTP status and a message that names what was wrong."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message, error_code=status)
+
+
+def bad(message: str) -> ApiError:
+    return ApiError(HTTPStatus.BAD_REQUEST, message)
+
+
+def demo_mode() -> bool:
+    return os.environ.get("KAPOK_DEMO", "").lower() in ("1", "true", "yes")
+
+
+def check_request(
+    enterprise_id: Any,
+    product: Any,
+    amount: Any,
+    term: Any,
+    engine: LendingEngine,
+    field_prefix: str = "",
+) -> tuple[str, str, float, int]:
+    try:
+        code = uscc.validate(enterprise_id)
+    except uscc.USCCError as e:
+        raise bad(f"{field_prefix}enterprise_id: {e}") from None
+    if product not in PRODUCTS:
+        raise bad(f"{field_prefix}product must be one of {', '.join(PRODUCTS)}, got {product!r}")
+    if not isinstance(amount, int | float) or isinstance(amount, bool) or not amount > 0:
+        raise bad(
+            f"{field_prefix}requested_amount must be a positive number of CNY, got {amount!r}"
+        )
+    rules = engine.policy.product(product)
+    if (
+        not isinstance(term, int)
+        or isinstance(term, bool)
+        or not rules.term_months_min <= term <= rules.term_months_max
+    ):
+        raise bad(
+            f"{field_prefix}term_months must be a whole number of months between "
+            f"{rules.term_months_min} and {rules.term_months_max} for {product}, got {term!r}"
+        )
+    return code, product, float(amount), int(term)
+
+
+def reasons_json(reasons: list[Reason]) -> list[dict[str, Any]]:
+    return [
+        {
+            "code": r.code,
+            "feature": r.feature,
+            "value": r.value,
+            "impact": None if r.impact == float("inf") else round(r.impact, 6),
+            "knockout": r.impact == float("inf"),
+            "text_en": r.text_en,
+            "text_zh": r.text_zh,
+        }
+        for r in reasons
+    ]
+
+
+def price_json(price: Any) -> dict[str, Any]:
+    return dataclasses.asdict(price)
+
+
+@bentoml.service(name="kapok", traffic={"timeout": 60})
+class Kapok:
+    def __init__(self) -> None:
+        self.ready = False
+        self.demo = demo_mode()
+        self.keys = KeyStore.demo() if self.demo else KeyStore.load()
+        if self.demo:
+            print("!!! KAPOK DEMO MODE: no API keys are checked. Never expose this server. !!!")
+        self.engine = LendingEngine(paths())
+        self.log = DecisionLog()
+        self.ready = True
+
+    def __is_ready__(self) -> bool:
+        return self.ready
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _caller(self, ctx: bentoml.Context, permission: str) -> str:
+        try:
+            caller = self.keys.authenticate(ctx.request.headers.get("authorization"))
+            self.keys.authorize(caller, permission)
+        except AuthError as e:
+            raise ApiError(HTTPStatus(e.status), str(e)) from None
+        return caller.name
+
+    def _envelope(self, request_id: str, product: str, model: Any, feats: Any) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "product": product,
+            "model_name": model.name,
+            "model_version": model.version,
+            "features_as_of": feats.as_of,
+            "decided_at": datetime.now(UTC).isoformat(),
+        }
+
+    def _log(self, records: list[DecisionRecord]) -> None:
+        try:
+            self.log.write_many(records) if len(records) > 1 else self.log.write(records[0])
+        except DecisionLogError as e:
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE, f"decision log unavailable, nothing decided: {e}"
+            ) from None
+
+    def _assess(self, eid: str, product: str, amount: float, term: int) -> dict[str, Any]:
+        try:
+            return self.engine.assess(eid, product, amount, term)
+        except EnterpriseNotFound as e:
+            raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from None
+
+    def _record(
+        self,
+        request_id: str,
+        caller: str,
+        endpoint: str,
+        request: dict,
+        a: dict,
+        body: dict,
+        limit: float | None = None,
+    ) -> DecisionRecord:
+        return DecisionRecord(
+            request_id=request_id,
+            decided_at=body["decided_at"],
+            caller=caller,
+            endpoint=endpoint,
+            enterprise_id=request["enterprise_id"],
+            product=request["product"],
+            request=request,
+            model_name=a["model"].name,
+            model_version=a["model"].version,
+            features=a["values"],
+            feature_timestamps=a["features"].timestamps,
+            pd=a["pd"],
+            score=a["score"],
+            grade=a["grade"],
+            decision=a["decision"].decision,
+            limit_amount=limit,
+            price=price_json(a["price"]),
+            reasons=body.get("reasons", []),
+            response=body,
+        )
+
+    def _score_body(self, request_id: str, product: str, a: dict) -> dict[str, Any]:
+        return {
+            **self._envelope(request_id, product, a["model"], a["features"]),
+            "pd": round(a["pd"], 6),
+            "score": round(a["score"], 1),
+            "grade": a["grade"],
+            "decision": a["decision"].decision,
+            "policy_path": a["decision"].path,
+            "reasons": reasons_json(a["reasons"]),
+        }
+
+    # -- endpoints -------------------------------------------------------------------------------
+    @bentoml.api(route="/score")
+    def score(
+        self,
+        enterprise_id: str,
+        product: str,
+        requested_amount: float,
+        term_months: int,
+        ctx: bentoml.Context,
+    ) -> dict[str, Any]:
+        """PD (calibrated), score, grade, approve / refer / decline and up to four reasons."""
+        caller = self._caller(ctx, "score")
+        eid, product, amount, term = check_request(
+            enterprise_id, product, requested_amount, term_months, self.engine
+        )
+        a = self._assess(eid, product, amount, term)
+        request_id = new_request_id()
+        body = self._score_body(request_id, product, a)
+        request = {
+            "enterprise_id": eid,
+            "product": product,
+            "requested_amount": amount,
+            "term_months": term,
+        }
+        self._log([self._record(request_id, caller, "score", request, a, body)])
+        return body
+
+    @bentoml.api(route="/limit")
+    def limit(
+        self,
+        enterprise_id: str,
+        product: str,
+        requested_amount: float,
+        term_months: int,
+        ctx: bentoml.Context,
+    ) -> dict[str, Any]:
+        """The largest amount the policy approves, the constraint that binds it, and the rate."""
+        caller = self._caller(ctx, "limit")
+        eid, product, amount, term = check_request(
+            enterprise_id, product, requested_amount, term_months, self.engine
+        )
+        a = self._assess(eid, product, amount, term)
+        lim = self.engine.limit(eid, product, amount, term)["limit"]
+        request_id = new_request_id()
+        body = {
+            **self._score_body(request_id, product, a),
+            "limit": lim.limit,
+            "binding_constraint": lim.binding,
+            "constraints": {
+                k: (None if v == float("inf") else v) for k, v in lim.constraints.items()
+            },
+            "pd_at_limit": lim.pd_at_limit,
+            "annual_rate": lim.annual_rate,
+            "rate_parts": lim.parts,
+        }
+        request = {
+            "enterprise_id": eid,
+            "product": product,
+            "requested_amount": amount,
+            "term_months": term,
+        }
+        self._log([self._record(request_id, caller, "limit", request, a, body, limit=lim.limit)])
+        return body
+
+    @bentoml.api(route="/price")
+    def price(
+        self,
+        enterprise_id: str,
+        product: str,
+        amount: float,
+        term_months: int,
+        ctx: bentoml.Context,
+    ) -> dict[str, Any]:
+        """Expected loss and the risk-based rate / fee / premium, part by part, under the caps."""
+        caller = self._caller(ctx, "price")
+        eid, product, amt, term = check_request(
+            enterprise_id, product, amount, term_months, self.engine
+        )
+        a = self._assess(eid, product, amt, term)
+        request_id = new_request_id()
+        body = {**self._score_body(request_id, product, a), "price": price_json(a["price"])}
+        request = {
+            "enterprise_id": eid,
+            "product": product,
+            "requested_amount": amt,
+            "term_months": term,
+        }
+        self._log([self._record(request_id, caller, "price", request, a, body)])
+        return body
+
+    @bentoml.api(route="/explain")
+    def explain(
+        self,
+        enterprise_id: str,
+        product: str,
+        ctx: bentoml.Context,
+        requested_amount: float = 100_000.0,
+        term_months: int = 12,
+    ) -> dict[str, Any]:
+        """Every feature's value and SHAP contribution in log-odds, with the additivity check."""
+        self._caller(ctx, "explain")
+        eid, product, amount, term = check_request(
+            enterprise_id, product, requested_amount, term_months, self.engine
+        )
+        try:
+            e = self.engine.explain(eid, product, amount, term)
+        except EnterpriseNotFound as err:
+            raise ApiError(HTTPStatus.NOT_FOUND, str(err)) from None
+        return {
+            **self._envelope(new_request_id(), product, e["model"], e["features"]),
+            "base_value": e["base_value"],
+            "margin": e["margin"],
+            "pd": e["pd"],
+            "additivity_error": e["additivity_error"],
+            "contributions": e["contributions"],
+        }
+
+    @bentoml.api(route="/screen")
+    def screen(
+        self, product: str, applicants: list[dict[str, Any]], ctx: bentoml.Context
+    ) -> dict[str, Any]:
+        """Rank up to 1,000 applicants by risk with PD, grade, decision, limit and fee."""
+        caller = self._caller(ctx, "screen")
+        if product not in PRODUCTS:
+            raise bad(f"product must be one of {', '.join(PRODUCTS)}, got {product!r}")
+        if len(applicants) > MAX_SCREEN:
+            raise bad(f"applicants: at most {MAX_SCREEN} per request, got {len(applicants)}")
+        results, errors, records = [], [], []
+        for i, row in enumerate(applicants):
+            try:
+                if not isinstance(row, dict):
+                    raise bad(f"applicants[{i}] must be an object")
+                eid, _, amount, term = check_request(
+                    row.get("enterprise_id"), product, row.get("requested_amount"),
+                    row.get("term_months"), self.engine, field_prefix=f"applicants[{i}].",
+                )  # fmt: skip
+                a = self.engine.assess(eid, product, amount, term)
+                lim = self.engine.limit(eid, product, amount, term)["limit"]
+            except (ApiError, EnterpriseNotFound) as e:
+                errors.append(
+                    {
+                        "index": i,
+                        "enterprise_id": row.get("enterprise_id")
+                        if isinstance(row, dict)
+                        else None,
+                        "error": str(e),
+                    }
+                )
+                continue
+            request_id = new_request_id()
+            body = {
+                **self._score_body(request_id, product, a),
+                "enterprise_id": eid,
+                "requested_amount": amount,
+                "limit": lim.limit,
+                "binding_constraint": lim.binding,
+                "price": price_json(a["price"]),
+            }
+            request = {
+                "enterprise_id": eid,
+                "product": product,
+                "requested_amount": amount,
+                "term_months": term,
+            }
+            records.append(
+                self._record(request_id, caller, "screen", request, a, body, limit=lim.limit)
+            )
+            results.append(body)
+        if records:
+            self._log(records)
+        results.sort(key=lambda r: (-r["pd"], r["enterprise_id"]))
+        return {"product": product, "ranked": results, "errors": errors, "count": len(results)}
+
+    @bentoml.api(route="/decision")
+    def decision(self, request_id: str, ctx: bentoml.Context) -> dict[str, Any]:
+        """A logged decision, for reviewers."""
+        self._caller(ctx, "log")
+        record = self.log.get(request_id)
+        if record is None:
+            raise ApiError(
+                HTTPStatus.NOT_FOUND, f"request_id: no decision {request_id!r} in the log"
+            )
+        return json_safe(dataclasses.asdict(record))
