@@ -21,9 +21,11 @@ $(BIN)/kapok: pyproject.toml requirements.lock
 install: $(BIN)/kapok
 
 ## make run: simulate the region (100,000 enterprises x 36 months), build features, feast apply,
-## materialize into the SQLite online store. Everything lands under KAPOK_HOME (default: here).
+## materialize into the SQLite online store, train and register one model per product, then serve
+## the lending API on port 3000 in demo mode (no API keys). Everything lands under KAPOK_HOME.
 run: install
 	$(BIN)/kapok run
+	$(BIN)/kapok serve --demo --port 3000
 
 ## make test: lint, then every test (unit, point-in-time, Feast on SQLite and Redis, notebook).
 test: install lint
