@@ -61,6 +61,39 @@ class Api:
                 return e.code, {"error": text}
 
 
+def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve` on a free port; returns once /readyz says the models are loaded."""
+    port = free_port()
+    log_file = log.open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "serving.service:Kapok", "--host", "127.0.0.1", "--port", str(port)],  # noqa: E501
+        env=env, stdout=log_file, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return server, base
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if server.poll() is not None:
+            raise RuntimeError(log.read_text()[-3000:])
+        time.sleep(1)
+    server.kill()
+    raise RuntimeError("server not ready: " + log.read_text()[-3000:])
+
+
+def stop_server(server: subprocess.Popen, log: Path) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    print(log.read_text()[-5000:])  # shown by pytest when a test failed
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, small_system):
     home = Paths(tmp_path_factory.mktemp("serve_home"))
@@ -89,42 +122,15 @@ def served(tmp_path_factory, small_system):
     keys = {
         role: add_key(keys_file, f"test-{role}", role) for role in ("lender", "reviewer", "admin")
     }
-    port = free_port()
     env = dict(os.environ, KAPOK_HOME=str(home.home), KAPOK_API_KEYS=str(keys_file),
-               KAPOK_POLICY=str(policy_file),
-               BENTOML_HOME=str(home.home / "bentoml"))  # fmt: skip
+               KAPOK_POLICY=str(policy_file), BENTOML_HOME=str(home.home / "bentoml"))  # fmt: skip
     env.pop("KAPOK_DEMO", None)
-    log_file = open(home.home / "server.log", "w")  # noqa: SIM115  (closed at teardown)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "serving.service:Kapok", "--host", "127.0.0.1", "--port", str(port)],  # noqa: E501
-        env=env, stdout=log_file, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if server.poll() is not None:
-            raise RuntimeError((home.home / "server.log").read_text()[-3000:])
-        time.sleep(1)
-    else:
-        server.kill()
-        raise RuntimeError("server not ready: " + (home.home / "server.log").read_text()[-3000:])
+    server, base = start_server(env, home.home / "server.log")
     ids = pl.read_parquet(small_system.paths.raw / "registration" / "*.parquet")[
         "enterprise_id"
     ].to_list()
     yield Api(base, keys), home, ids, env
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log_file.close()
-    print((home.home / "server.log").read_text()[-5000:])  # shown by pytest when a test failed
+    stop_server(server, home.home / "server.log")
 
 
 def request(eid: str, product: str = "microloan", amount: float = 200_000, term: int = 12) -> dict:
@@ -307,3 +313,57 @@ def test_decisions_are_logged_and_replayable(served, monkeypatch):
     monkeypatch.setenv("KAPOK_POLICY", str(home.home / "policy.toml"))
     result = replay(body["request_id"], home)
     assert result.same, result.lines
+
+
+def test_fast_path_matches_the_feast_reference_path(served):
+    """The engine's cached lookup + Python request features + one-row scoring equals Feast's
+    online features with the on-demand view, scored by the registered model."""
+    from serving.engine import LendingEngine
+    from training.pyfunc import load_scorer
+
+    _, home, ids, _ = served
+    engine = LendingEngine(home, policy=pol.load_policy(home.home / "policy.toml"))
+    store = fs.feature_store(home)
+    champion = load_scorer("models:/kapok-microloan@champion")
+    for eid in ids[20:30]:
+        fast = engine.assess(eid, "microloan", 250_000, 12)
+        rows = [{"enterprise_id": eid, "requested_amount": 250_000.0, "term_months": 12}]
+        reference = fs.online_features(store, rows, "microloan")
+        for name in ("req_loan_to_sales_12m", "req_installment_to_inflow", "req_term_months"):
+            want = reference[name][0]
+            assert fast["values"][name] == (pytest.approx(want) if want is not None else None)
+        assert fast["pd"] == pytest.approx(float(champion.pd(reference)[0]), abs=1e-12)
+
+
+def test_client_and_unlogged_decisions_are_refused(served, tmp_path):
+    from serving.client import KapokAPIError, KapokClient
+
+    api, _, ids, env = served
+    client = KapokClient(api.base, api.keys["lender"])
+    assert 0 < client.score(ids[1], "microloan", 100_000, 6)["pd"] < 1
+    with pytest.raises(KapokAPIError) as e:
+        client.score(ids[1], "microloan", 100_000, 0)
+    assert e.value.status == 400
+    # a second server whose decision log cannot be written: no decision leaves unlogged
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the log folder should be")
+    broken = dict(env, KAPOK_DECISION_LOG=f"sqlite:///{blocker}/decisions.db")
+    server, base = start_server(broken, tmp_path / "broken.log")
+    try:
+        status, body = Api(base, api.keys).call("/score", request(ids[1]), role="lender")
+        assert status == 503, body  # BentoML masks 5xx bodies; the reason is in the server log
+    finally:
+        stop_server(server, tmp_path / "broken.log")
+    assert "decision log unavailable, nothing decided" in (tmp_path / "broken.log").read_text()
+
+
+def test_bentoml_build_works_offline(tmp_path):
+    from tests.conftest import repo_root
+
+    env = dict(os.environ, BENTOML_HOME=str(tmp_path / "bentoml"))
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "."], cwd=repo_root(), env=env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert list((tmp_path / "bentoml" / "bentos" / "kapok").glob("*/bento.yaml"))
