@@ -110,12 +110,13 @@ def served(tmp_path_factory, small_system):
     # cut-off, so the server gets a policy whose cut-off the limit search can actually meet
     shipped = (Path(pol.__file__).with_name("policy.toml")).read_text()
     policy_file = home.home / "policy.toml"
+    # and a 4 x LPR cap (12%) that many of these firms' microloan prices exceed
     policy_file.write_text(
         shipped.replace(
             "approve_max_pd = 0.06\nrefer_max_pd = 0.12",
             "approve_max_pd = 0.10\nrefer_max_pd = 0.16",
             1,
-        )
+        ).replace('\nmode = "fixed"\n', '\nmode = "lpr_multiple"\n', 1)
     )
     assert policy_file.read_text() != shipped
     keys_file = home.home / "api_keys.toml"
@@ -211,17 +212,38 @@ def test_limit_is_the_largest_approvable_amount(served):
 
 def test_price_has_parts_and_respects_the_cap(served):
     api, _, ids, _ = served
-    status, body = api.call(
-        "/price",
-        {"enterprise_id": ids[7], "product": "microloan", "amount": 150_000, "term_months": 12},
-        role="lender",
-    )
+    above = within = 0
+    for eid in ids[:150]:
+        status, body = api.call(
+            "/price",
+            {"enterprise_id": eid, "product": "microloan", "amount": 150_000, "term_months": 12},
+            role="lender",
+        )
+        assert status == 200, body
+        price = body["price"]
+        assert price["expected_loss"] >= 0 and price["annual_rate"] > 0
+        assert price["cap"] == pytest.approx(0.12)
+        if price["within_cap"]:
+            assert price["all_in_rate"] <= price["cap"]
+            within += 1
+        else:
+            assert price["all_in_rate"] > price["cap"]
+            assert body["decision"] == "decline"
+            assert any("PRICE_ABOVE_CAP" in step for step in body["policy_path"])
+            above += 1
+    assert above and within, (above, within)
+
+
+def test_knockouts_decline_and_come_first(served, small_system):
+    api, _, _, _ = served
+    judicial = pl.read_parquet(small_system.paths.features / "judicial" / "*.parquet")
+    latest = judicial.sort("event_timestamp").group_by("enterprise_id").last()
+    listed = latest.filter(pl.col("jud_dishonest_debtor_listed") == 1)["enterprise_id"].sort()
+    assert listed.len() > 0
+    status, body = api.call("/score", request(listed[0]), role="lender")
     assert status == 200, body
-    price = body["price"]
-    assert price["expected_loss"] >= 0
-    if price["within_cap"] is False:
-        assert body["decision"] == "decline"
-        assert any("PRICE_ABOVE_CAP" in step for step in body["policy_path"])
+    assert body["decision"] == "decline"
+    assert body["reasons"][0]["code"] == "KO_DISHONEST_DEBTOR" and body["reasons"][0]["knockout"]
 
 
 def test_screen_ranks_and_reports_bad_rows(served):
