@@ -195,16 +195,23 @@ class LendingEngine:
             raise ValueError(f"product must be one of {', '.join(PRODUCTS)}, got {product!r}")
         return self.models[product]
 
+    def _contributions(
+        self, enterprise_id: str, product: str, amount: float, term_months: int
+    ) -> tuple[ProductModel, EnterpriseFeatures, dict[str, Any], np.ndarray]:
+        """Model, features, feature values with the request's, and exact TreeSHAP of one row."""
+        model = self.model(product)
+        feats = self.features(enterprise_id)
+        values = self.values(feats, amount, term_months)
+        return model, feats, values, model.contributions(model.row(values))[0]
+
     # -- decisions -------------------------------------------------------------------------------
     def assess(
         self, enterprise_id: str, product: str, amount: float, term_months: int
     ) -> dict[str, Any]:
         """PD, score, grade, decision and reasons for one request (the heart of /score)."""
-        model = self.model(product)
-        feats = self.features(enterprise_id)
-        values = self.values(feats, amount, term_months)
-        x = model.row(values)
-        contrib = model.contributions(x)[0]
+        model, feats, values, contrib = self._contributions(
+            enterprise_id, product, amount, term_months
+        )
         margin = float(contrib.sum())
         pd_ = float(model.scorer.calibrator(np.array([margin]))[0])
         kos = pol.knockouts(values, self.policy)
@@ -263,13 +270,11 @@ class LendingEngine:
     def explain(
         self, enterprise_id: str, product: str, amount: float, term_months: int
     ) -> dict[str, Any]:
-        model = self.model(product)
-        feats = self.features(enterprise_id)
-        values = self.values(feats, amount, term_months)
-        x = model.row(values)
-        contrib = model.contributions(x)[0]
+        model, feats, values, contrib = self._contributions(
+            enterprise_id, product, amount, term_months
+        )
         base = float(contrib[-1])
-        margin = float(model.margin(x)[0])
+        margin = float(model.margin(model.row(values))[0])
         total = base + float(contrib[:-1].sum())
         if abs(total - margin) > 1e-6:
             raise ArithmeticError(

@@ -78,6 +78,16 @@ def check_request(
     return code, product, float(amount), int(term)
 
 
+def loan_request(eid: str, product: str, amount: float, term: int) -> dict[str, Any]:
+    """The request as logged in the decision log."""
+    return {
+        "enterprise_id": eid,
+        "product": product,
+        "requested_amount": amount,
+        "term_months": term,
+    }
+
+
 def reasons_json(reasons: list[Reason]) -> list[dict[str, Any]]:
     return [
         {
@@ -206,12 +216,7 @@ class Kapok:
         a = self._assess(eid, product, amount, term)
         request_id = new_request_id()
         body = self._score_body(request_id, product, a)
-        request = {
-            "enterprise_id": eid,
-            "product": product,
-            "requested_amount": amount,
-            "term_months": term,
-        }
+        request = loan_request(eid, product, amount, term)
         self._log([self._record(request_id, caller, "score", request, a, body)])
         return body
 
@@ -243,12 +248,7 @@ class Kapok:
             "annual_rate": lim.annual_rate,
             "rate_parts": lim.parts,
         }
-        request = {
-            "enterprise_id": eid,
-            "product": product,
-            "requested_amount": amount,
-            "term_months": term,
-        }
+        request = loan_request(eid, product, amount, term)
         self._log([self._record(request_id, caller, "limit", request, a, body, limit=lim.limit)])
         return body
 
@@ -269,12 +269,7 @@ class Kapok:
         a = self._assess(eid, product, amt, term)
         request_id = new_request_id()
         body = {**self._score_body(request_id, product, a), "price": price_json(a["price"])}
-        request = {
-            "enterprise_id": eid,
-            "product": product,
-            "requested_amount": amt,
-            "term_months": term,
-        }
+        request = loan_request(eid, product, amt, term)
         self._log([self._record(request_id, caller, "price", request, a, body)])
         return body
 
@@ -346,12 +341,7 @@ class Kapok:
                 "binding_constraint": lim.binding,
                 "price": price_json(a["price"]),
             }
-            request = {
-                "enterprise_id": eid,
-                "product": product,
-                "requested_amount": amount,
-                "term_months": term,
-            }
+            request = loan_request(eid, product, amount, term)
             records.append(
                 self._record(request_id, caller, "screen", request, a, body, limit=lim.limit)
             )
