@@ -88,7 +88,7 @@ def test_policy_module_imports_no_framework() -> None:
         elif isinstance(node, ast.ImportFrom):
             roots.add((node.module or "").split(".")[0])
     allowed = {"__future__", "math", "operator", "tomllib", "collections", "dataclasses"}
-    assert roots <= allowed | {"pathlib", "statistics", "typing"}
+    assert roots <= allowed | {"os", "pathlib", "statistics", "typing"}  # standard library only
 
 
 @pytest.mark.parametrize(
