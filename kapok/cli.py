@@ -387,7 +387,8 @@ def serve_command(
         env["KAPOK_DEMO"] = "1"
         console.print("[bold red]DEMO MODE: no API keys are checked. Do not expose this server.[/]")
     auth = "" if demo else "-H 'Authorization: Bearer YOUR_KEY' "
-    console.print("try:\n  " + CURL_EXAMPLE.format(port=port, auth=auth, eid=_example_enterprise()))
+    example = CURL_EXAMPLE.format(port=port, auth=auth, eid=_example_enterprise())
+    console.print("try:\n  " + example, soft_wrap=True, highlight=False)  # one pasteable line
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Kapok",
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     raise typer.Exit(subprocess.call(command, env=env))

@@ -121,7 +121,9 @@ def reasons_from(
     for impact, name in ranked[:MAX_REASONS]:
         feature = BY_NAME.get(name)
         value = _json_value(values.get(name))
-        shown = "missing" if value is None else value
+        shown = (
+            "missing" if value is None else f"{value:,.4g}" if isinstance(value, float) else value
+        )
         en = feature.description if feature else name
         zh = feature.description_zh if feature else name
         out.append(
