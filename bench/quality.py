@@ -22,7 +22,8 @@ What it prints (plain text, to paste into an issue note):
   validation window), LightGBM with default parameters (100 rounds, no tuning, calibration or
   constraints), the toad and optbinning scorecards, and the oracle. The baselines are fitted on
   the train + validation months (they have nothing to tune, so the validation months are a gift).
-  Columns: AUC, KS, Brier, ECE (10 equal-count bins), fit time. Then the goal checks with the
+  Columns: AUC, KS, Brier, ECE (10 equal-count bins), fit time; below the table the observed
+  bad rate against each model's mean PD (the level part of ECE). Then the goal checks with the
   measured distance: Kapok AUC - best scorecard AUC >= 0.02, Kapok Gini / oracle Gini >= 0.85,
   Kapok ECE <= 0.01.
 * per real data set (no timestamps): the same stratified 5-fold split for every method; Kapok is
@@ -156,6 +157,15 @@ def fmt_table(rows: list[Row]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule, *(line(b) for b in body)])
+
+
+def calibration_in_the_large(rows: list[Row]) -> str:
+    """Observed bad rate against each model's mean PD: the level part of ECE."""
+    done = [r for r in rows if not r.error]
+    if not done:
+        return ""
+    parts = ", ".join(f"{r.model.split(' (')[0]} {r.metrics['mean_pd']:.4f}" for r in done)
+    return f"bad rate {done[0].metrics['bad_rate']:.4f}; mean PD: {parts}"
 
 
 def verdict(met: bool | None) -> str:
@@ -346,6 +356,7 @@ def bench_product(
     )
     say()
     say(fmt_table(rows))
+    say(calibration_in_the_large(rows))
     say()
     tuning = clock.last - clock.start
     say(
@@ -411,7 +422,7 @@ def bench_real(run_paths: Paths, name: str, trials: int, seed: int, report: Repo
         if model in errors:
             rows.append(Row(model, {}, None, error=errors[model]))
             continue
-        keys = ("auc", "gini", "ks", "brier", "ece")
+        keys = ("auc", "gini", "ks", "brier", "ece", "mean_pd", "bad_rate")
         mean = {key: float(np.mean([m[key] for m in per_model[model]])) for key in keys}
         rows.append(Row(model, mean, seconds[model]))
 
@@ -430,6 +441,7 @@ def bench_real(run_paths: Paths, name: str, trials: int, seed: int, report: Repo
     )
     say()
     say(fmt_table(rows))
+    say(calibration_in_the_large(rows))
     say()
     say(
         f"metrics: mean over the {REAL_FOLDS} held-out folds; fit time: total over the folds "
