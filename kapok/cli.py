@@ -411,6 +411,22 @@ def replay_command(
     console.print("[bold green]confirmed[/]: same PD, score, grade and decision")
 
 
+# -- model-risk review: kapok report ------------------------------------------------------------
+# (report command goes here)
+
+
+# -- single decisions: kapok explain -------------------------------------------------------------
+# (explain command goes here)
+
+
+# -- monitoring and back-testing: kapok monitor --------------------------------------------------
+# (monitor command goes here)
+
+
+# -- portfolio early warning: kapok watch --------------------------------------------------------
+# (watch command goes here)
+
+
 @keys_app.command("add")
 @friendly_errors
 def keys_add(

@@ -41,6 +41,39 @@ def small_system(tmp_path_factory: pytest.TempPathFactory) -> System:
     return System(SMALL, p)
 
 
+def linked_home(tmp_path: Path, small_system: System) -> Paths:
+    """A KAPOK_HOME of its own whose raw and feature tables are the shared small system's."""
+    from features import store as fs
+
+    p = Paths(tmp_path)
+    p.data.mkdir(parents=True)
+    (p.data / "raw").symlink_to(small_system.paths.raw)
+    (p.data / "features").symlink_to(small_system.paths.features)
+    fs.apply(fs.feature_store(p), p)
+    return p
+
+
+@dataclass(frozen=True)
+class Trained:
+    paths: Paths
+    champion: object  # training.train.TrainResult of kapok-microloan v1
+    challenger: object  # kapok-microloan v2 (different seed)
+
+
+@pytest.fixture(scope="session")
+def trained_home(tmp_path_factory: pytest.TempPathFactory, small_system: System) -> Trained:
+    """The small system with kapok-microloan trained twice (v1 @champion, v2 @challenger), few
+    trials. Shared by the review tests: treat it as read-only (write logs and reports elsewhere)."""
+    from training.data import product_data
+    from training.train import train
+
+    p = linked_home(tmp_path_factory.mktemp("trained_home"), small_system)
+    data = product_data(p, "microloan")
+    first = train(data, p, trials=3, seed=7)
+    second = train(data, p, trials=3, seed=8)
+    return Trained(p, first, second)
+
+
 def require_service(host: str, port: int, what: str) -> None:
     """Skip locally when a server is absent; under CI=true a missing server fails the run."""
     try:

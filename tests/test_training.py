@@ -12,11 +12,10 @@ import polars as pl
 import pytest
 from mlflow import MlflowClient
 
-from features import store as fs
 from features.schema import monotone_constraints
 from features.spec import load_spec
 from kapok.settings import Paths
-from tests.conftest import repo_root, require_service
+from tests.conftest import linked_home, repo_root, require_service
 from training.calibration import fit_calibrator, fit_isotonic, fit_platt
 from training.data import LABEL, product_data, spec_data
 from training.promote import Comparison, Gate, PromotionError, promote, verdict
@@ -26,15 +25,6 @@ from training.tracking import configure
 from training.train import _log_model, train
 
 pytestmark = pytest.mark.slow
-
-
-def linked_home(tmp_path, small_system) -> Paths:
-    p = Paths(tmp_path)
-    p.data.mkdir(parents=True)
-    (p.data / "raw").symlink_to(small_system.paths.raw)
-    (p.data / "features").symlink_to(small_system.paths.features)
-    fs.apply(fs.feature_store(p), p)
-    return p
 
 
 @pytest.fixture(scope="module")

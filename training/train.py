@@ -44,6 +44,8 @@ from training.tune import (
 
 KFOLD_REPEATS = 2
 MIN_SEGMENT_ROWS = 50
+REFERENCE_ROWS = 50_000  # training-window rows kept as the reference for stability and monitoring
+PD_COLUMN, MARGIN_COLUMN = "kapok_pd", "kapok_margin"
 
 
 @dataclass
@@ -125,8 +127,10 @@ def train(
         calibrator, losses = fit_calibrator(
             booster.predict(x[split.valid], raw_score=True), y[split.valid]
         )
-        p_all = calibrator(booster.predict(x, raw_score=True))
+        margin_all = booster.predict(x, raw_score=True)
+        p_all = calibrator(margin_all)
         eval_idx, p_eval = split.test, p_all[split.test]
+        m_eval, ref_idx = margin_all[split.test], split.train
         metrics = binary_metrics(y[eval_idx], p_eval)
         metrics["psi_train_test"] = psi(p_all[split.train], p_eval)
         validation = "out-of-time: train / validation (tuning, early stopping, calibration) / test"
@@ -148,6 +152,7 @@ def train(
         # by a calibration fitted on its own prediction
         first_calibration, _ = fit_calibrator(oof[0], y)
         eval_idx, p_eval = np.arange(len(y)), first_calibration(oof[1])
+        m_eval, ref_idx = oof[1], np.arange(len(y))
         metrics = binary_metrics(y, p_eval)
         metrics["auc_repeats_mean"] = float(np.mean([roc_auc_score(y, o) for o in oof]))
         booster = lgb.train(lgb_params, train_set, rounds)
@@ -205,6 +210,8 @@ def train(
                 "categorical": data.categorical,
                 "monotone_constraints": dict(zip(features, _monotone(data), strict=True)),
                 "categories": categories,
+                "segments": data.segments,
+                "label": data.source.get("label", LABEL),
             },
             "model_spec.json",
         )
@@ -219,6 +226,7 @@ def train(
         mlflow.log_figure(
             plots.importance(features, gain, f"{name}: importance"), "plots/importance.png"
         )
+        _log_evaluation(data, scorer, eval_idx, p_eval, m_eval, ref_idx, seed)
         version = _log_model(scorer, frame, name)
         run_id = run.info.run_id
     alias = CHALLENGER if alias_version(client, name, CHAMPION) else CHAMPION
@@ -261,6 +269,40 @@ def _log_study(study: optuna.Study) -> None:
         plots.history(values, "Optuna: validation AUC by trial"), "plots/optuna_history.png"
     )
     mlflow.log_metric("best_valid_auc", study.best_value)
+
+
+def _log_evaluation(
+    data: TrainingData,
+    scorer: Scorer,
+    eval_idx: np.ndarray,
+    p_eval: np.ndarray,
+    m_eval: np.ndarray,
+    ref_idx: np.ndarray,
+    seed: int,
+) -> None:
+    """The rows behind the reported figures, so that reports and monitoring need no retraining:
+    evaluation/test.parquet (the test window, or every row with out-of-fold PD under K-fold) and
+    evaluation/train.parquet (the training window, at most REFERENCE_ROWS rows, seeded sample):
+    features, segments, label, application time and the model's PD and margin."""
+    keep = [c for c in ("application_id", "enterprise_id", TIME, LABEL) if c in data.frame.columns]
+    keep = list(dict.fromkeys([*keep, *data.segments, *data.features]))
+    if len(ref_idx) > REFERENCE_ROWS:
+        ref_idx = np.sort(np.random.default_rng(seed).choice(ref_idx, REFERENCE_ROWS, False))
+    reference = data.frame[ref_idx].select(keep)
+    parts = {
+        "test": data.frame[eval_idx]
+        .select(keep)
+        .with_columns(pl.Series(PD_COLUMN, p_eval), pl.Series(MARGIN_COLUMN, m_eval)),
+        "train": reference.with_columns(
+            pl.Series(PD_COLUMN, scorer.pd(reference)),
+            pl.Series(MARGIN_COLUMN, scorer.margin(reference)),
+        ),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for part, frame in parts.items():
+            target = Path(tmp) / f"{part}.parquet"
+            frame.write_parquet(target, compression="zstd")
+            mlflow.log_artifact(str(target), "evaluation")
 
 
 def _log_model(scorer: Scorer, frame: pl.DataFrame, name: str) -> str:
