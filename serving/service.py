@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
@@ -198,6 +199,28 @@ class Kapok:
             "reasons": reasons_json(a["reasons"]),
         }
 
+    def _decide(
+        self,
+        ctx: bentoml.Context,
+        endpoint: str,
+        request: tuple[str, str, float, int],
+        extend: Callable[[dict, tuple[str, str, float, int]], tuple[dict, float | None]]
+        | None = None,
+    ) -> dict[str, Any]:
+        """The path every decision takes (/score, /limit, /price): authenticate, validate, assess,
+        answer (plus what `extend` adds, and the limit it sets), and log before answering."""
+        caller = self._caller(ctx, endpoint)
+        checked = check_request(*request, self.engine)
+        eid, product, amount, term = checked
+        a = self._assess(eid, product, amount, term)
+        request_id = new_request_id()
+        body = self._score_body(request_id, product, a)
+        extra, limit = extend(a, checked) if extend else ({}, None)
+        body.update(extra)
+        logged = loan_request(eid, product, amount, term)
+        self._log([self._record(request_id, caller, endpoint, logged, a, body, limit=limit)])
+        return body
+
     # -- endpoints -------------------------------------------------------------------------------
     @bentoml.api(route="/score")
     def score(
@@ -209,16 +232,7 @@ class Kapok:
         ctx: bentoml.Context,
     ) -> dict[str, Any]:
         """PD (calibrated), score, grade, approve / refer / decline and up to four reasons."""
-        caller = self._caller(ctx, "score")
-        eid, product, amount, term = check_request(
-            enterprise_id, product, requested_amount, term_months, self.engine
-        )
-        a = self._assess(eid, product, amount, term)
-        request_id = new_request_id()
-        body = self._score_body(request_id, product, a)
-        request = loan_request(eid, product, amount, term)
-        self._log([self._record(request_id, caller, "score", request, a, body)])
-        return body
+        return self._decide(ctx, "score", (enterprise_id, product, requested_amount, term_months))
 
     @bentoml.api(route="/limit")
     def limit(
@@ -230,27 +244,23 @@ class Kapok:
         ctx: bentoml.Context,
     ) -> dict[str, Any]:
         """The largest amount the policy approves, the constraint that binds it, and the rate."""
-        caller = self._caller(ctx, "limit")
-        eid, product, amount, term = check_request(
-            enterprise_id, product, requested_amount, term_months, self.engine
-        )
-        a = self._assess(eid, product, amount, term)
-        lim = self.engine.limit(eid, product, amount, term)["limit"]
-        request_id = new_request_id()
-        body = {
-            **self._score_body(request_id, product, a),
-            "limit": lim.limit,
-            "binding_constraint": lim.binding,
-            "constraints": {
-                k: (None if v == float("inf") else v) for k, v in lim.constraints.items()
-            },
-            "pd_at_limit": lim.pd_at_limit,
-            "annual_rate": lim.annual_rate,
-            "rate_parts": lim.parts,
-        }
-        request = loan_request(eid, product, amount, term)
-        self._log([self._record(request_id, caller, "limit", request, a, body, limit=lim.limit)])
-        return body
+
+        def add_limit(a: dict, checked: tuple[str, str, float, int]) -> tuple[dict, float]:
+            lim = self.engine.limit(*checked)["limit"]
+            extra = {
+                "limit": lim.limit,
+                "binding_constraint": lim.binding,
+                "constraints": {
+                    k: (None if v == float("inf") else v) for k, v in lim.constraints.items()
+                },
+                "pd_at_limit": lim.pd_at_limit,
+                "annual_rate": lim.annual_rate,
+                "rate_parts": lim.parts,
+            }
+            return extra, lim.limit
+
+        request = (enterprise_id, product, requested_amount, term_months)
+        return self._decide(ctx, "limit", request, add_limit)
 
     @bentoml.api(route="/price")
     def price(
@@ -262,16 +272,11 @@ class Kapok:
         ctx: bentoml.Context,
     ) -> dict[str, Any]:
         """Expected loss and the risk-based rate / fee / premium, part by part, under the caps."""
-        caller = self._caller(ctx, "price")
-        eid, product, amt, term = check_request(
-            enterprise_id, product, amount, term_months, self.engine
-        )
-        a = self._assess(eid, product, amt, term)
-        request_id = new_request_id()
-        body = {**self._score_body(request_id, product, a), "price": price_json(a["price"])}
-        request = loan_request(eid, product, amt, term)
-        self._log([self._record(request_id, caller, "price", request, a, body)])
-        return body
+
+        def add_price(a: dict, checked: tuple[str, str, float, int]) -> tuple[dict, None]:
+            return {"price": price_json(a["price"])}, None
+
+        return self._decide(ctx, "price", (enterprise_id, product, amount, term_months), add_price)
 
     @bentoml.api(route="/explain")
     def explain(
