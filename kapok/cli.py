@@ -412,19 +412,243 @@ def replay_command(
 
 
 # -- model-risk review: kapok report ------------------------------------------------------------
-# (report command goes here)
+@app.command("report")
+@friendly_errors
+def report_command(
+    product: Annotated[
+        str,
+        typer.Option(
+            help="microloan, guarantee, insurance, or a dataset-spec model name (german_credit)."
+        ),
+    ],
+    alias: Annotated[
+        str | None, typer.Option(help="Model alias to report on (default: champion).")
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option(help="Or an explicit model version number.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="HTML file to write (default: KAPOK_HOME/reports/<model>-v<N>.html)."),
+    ] = None,
+) -> None:
+    """Write the model-risk review of one model version as one self-contained HTML file.
+
+    Identity and lineage, out-of-time performance (ROC, KS, gains, calibration), global SHAP
+    with expected vs learned risk directions, stability (PSI/CSI), segments with the
+    four-fifths rule, champion vs challenger with the promotion gate, limitations and a
+    sign-off block. Built from what training logged to MLflow (no retraining); also logged to
+    the version's MLflow run as reports/<file>.html.
+    """
+    from review.report import STEPS, build_report
+
+    _quiet_mlflow()
+    with progress_bar(f"reviewing {product}", len(STEPS)) as advance:
+        result = build_report(
+            paths(), product, alias=alias, version=version, out=out,
+            on_step=lambda _step: advance(1),
+        )  # fmt: skip
+    console.print(
+        f"{result.model_name} v{result.version}: {len(result.flags)} flag(s); logged to MLflow "
+        f"run {result.run_id} as {result.artifact}"
+    )
+    print(result.path)
 
 
 # -- single decisions: kapok explain -------------------------------------------------------------
-# (explain command goes here)
+@app.command("explain")
+@friendly_errors
+def explain_command(
+    request_id: Annotated[str, typer.Argument(help="The request_id of a logged decision.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="HTML file to write (default: KAPOK_HOME/reports/explain-ID.html)."),
+    ] = None,
+) -> None:
+    """Explain one logged decision: SHAP waterfall, reasons given and policy path, as HTML.
+
+    The row is rebuilt from the logged feature values and scored by the logged model version
+    (exact TreeSHAP, log-odds); the page checks that base + contributions = margin and that the
+    replayed PD equals the logged one, and shows the knock-outs, cut-offs, price and, for /limit
+    decisions, the binding limit constraint.
+    """
+    from review.explain import default_out, explain, render, summary_lines, write_text_atomic
+
+    _quiet_mlflow()
+    p = paths()
+    with console.status(f"replaying {request_id}"):
+        e = explain(request_id, p)
+        target = write_text_atomic(out or default_out(p, request_id), render(e))
+    for line in summary_lines(e):
+        console.print(line, highlight=False)
+    console.print(f"report: {target}")
 
 
 # -- monitoring and back-testing: kapok monitor --------------------------------------------------
-# (monitor command goes here)
+@app.command("monitor")
+@friendly_errors
+def monitor_command(
+    product: Annotated[str, typer.Option(help="microloan, guarantee or insurance.")],
+    since: Annotated[
+        str | None, typer.Option(help="First decision day, YYYY-MM-DD (default: all).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Last decision day, YYYY-MM-DD, inclusive.")
+    ] = None,
+    outcomes: Annotated[
+        Path | None,
+        typer.Option(
+            help="Matured outcomes (parquet or CSV: request_id, outcome 0/1); default "
+            "KAPOK_HOME/data/outcomes/PRODUCT.parquet when it exists."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="HTML report (default: KAPOK_HOME/reports/monitor-PRODUCT-DATE.html)."),
+    ] = None,
+) -> None:
+    """Drift and back-test of logged decisions against the champion's training reference.
+
+    Score PSI, feature CSI, missing-rate drift, approval-rate drift and volume by month; where
+    outcomes have matured, predicted PD vs observed default rate per grade (exact binomial test)
+    and AUC over time. Writes an HTML report. Exit status: 0 when nothing reaches "act", 1 when
+    anything does (for a scheduler to alert on), 2 on bad input.
+    """
+    from review.backfill import window_bounds
+    from review.explain import write_text_atomic
+    from review.monitor import default_out, monitor, render
+
+    _quiet_mlflow()
+    start, end = window_bounds(since, until)
+    p = paths()
+    with console.status(f"monitoring {product}"):
+        result = monitor(p, product, start, end, outcomes=outcomes)
+        target = write_text_atomic(out or default_out(p, result), render(result))
+    colour = {"stable": "green", "watch": "yellow", "act": "bold red", "info": "dim"}
+    window = f"{result.first_decision:%Y-%m-%d} .. {result.last_decision:%Y-%m-%d}"
+    title = f"{product}: {result.decisions:,} decisions, {window}"
+    table = Table("check", "value", "verdict", "detail", title=title)
+    for c in result.checks:
+        table.add_row(c.name, c.value, f"[{colour.get(c.verdict, '')}]{c.verdict}[/]", c.detail)
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"report: {target}")
+    if result.alert:
+        console.print("[bold red]ACT[/]: at least one check reached act")
+        raise typer.Exit(1)
+
+
+@app.command("backfill")
+@friendly_errors
+def backfill_command(
+    product: Annotated[str, typer.Option(help="microloan, guarantee or insurance.")],
+    since: Annotated[
+        str | None, typer.Option(help="First application day, YYYY-MM-DD (default: all).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Last application day, YYYY-MM-DD, inclusive.")
+    ] = None,
+) -> None:
+    """Replay the simulator's applications through the champion into the decision log.
+
+    Simulated data has no lending history: each application in the window is decided as the
+    engine would have on its date (point-in-time features from Feast's offline store, the
+    policy's knock-outs, cut-offs and price) and logged with caller "backfill"; a re-run skips
+    what is already logged. Matured outcomes go to KAPOK_HOME/data/outcomes/PRODUCT.parquet
+    for `kapok monitor`'s back-test.
+    """
+    from features.schema import PRODUCTS
+    from review.backfill import backfill, window_bounds
+
+    if product not in PRODUCTS:
+        raise ValueError(f"--product must be one of {', '.join(PRODUCTS)}, got {product!r}")
+    _quiet_mlflow()
+    start, end = window_bounds(since, until)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as bar:  # fmt: skip
+        task = bar.add_task(f"backfilling {product}", total=None)
+        result = backfill(
+            paths(), product, start, end,
+            on_total=lambda n: bar.update(task, total=n),
+            progress=lambda n: bar.advance(task, n),
+        )  # fmt: skip
+    console.print(
+        f"{result.model_name} v{result.model_version}: {result.applications:,} applications, "
+        f"{result.written:,} decisions logged, {result.skipped:,} already logged; "
+        f"{result.seconds:.1f} s in all ({result.rows_per_second:,.0f} rows/s, start-up included)"
+    )
+    console.print(f"{result.outcomes:,} matured outcomes -> {result.outcomes_path}")
 
 
 # -- portfolio early warning: kapok watch --------------------------------------------------------
-# (watch command goes here)
+@app.command("watch")
+@friendly_errors
+def watch_command(
+    product: Annotated[str, typer.Option(help="microloan, guarantee or insurance.")],
+    as_of: Annotated[
+        str, typer.Option("--as-of", help="Score the book at the close of this date, YYYY-MM-DD.")
+    ],
+    previous: Annotated[
+        str | None,
+        typer.Option(help="Compare with this date, YYYY-MM-DD (default: one month earlier)."),
+    ] = None,
+    portfolio: Annotated[
+        Path | None,
+        typer.Option(
+            help="A book kept elsewhere: parquet or CSV with enterprise_id [, requested_amount, "
+            "term_months, start_date]. Default: running approved loans in the decision log."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: KAPOK_HOME/reports).")
+    ] = None,
+) -> None:
+    """Portfolio early warning: list current borrowers that deteriorated since the previous date.
+
+    Scores every current borrower with the product's champion at --as-of and at --previous,
+    from the Feast offline store read point in time, and flags: a drop of 2+ grades, PD at least
+    doubled, a new court enforcement or dishonest-debtor listing, a collapse (50%+) in declared
+    sales or electricity use. Each flag comes with its reasons; model-driven flags name the
+    features that moved the risk (TreeSHAP). Writes watch-<product>-<DATE>.parquet, .csv and
+    .html (grade migration matrix, top deteriorations, PD-ratio histogram).
+    """
+    from review.watch import run
+
+    _quiet_mlflow()
+    steps = ("champion", "portfolio", "features", "scoring", "flags", "explain", "write")
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("watch", total=len(steps))
+        started = [False]
+
+        def step(description: str) -> None:
+            if started[0]:
+                bar.advance(task)
+            started[0] = True
+            bar.update(task, description=description)
+
+        result = run(paths(), product, as_of, previous, portfolio, out, step=step)
+        bar.update(task, completed=len(steps), description="done")
+    counts = result.flag_counts()
+    table = Table("flag", "borrowers", title=f"{result.product} watchlist {result.as_of} vs "
+                  f"{result.previous}: {result.flagged.height:,} of {result.scores.height:,} "
+                  "scored borrowers flagged")  # fmt: skip
+    for name, n in counts.items():
+        table.add_row(name, f"{n:,}")
+    console.print(table)
+    console.print(f"model: {result.model}; portfolio: {result.source}")
+    if result.no_data:
+        console.print(f"{result.no_data:,} borrowers have no feature snapshot at either date")
+    for path in result.files.values():
+        console.print(f"wrote {path}")
+    console.print(f"done in {time.perf_counter() - t0:.1f} s")
 
 
 @keys_app.command("add")

@@ -12,13 +12,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.types import TypeDecorator
 
 from kapok.settings import paths
+
+if TYPE_CHECKING:
+    import polars as pl
 
 ENV_VAR = "KAPOK_DECISION_LOG"
 ENDPOINTS = frozenset({"score", "limit", "price", "screen"})
@@ -326,6 +329,75 @@ class DecisionLog:
             query = query.where(decisions.c.product == product)
         query = query.order_by(decisions.c.decided_at.desc(), decisions.c.request_id.desc())
         return [_from_row(row) for row in self._select(query.limit(limit), "recent")]
+
+    def between(
+        self,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        product: str | None = None,
+    ) -> list[DecisionRecord]:
+        """Decisions with since <= decided_at < until (either bound optional), oldest first."""
+        query = self._window(sa.select(decisions), since, until, product)
+        query = query.order_by(decisions.c.decided_at.asc(), decisions.c.request_id.asc())
+        return [_from_row(row) for row in self._select(query, "between")]
+
+    def frame(
+        self,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        product: str | None = None,
+        columns: Iterable[str] | None = None,
+    ) -> pl.DataFrame:
+        """The same window as `between` as one polars frame, oldest first, for volume work.
+
+        JSON fields (features, request, reasons, ...) stay JSON text; decode what you need with
+        `pl.col("features").str.json_decode(dtype)`. `decided_at` is a UTC datetime column.
+        """
+        import polars as pl
+
+        names = list(columns) if columns is not None else [c.name for c in decisions.columns]
+        unknown = [n for n in names if n not in decisions.c]
+        if unknown:
+            raise ValueError(f"decision log has no column(s) {', '.join(unknown)}")
+        query = self._window(
+            sa.select(*(decisions.c[n] for n in names)), since, until, product
+        ).order_by(decisions.c.decided_at.asc(), decisions.c.request_id.asc())
+        rows = self._select(query, "frame")
+        types = {"decided_at": pl.Datetime("us", "UTC"), "pd": pl.Float64,
+                 "score": pl.Float64, "limit_amount": pl.Float64}  # fmt: skip
+        schema = {n: types.get(n, pl.String) for n in names}
+        data = {n: [r[i] for r in rows] for i, n in enumerate(names)}
+        if "decided_at" in data:
+            data["decided_at"] = [_utc(v) for v in data["decided_at"]]
+        return pl.DataFrame(data, schema=schema)
+
+    def known(self, request_ids: Iterable[str]) -> set[str]:
+        """Which of these request ids are already logged (for idempotent batch jobs)."""
+        ids = list(dict.fromkeys(request_ids))
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            query = sa.select(decisions.c.request_id).where(decisions.c.request_id.in_(chunk))
+            found.update(row[0] for row in self._select(query, "known"))
+        return found
+
+    @staticmethod
+    def _window(
+        query: sa.Select,
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+        product: str | None,
+    ) -> sa.Select:
+        for name, bound in (("since", since), ("until", until)):
+            if bound is not None and (not isinstance(bound, dt.datetime) or bound.tzinfo is None):
+                raise ValueError(f"{name} must be a timezone-aware datetime, got {bound!r}")
+        if since is not None:
+            query = query.where(decisions.c.decided_at >= since)
+        if until is not None:
+            query = query.where(decisions.c.decided_at < until)
+        if product is not None:
+            query = query.where(decisions.c.product == product)
+        return query
 
     def count(self) -> int:
         """Number of logged decisions."""
