@@ -44,11 +44,13 @@ lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --python-version 3.11 -o requirements.lock
 
 ## make bench: the simulator's time and memory at 100,000 enterprises, the simulator's realism, and
-## Kapok's quality against the scorecards (by hand, never in CI; the last one takes about an hour)
+## Kapok's quality against the scorecards (about an hour), and `kapok watch` on a book of 1,000,000
+## enterprises against a 100,000 baseline (by hand, never in CI)
 bench: install
 	$(BIN)/python bench/simulator.py --enterprises 100000 --baseline 20000 --features
 	$(BIN)/python bench/realism.py --enterprises 100000
 	$(BIN)/python bench/quality.py --home /tmp/kapok-quality --prepare 100000 --trials 50
+	$(BIN)/python bench/watch.py --baseline 100000 --enterprises 1000000 --work /tmp/kapok-watch
 
 clean:
 	rm -rf data feature_repo/data feature_repo/feature_store.yaml

@@ -70,6 +70,9 @@ def _datasets(m: Matrices, params: dict) -> tuple[lgb.Dataset, lgb.Dataset | Non
         "feature_name": m.feature_names,
         "categorical_feature": params["categorical_feature"],
         "free_raw_data": False,
+        # the K-fold path trains on subsets, which construct this Dataset before lgb.train sees
+        # the parameters: say here what the training parameters say
+        "params": {"feature_pre_filter": False},
     }
     train = lgb.Dataset(m.x_train, m.y_train, **common)
     if m.x_valid is None:
