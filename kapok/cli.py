@@ -472,7 +472,8 @@ def explain_command(
     replayed PD equals the logged one, and shows the knock-outs, cut-offs, price and, for /limit
     decisions, the binding limit constraint.
     """
-    from review.explain import default_out, explain, render, summary_lines, write_text_atomic
+    from kapok.staging import write_text_atomic
+    from review.explain import default_out, explain, render, summary_lines
 
     _quiet_mlflow()
     p = paths()
@@ -514,8 +515,8 @@ def monitor_command(
     and AUC over time. Writes an HTML report. Exit status: 0 when nothing reaches "act", 1 when
     anything does (for a scheduler to alert on), 2 on bad input.
     """
+    from kapok.staging import write_text_atomic
     from review.backfill import window_bounds
-    from review.explain import write_text_atomic
     from review.monitor import default_out, monitor, render
 
     _quiet_mlflow()

@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import polars as pl
 
 from features.schema import ALL_FEATURES, PRODUCTS
 from kapok.settings import Paths
+from kapok.staging import staged_file
 from serving import policy as pol
 from serving.decision_log import DecisionLog, DecisionRecord
 from serving.engine import MAX_REASONS, ProductModel, Reason, knockout_reasons, reasons_from
@@ -231,15 +230,8 @@ def write_outcomes(target: Path, new: pl.DataFrame) -> pl.DataFrame:
     else:
         merged = new
     merged = merged.unique("request_id", keep="last").sort("decided_at", "request_id")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".parquet.tmp")
-    os.close(fd)
-    try:
+    with staged_file(target) as tmp:
         merged.write_parquet(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return merged
 
 

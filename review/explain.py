@@ -9,9 +9,7 @@ policy path (knock-outs, cut-offs, price cap and, for /limit, the binding limit 
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,20 +327,6 @@ def render(e: Explanation) -> str:
                     highlight="binds",
                 )  # fmt: skip
     return doc.render()
-
-
-def write_text_atomic(target: Path, text: str) -> Path:
-    """Write a file so that a reader never sees half of it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 def default_out(paths: Paths, request_id: str) -> Path:

@@ -10,8 +10,6 @@ atomically (an earlier report survives a failed run) and logged to the version's
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +22,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from kapok.settings import Paths
+from kapok.staging import write_text_atomic
 from review import figures
 from review.evidence import (
     LABEL,
@@ -858,22 +857,6 @@ def default_path(paths: Paths, ev: ModelEvidence) -> Path:
     return paths.home / "reports" / f"{ev.name}-v{ev.version}.html"
 
 
-def write_atomic(target: Path, text: str) -> None:
-    """Write next to the target, then rename over it: a failed write leaves the old file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the report from other readers
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_report(
     paths: Paths,
     product_or_name: str,
@@ -896,7 +879,7 @@ def build_report(
     step("load")
     html, flags = render(ev, counterpart, step)
     target = Path(out) if out is not None else default_path(paths, ev)
-    write_atomic(target, html)
+    write_text_atomic(target, html)
     configure(paths).log_artifact(ev.run_id, str(target), "reports")
     step("write")
     return ReportResult(target, ev.name, ev.version, ev.run_id, f"reports/{target.name}", flags)

@@ -17,6 +17,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
+from kapok import staging
 from review import report as rp
 from tests.conftest import Trained, repo_root
 
@@ -89,7 +90,7 @@ def test_learned_direction() -> None:
     assert rp.learned_direction(with_missing, -x)[0] == -1
 
 
-def test_write_atomic_keeps_the_old_file_on_failure(
+def test_report_writes_keep_the_old_file_on_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "r.html"
@@ -98,9 +99,9 @@ def test_write_atomic_keeps_the_old_file_on_failure(
     def broken(*_args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(rp.os, "replace", broken)
+    monkeypatch.setattr(staging.os, "replace", broken)
     with pytest.raises(OSError, match="disk full"):
-        rp.write_atomic(target, "new report")
+        staging.write_text_atomic(target, "new report")
     assert target.read_text() == "old report"
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # no temporary file left
 
