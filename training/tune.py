@@ -15,6 +15,10 @@ from optuna_integration import LightGBMPruningCallback
 
 MAX_ROUNDS = 3000
 EARLY_STOPPING = 100
+# Optuna's pruner reads every trial from its SQLite storage at each report: reporting every round
+# spent about 70% of a small study's tuning time there (cProfile); every 10th round is enough to
+# stop a hopeless trial early
+PRUNING_REPORT_INTERVAL = 10
 
 
 def base_params(seed: int, monotone: list[int], categorical: list[int]) -> dict[str, Any]:
@@ -85,7 +89,11 @@ def fit(m: Matrices, params: dict, trial: optuna.Trial | None = None) -> tuple[l
     train, valid = _datasets(m, params)
     callbacks: list[Callable] = [lgb.early_stopping(EARLY_STOPPING, verbose=False)]
     if trial is not None:
-        callbacks.append(LightGBMPruningCallback(trial, "auc", valid_name="valid"))
+        callbacks.append(
+            LightGBMPruningCallback(
+                trial, "auc", valid_name="valid", report_interval=PRUNING_REPORT_INTERVAL
+            )
+        )
     lgb_params = {k: v for k, v in params.items() if k != "categorical_feature"}
     booster = lgb.train(
         lgb_params,
@@ -105,7 +113,11 @@ def cross_validate(
     train, _ = _datasets(m, params)
     callbacks: list[Callable] = [lgb.early_stopping(EARLY_STOPPING, verbose=False)]
     if trial is not None:
-        callbacks.append(LightGBMPruningCallback(trial, "auc", valid_name="valid"))
+        callbacks.append(
+            LightGBMPruningCallback(
+                trial, "auc", valid_name="valid", report_interval=PRUNING_REPORT_INTERVAL
+            )
+        )
     lgb_params = {k: v for k, v in params.items() if k != "categorical_feature"}
     result = lgb.cv(
         lgb_params, train, MAX_ROUNDS, nfold=5, stratified=True, seed=seed, callbacks=callbacks
