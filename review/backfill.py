@@ -29,7 +29,7 @@ from kapok.settings import Paths
 from kapok.staging import staged_file
 from serving import policy as pol
 from serving.decision_log import DecisionLog, DecisionRecord
-from serving.engine import MAX_REASONS, ProductModel, Reason, knockout_reasons, reasons_from
+from serving.engine import ProductModel, loan_request, policy_outcome, reasons_json
 
 CALLER = "backfill"
 ENDPOINT = "score"
@@ -107,22 +107,6 @@ def applications(
     return query.sort("applied_at", "application_id").collect()
 
 
-def _reasons_json(reasons: list[Reason]) -> list[dict[str, Any]]:
-    """The shape serving.service.reasons_json gives the API's responses and the log."""
-    return [
-        {
-            "code": r.code,
-            "feature": r.feature,
-            "value": r.value,
-            "impact": None if r.impact == math.inf else round(r.impact, 6),
-            "knockout": r.impact == math.inf,
-            "text_en": r.text_en,
-            "text_zh": r.text_zh,
-        }
-        for r in reasons
-    ]
-
-
 def decide_batch(
     apps: pl.DataFrame,
     features: pl.DataFrame,
@@ -135,7 +119,6 @@ def decide_batch(
     contrib = model.scorer.booster.predict(matrix, pred_contrib=True)
     margins = contrib.sum(axis=1)
     pds = model.scorer.calibrator(margins)
-    product_policy = policy.product(model.product)
     keep = [f.name for f in ALL_FEATURES if f.name in features.columns] or names
     records = []
     rows = features.select(keep).iter_rows(named=True)
@@ -148,12 +131,10 @@ def decide_batch(
                   for k, v in values.items()}  # fmt: skip
         pd_ = float(pds[i])
         amount, term = float(amount), int(term)
-        kos = pol.knockouts(values, policy)
-        price = pol.price(pd_, amount, term, product_policy, values.get("tax_sales_12m"), policy)
-        decision = pol.decide(pd_, product_policy, kos, price_ok=price.within_cap)
-        reasons = (knockout_reasons(kos) + reasons_from(contrib[i], model, values))[:MAX_REASONS]
+        outcome = policy_outcome(model, values, contrib[i], pd_, amount, term, policy)
+        decision, price = outcome["decision"], outcome["price"]
+        score, grade = outcome["score"], outcome["grade"]
         request_id = request_id_for(app_id)
-        score, grade = pol.score_points(pd_, policy), pol.grade(pd_, policy)
         decided_at = applied_at.isoformat()
         body = {
             "request_id": request_id,
@@ -167,7 +148,7 @@ def decide_batch(
             "grade": grade,
             "decision": decision.decision,
             "policy_path": decision.path,
-            "reasons": _reasons_json(reasons),
+            "reasons": reasons_json(outcome["reasons"]),
         }
         records.append(
             DecisionRecord(
@@ -178,10 +159,7 @@ def decide_batch(
                 enterprise_id=eid,
                 product=model.product,
                 request={
-                    "enterprise_id": eid,
-                    "product": model.product,
-                    "requested_amount": amount,
-                    "term_months": term,
+                    **loan_request(eid, model.product, amount, term),
                     "application_id": app_id,
                 },
                 model_name=model.name,

@@ -139,6 +139,58 @@ def knockout_reasons(knockouts: list[pol.Knockout]) -> list[Reason]:
     ]
 
 
+def loan_request(eid: str, product: str, amount: float, term: int) -> dict[str, Any]:
+    """The request as logged in the decision log."""
+    return {
+        "enterprise_id": eid,
+        "product": product,
+        "requested_amount": amount,
+        "term_months": term,
+    }
+
+
+def reasons_json(reasons: list[Reason]) -> list[dict[str, Any]]:
+    """Reasons as the API answers them and the decision log keeps them."""
+    return [
+        {
+            "code": r.code,
+            "feature": r.feature,
+            "value": r.value,
+            "impact": None if r.impact == math.inf else round(r.impact, 6),
+            "knockout": r.impact == math.inf,
+            "text_en": r.text_en,
+            "text_zh": r.text_zh,
+        }
+        for r in reasons
+    ]
+
+
+def policy_outcome(
+    model: ProductModel,
+    values: Mapping[str, Any],
+    contrib: np.ndarray,
+    pd_: float,
+    amount: float,
+    term_months: int,
+    policy: pol.Policy,
+) -> dict[str, Any]:
+    """Score, grade, knock-outs, price, decision and reasons of one scored row: the policy half
+    of a decision, shared by the API (one row) and batch back-fills (many)."""
+    kos = pol.knockouts(values, policy)
+    product_policy = policy.product(model.product)
+    price = pol.price(pd_, amount, term_months, product_policy, values.get("tax_sales_12m"), policy)
+    decision = pol.decide(pd_, product_policy, kos, price_ok=price.within_cap)
+    reasons = knockout_reasons(kos) + reasons_from(contrib, model, values)
+    return {
+        "score": pol.score_points(pd_, policy),
+        "grade": pol.grade(pd_, policy),
+        "decision": decision,
+        "price": price,
+        "knockouts": kos,
+        "reasons": reasons[:MAX_REASONS],
+    }
+
+
 class LendingEngine:
     def __init__(
         self, paths: Paths, policy: pol.Policy | None = None, products: tuple[str, ...] = PRODUCTS
@@ -216,25 +268,13 @@ class LendingEngine:
         )
         margin = float(contrib.sum())
         pd_ = float(model.scorer.calibrator(np.array([margin]))[0])
-        kos = pol.knockouts(values, self.policy)
-        product_policy = self.policy.product(product)
-        price = pol.price(
-            pd_, amount, term_months, product_policy, values.get("tax_sales_12m"), self.policy
-        )
-        decision = pol.decide(pd_, product_policy, kos, price_ok=price.within_cap)
-        reasons = knockout_reasons(kos) + reasons_from(contrib, model, values)
         return {
             "model": model,
             "features": feats,
             "values": values,
             "pd": pd_,
             "margin": margin,
-            "score": pol.score_points(pd_, self.policy),
-            "grade": pol.grade(pd_, self.policy),
-            "decision": decision,
-            "price": price,
-            "knockouts": kos,
-            "reasons": reasons[:MAX_REASONS],
+            **policy_outcome(model, values, contrib, pd_, amount, term_months, self.policy),
         }
 
     @staticmethod

@@ -28,7 +28,7 @@ from serving.decision_log import (
     json_safe,
     new_request_id,
 )
-from serving.engine import EnterpriseNotFound, LendingEngine, Reason
+from serving.engine import EnterpriseNotFound, LendingEngine, loan_request, reasons_json
 
 MAX_SCREEN = 1000
 
@@ -77,31 +77,6 @@ def check_request(
             f"{rules.term_months_min} and {rules.term_months_max} for {product}, got {term!r}"
         )
     return code, product, float(amount), int(term)
-
-
-def loan_request(eid: str, product: str, amount: float, term: int) -> dict[str, Any]:
-    """The request as logged in the decision log."""
-    return {
-        "enterprise_id": eid,
-        "product": product,
-        "requested_amount": amount,
-        "term_months": term,
-    }
-
-
-def reasons_json(reasons: list[Reason]) -> list[dict[str, Any]]:
-    return [
-        {
-            "code": r.code,
-            "feature": r.feature,
-            "value": r.value,
-            "impact": None if r.impact == float("inf") else round(r.impact, 6),
-            "knockout": r.impact == float("inf"),
-            "text_en": r.text_en,
-            "text_zh": r.text_zh,
-        }
-        for r in reasons
-    ]
 
 
 def price_json(price: Any) -> dict[str, Any]:
