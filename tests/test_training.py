@@ -16,7 +16,7 @@ from features.schema import monotone_constraints
 from features.spec import load_spec
 from kapok.settings import Paths
 from tests.conftest import linked_home, repo_root, require_service
-from training.calibration import fit_calibrator, fit_isotonic, fit_platt
+from training.calibration import aligned, fit_calibrator, fit_isotonic, fit_platt
 from training.data import LABEL, product_data, spec_data
 from training.promote import Comparison, Gate, PromotionError, promote, verdict
 from training.pyfunc import load_scorer, model_input
@@ -123,6 +123,30 @@ def test_calibration_is_monotone_and_bounded():
         assert (p > 0).all() and (p < 1).all()
     chosen, losses = fit_calibrator(margin, y)
     assert chosen.method == min(losses, key=losses.__getitem__)
+
+
+def test_calibration_level_and_alignment_keep_the_ranking():
+    """The long-run level moves the mean PD to the asked rate; a refit model's margins on another
+    scale get the held-out model's PDs back; neither reorders anybody."""
+    rng = np.random.default_rng(1)
+    margin = rng.normal(-2.5, 1.2, 5000)
+    y = (rng.random(5000) < 1 / (1 + np.exp(-margin))).astype(int)
+    plain, _ = fit_calibrator(margin, y)
+    for level in (0.03, 0.2):
+        leveled, _ = fit_calibrator(margin, y, level=level)
+        p = leveled(margin)
+        assert abs(p.mean() - level) < 1e-6
+        order = np.argsort(margin)
+        assert (np.diff(p[order]) >= 0).all()
+        assert (np.diff(plain(margin)[order]) >= 0).all()
+    # a refit model whose margins are 1.5x wider and shifted by 0.7: aligned, same PDs
+    refit_margin = 1.5 * margin + 0.7
+    same = aligned(plain, refit_margin, margin)
+    assert np.allclose(same(refit_margin), plain(margin))
+    with pytest.raises(ValueError, match="same margin"):
+        aligned(plain, np.zeros(10), margin[:10])
+    with pytest.raises(ValueError, match="rate in"):
+        fit_calibrator(margin, y, level=1.5)
 
 
 def _weak_scorer(frame: pl.DataFrame, strong: Scorer) -> Scorer:

@@ -25,7 +25,7 @@ from sklearn.model_selection import StratifiedKFold
 import kapok
 from kapok.settings import Paths
 from training import plots
-from training.calibration import fit_calibrator
+from training.calibration import aligned, fit_calibrator
 from training.data import LABEL, TIME, TrainingData, describe_windows, out_of_time_split
 from training.metrics import binary_metrics, psi
 from training.pyfunc import KapokModel, model_input
@@ -38,6 +38,7 @@ from training.tune import (
     base_params,
     best_params,
     fit,
+    refit,
     study_storage,
     tune,
 )
@@ -121,11 +122,24 @@ def train(
         m = Matrices(x[split.train], y[split.train], x[split.valid], y[split.valid], features)
         study = tune(m, base, seed=seed, trials=trials, timeout=timeout, storage=storage,
                      study_name=study_name, on_trial=on_trial)  # fmt: skip
-        params, rounds = best_params(study, base, len(m.y_train))
-        booster, _ = fit(m, params)
-        rounds = booster.best_iteration
+        params, _ = best_params(study, base, len(m.y_train))
+        held_out, _ = fit(m, params)  # train window only, early-stopped on validation
+        develop = np.concatenate([split.train, split.valid])
+        # calibration shape from the held-out validation margins, level from the long-run
+        # default rate of all development months (training.calibration explains why)
         calibrator, losses = fit_calibrator(
-            booster.predict(x[split.valid], raw_score=True), y[split.valid]
+            held_out.predict(x[split.valid], raw_score=True),
+            y[split.valid],
+            level=float(y[develop].mean()),
+        )
+        # the model that ships learns from the validation months too (the most recent before the
+        # test window), with the early-stopped number of rounds scaled to the larger sample
+        rounds = max(1, round(held_out.best_iteration * len(develop) / len(split.train)))
+        booster = refit(x[develop], y[develop], features, params, rounds)
+        calibrator = aligned(
+            calibrator,
+            booster.predict(x[develop], raw_score=True),
+            held_out.predict(x[develop], raw_score=True),
         )
         margin_all = booster.predict(x, raw_score=True)
         p_all = calibrator(margin_all)
@@ -133,7 +147,11 @@ def train(
         m_eval, ref_idx = margin_all[split.test], split.train
         metrics = binary_metrics(y[eval_idx], p_eval)
         metrics["psi_train_test"] = psi(p_all[split.train], p_eval)
-        validation = "out-of-time: train / validation (tuning, early stopping, calibration) / test"
+        validation = (
+            "out-of-time: train / validation (tuning, early stopping, calibration shape) / test;"
+            " final model refit on train + validation (margins aligned to the held-out model's),"
+            " PD level at their long-run default rate"
+        )
         windows: dict[str, Any] = describe_windows(split, frame)
     else:
         m = Matrices(x, y, None, None, features)
@@ -195,6 +213,7 @@ def train(
                 "seed": seed,
                 "rounds": rounds,
                 "calibration": calibrator.method,
+                "calibration_shift": round(calibrator.shift, 6),
                 **{f"data.{k}": v for k, v in fingerprint.items()},
                 **{f"window.{part}": w["window"] for part, w in windows.items()},
             }

@@ -106,6 +106,16 @@ def fit(m: Matrices, params: dict, trial: optuna.Trial | None = None) -> tuple[l
     return booster, float(booster.best_score["valid"]["auc"])
 
 
+def refit(
+    x: np.ndarray, y: np.ndarray, features: list[str], params: dict, rounds: int
+) -> lgb.Booster:
+    """The final model: the tuned parameters on all development rows, a fixed number of rounds."""
+    m = Matrices(x, y, None, None, features)
+    train, _ = _datasets(m, params)
+    lgb_params = {k: v for k, v in params.items() if k != "categorical_feature"}
+    return lgb.train(lgb_params, train, rounds)
+
+
 def cross_validate(
     m: Matrices, params: dict, seed: int, trial: optuna.Trial | None = None
 ) -> tuple[float, int]:

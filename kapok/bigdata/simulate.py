@@ -566,6 +566,14 @@ def simulate_chunk(
     config: SimulationConfig, macro: Macro, chunk: int, first: int, n: int
 ) -> dict[str, pl.DataFrame]:
     """All raw tables for enterprises first .. first + n - 1. The order of calls fixes the RNG."""
+    return simulate_chunk_with_state(config, macro, chunk, first, n)[0]
+
+
+def simulate_chunk_with_state(
+    config: SimulationConfig, macro: Macro, chunk: int, first: int, n: int
+) -> tuple[dict[str, pl.DataFrame], _Chunk]:
+    """simulate_chunk, plus the chunk's latent state (health, quality, willingness) for benches
+    that ask what a model seeing the truth at application time could do."""
     sim = _Chunk(config, macro, chunk, first, n)
     tables = {
         "registration": sim.registration(),
@@ -580,4 +588,4 @@ def simulate_chunk(
         "credit_history": sim.credit_history(),
     }
     tables["applications"], tables["oracle"] = sim.applications()
-    return tables
+    return tables, sim
