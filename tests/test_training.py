@@ -220,8 +220,12 @@ def test_verdict_rules_each_can_refuse():
 
 
 def test_german_credit_trains_end_to_end(tmp_path):
+    import matplotlib.pyplot as plt
+
     data = spec_data(load_spec(repo_root() / "datasets" / "german_credit.toml"))
+    open_before = len(plt.get_fignums())
     result = train(data, Paths(tmp_path), trials=3, seed=7)
+    assert len(plt.get_fignums()) == open_before  # logged plots are freed, not piled up
     assert result.model_name == "kapok-german_credit" and result.alias == "champion"
     assert "K-fold" in result.validation
     assert result.metrics["auc"] > 0.7

@@ -11,6 +11,17 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 
+def log(fig: Figure, artifact_file: str) -> None:
+    """Log a figure to the active MLflow run and free it: pyplot keeps every open figure alive,
+    and a process that trains many models (benchmarks, tests) would otherwise pile them up."""
+    import mlflow
+
+    try:
+        mlflow.log_figure(fig, artifact_file)
+    finally:
+        plt.close(fig)
+
+
 def roc(y: np.ndarray, p: np.ndarray, title: str) -> Figure:
     fpr, tpr, _ = roc_curve(y, p)
     fig, ax = plt.subplots(figsize=(5, 5))

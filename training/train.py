@@ -235,16 +235,12 @@ def train(
             "model_spec.json",
         )
         y_eval = y[eval_idx]
-        mlflow.log_figure(
-            plots.roc(y_eval, p_eval, f"{name}: ROC on the test window"), "plots/roc.png"
-        )
-        mlflow.log_figure(
+        plots.log(plots.roc(y_eval, p_eval, f"{name}: ROC on the test window"), "plots/roc.png")
+        plots.log(
             plots.calibration(y_eval, p_eval, f"{name}: calibration"), "plots/calibration.png"
         )
         gain = booster.feature_importance(importance_type="gain")
-        mlflow.log_figure(
-            plots.importance(features, gain, f"{name}: importance"), "plots/importance.png"
-        )
+        plots.log(plots.importance(features, gain, f"{name}: importance"), "plots/importance.png")
         _log_evaluation(data, scorer, eval_idx, p_eval, m_eval, ref_idx, seed)
         version = _log_model(scorer, frame, name)
         run_id = run.info.run_id
@@ -284,9 +280,7 @@ def _log_study(study: optuna.Study) -> None:
         }
     )
     mlflow.log_text(table.write_csv(), "optuna/trials.csv")
-    mlflow.log_figure(
-        plots.history(values, "Optuna: validation AUC by trial"), "plots/optuna_history.png"
-    )
+    plots.log(plots.history(values, "Optuna: validation AUC by trial"), "plots/optuna_history.png")
     mlflow.log_metric("best_valid_auc", study.best_value)
 
 
