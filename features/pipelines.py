@@ -118,13 +118,22 @@ def on_grid(g: pl.LazyFrame, rows: pl.LazyFrame) -> pl.LazyFrame:
 
 
 # -- sparse events -------------------------------------------------------------------------------
+def money_sum(col: str | pl.Expr) -> pl.Expr:
+    """Sum of a money column in whole cents (分), as integers. A float sum depends on the order
+    in which a parallel group-by meets the rows, and two builds of the same data must give the
+    same features to the last bit (training's content hash, hence its model, depends on them)."""
+    expr = pl.col(col) if isinstance(col, str) else col
+    return (expr * 100).round().cast(pl.Int64).sum() / 100
+
+
 def event_counts(
     events: pl.LazyFrame, start: date, day: int, windows: dict[str, tuple[str, int, str | None]]
 ) -> pl.LazyFrame:
     """Counts (or sums) of events per (enterprise, snapshot t) over trailing windows of months.
 
     `windows` maps output column → (event_type, months, column to sum or None to count). An event
-    of month k seen from snapshot s counts at snapshots max(s, k) .. k + months - 1.
+    of month k seen from snapshot s counts at snapshots max(s, k) .. k + months - 1. Amounts are
+    summed with `money_sum`.
     """
     ev = events.with_columns(
         k=month_index(pl.col("event_date"), start),
@@ -133,6 +142,7 @@ def event_counts(
     parts = []
     for name, (kind, months, amount) in windows.items():
         value = pl.col(amount) if amount else pl.lit(1)
+        total = money_sum("value") if amount else pl.col("value").sum()
         parts.append(
             ev.filter(pl.col("event_type") == kind)
             .select(
@@ -142,7 +152,7 @@ def event_counts(
             )
             .explode("t")
             .group_by("enterprise_id", "t")
-            .agg(pl.col("value").sum().alias(name))
+            .agg(total.alias(name))
         )
     out = parts[0]
     for part in parts[1:]:
@@ -400,8 +410,8 @@ def _credit_history(raw: dict[str, pl.LazyFrame], g: pl.LazyFrame, start: date) 
         .group_by("enterprise_id", "month")
         .agg(
             loans=pl.col("loans").sum().cast(pl.Int64),
-            balance=pl.col("balance").sum(),
-            nonbank=pl.col("balance").filter(pl.col("reporter_type") == "microloan").sum(),
+            balance=money_sum("balance"),
+            nonbank=money_sum(pl.col("balance").filter(pl.col("reporter_type") == "microloan")),
             dpd30=pl.col("dpd30").any().cast(pl.Int32),
             dpd90=pl.col("dpd90").any().cast(pl.Int32),
             comp=pl.col("guarantee_compensations").sum().cast(pl.Int32),

@@ -259,3 +259,32 @@ def test_court_records_count_only_once_published(store, raw):
         or row_later["jud_lawsuits_12m"] == raw.expected(eid, later, 250_000.0)["jud_lawsuits_12m"]
     )
     assert row_later["jud_lawsuits_12m"] > row["jud_lawsuits_12m"]
+
+
+def test_money_sums_do_not_depend_on_row_order():
+    """Two builds from the same raw tables must give the same features to the last bit (the
+    training data's content hash, and so the Optuna study and the model, depend on it): summing
+    amounts in float in whatever order a parallel group-by meets them did not."""
+    from features.pipelines import event_counts
+
+    rng = np.random.default_rng(3)
+    n = 20_000
+    day = datetime(2024, 1, 10, tzinfo=UTC)
+    events = pl.DataFrame(
+        {
+            "enterprise_id": rng.integers(0, 50, n).astype(str),
+            "event_type": np.full(n, "lawsuit"),
+            "event_date": [
+                date(2024, 1, 1) + timedelta(days=int(d)) for d in rng.integers(0, 300, n)
+            ],
+            "available_at": [day + timedelta(days=int(d)) for d in rng.integers(0, 330, n)],
+            "amount": np.round(rng.lognormal(11, 1.5, n), 2),
+        }
+    )
+    windows = {"amount_12m": ("lawsuit", 12, "amount")}
+    key = ["enterprise_id", "t"]
+    first = event_counts(events.lazy(), date(2024, 1, 1), 5, windows).collect().sort(key)
+    for seed in range(3):
+        shuffled = events.sample(fraction=1.0, shuffle=True, seed=seed)
+        again = event_counts(shuffled.lazy(), date(2024, 1, 1), 5, windows).collect().sort(key)
+        assert again["amount_12m"].to_list() == first["amount_12m"].to_list()
