@@ -59,6 +59,9 @@ LGB_PARAMS = {
 }
 
 
+LABELS = (pl.String, pl.Categorical, pl.Enum)
+
+
 def lgbm_auc(train: pl.DataFrame, test: pl.DataFrame, names: list[str]) -> float:
     """Fixed parameters, rounds by early stopping on the last 20% of the fitting rows."""
 
@@ -66,14 +69,14 @@ def lgbm_auc(train: pl.DataFrame, test: pl.DataFrame, names: list[str]) -> float
         cols = []
         for n in names:
             c = frame[n]
-            if c.dtype in (pl.String, pl.Categorical, pl.Enum):
+            if c.dtype in LABELS:
                 c = c.cast(pl.String).hash(seed=0).cast(pl.Float64) % 997  # stable label codes
             cols.append(c.cast(pl.Float64).fill_null(np.nan).to_numpy())
         return np.column_stack(cols)
 
     cut = int(train.height * 0.8)
     x, y = matrix(train), train["outcome"].to_numpy()
-    cats = [i for i, n in enumerate(names) if train[n].dtype in (pl.String, pl.Categorical)]
+    cats = [i for i, n in enumerate(names) if train[n].dtype in LABELS]
     fit = lgb.Dataset(x[:cut], y[:cut], categorical_feature=cats, free_raw_data=False)
     valid = lgb.Dataset(x[cut:], y[cut:], reference=fit, categorical_feature=cats)
     booster = lgb.train(

@@ -38,6 +38,7 @@ from training.tune import (
     base_params,
     best_params,
     fit,
+    lgb_params,
     refit,
     study_storage,
     tune,
@@ -125,23 +126,18 @@ def train(
         params, _ = best_params(study, base, len(m.y_train))
         held_out, _ = fit(m, params)  # train window only, early-stopped on validation
         develop = np.concatenate([split.train, split.valid])
+        held_margin = held_out.predict(x[develop], raw_score=True)  # validation rows come last
         # calibration shape from the held-out validation margins, level from the long-run
         # default rate of all development months (training.calibration explains why)
         calibrator, losses = fit_calibrator(
-            held_out.predict(x[split.valid], raw_score=True),
-            y[split.valid],
-            level=float(y[develop].mean()),
+            held_margin[len(split.train) :], y[split.valid], level=float(y[develop].mean())
         )
         # the model that ships learns from the validation months too (the most recent before the
         # test window), with the early-stopped number of rounds scaled to the larger sample
         rounds = max(1, round(held_out.best_iteration * len(develop) / len(split.train)))
         booster = refit(x[develop], y[develop], features, params, rounds)
-        calibrator = aligned(
-            calibrator,
-            booster.predict(x[develop], raw_score=True),
-            held_out.predict(x[develop], raw_score=True),
-        )
         margin_all = booster.predict(x, raw_score=True)
+        calibrator = aligned(calibrator, margin_all[develop], held_margin)
         p_all = calibrator(margin_all)
         eval_idx, p_eval = split.test, p_all[split.test]
         m_eval, ref_idx = margin_all[split.test], split.train
@@ -159,12 +155,12 @@ def train(
                      study_name=study_name, on_trial=on_trial)  # fmt: skip
         params, rounds = best_params(study, base, len(m.y_train))
         train_set, _ = _datasets(m, params)
-        lgb_params = {k: v for k, v in params.items() if k != "categorical_feature"}
+        final_params = lgb_params(params)
         oof = np.zeros((KFOLD_REPEATS, len(y)))
         for r in range(KFOLD_REPEATS):
             folds = StratifiedKFold(5, shuffle=True, random_state=seed + r)
             for fit_idx, held in folds.split(x, y):
-                fold_booster = lgb.train(lgb_params, train_set.subset(fit_idx), rounds)
+                fold_booster = lgb.train(final_params, train_set.subset(fit_idx), rounds)
                 oof[r, held] = fold_booster.predict(x[held], raw_score=True)
         # calibrate on one repeat's out-of-fold margins, report on the other's: no row is judged
         # by a calibration fitted on its own prediction
@@ -173,7 +169,7 @@ def train(
         m_eval, ref_idx = oof[1], np.arange(len(y))
         metrics = binary_metrics(y, p_eval)
         metrics["auc_repeats_mean"] = float(np.mean([roc_auc_score(y, o) for o in oof]))
-        booster = lgb.train(lgb_params, train_set, rounds)
+        booster = lgb.train(final_params, train_set, rounds)
         calibrator, losses = fit_calibrator(oof.ravel(), np.tile(y, KFOLD_REPEATS))
         validation = f"repeated stratified K-fold (5 folds, {KFOLD_REPEATS} repeats): no timestamp"
         windows = {"all": {"window": "no timestamp", "rows": float(len(y)),

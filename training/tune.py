@@ -84,9 +84,13 @@ def _datasets(m: Matrices, params: dict) -> tuple[lgb.Dataset, lgb.Dataset | Non
     return train, lgb.Dataset(m.x_valid, m.y_valid, reference=train, **common)
 
 
-def fit(m: Matrices, params: dict, trial: optuna.Trial | None = None) -> tuple[lgb.Booster, float]:
-    """Train with early stopping on the validation window; returns the booster and its AUC."""
-    train, valid = _datasets(m, params)
+def lgb_params(params: dict) -> dict:
+    """The parameters as lgb.train takes them: categoricals belong to the Dataset, not here."""
+    return {k: v for k, v in params.items() if k != "categorical_feature"}
+
+
+def _callbacks(trial: optuna.Trial | None) -> list[Callable]:
+    """Early stopping, plus Optuna pruning on the validation AUC when tuning."""
     callbacks: list[Callable] = [lgb.early_stopping(EARLY_STOPPING, verbose=False)]
     if trial is not None:
         callbacks.append(
@@ -94,14 +98,19 @@ def fit(m: Matrices, params: dict, trial: optuna.Trial | None = None) -> tuple[l
                 trial, "auc", valid_name="valid", report_interval=PRUNING_REPORT_INTERVAL
             )
         )
-    lgb_params = {k: v for k, v in params.items() if k != "categorical_feature"}
+    return callbacks
+
+
+def fit(m: Matrices, params: dict, trial: optuna.Trial | None = None) -> tuple[lgb.Booster, float]:
+    """Train with early stopping on the validation window; returns the booster and its AUC."""
+    train, valid = _datasets(m, params)
     booster = lgb.train(
-        lgb_params,
+        lgb_params(params),
         train,
         MAX_ROUNDS,
         valid_sets=[valid],
         valid_names=["valid"],
-        callbacks=callbacks,
+        callbacks=_callbacks(trial),
     )
     return booster, float(booster.best_score["valid"]["auc"])
 
@@ -112,8 +121,7 @@ def refit(
     """The final model: the tuned parameters on all development rows, a fixed number of rounds."""
     m = Matrices(x, y, None, None, features)
     train, _ = _datasets(m, params)
-    lgb_params = {k: v for k, v in params.items() if k != "categorical_feature"}
-    return lgb.train(lgb_params, train, rounds)
+    return lgb.train(lgb_params(params), train, rounds)
 
 
 def cross_validate(
@@ -121,16 +129,14 @@ def cross_validate(
 ) -> tuple[float, int]:
     """Stratified 5-fold AUC and the mean best number of rounds (datasets without timestamps)."""
     train, _ = _datasets(m, params)
-    callbacks: list[Callable] = [lgb.early_stopping(EARLY_STOPPING, verbose=False)]
-    if trial is not None:
-        callbacks.append(
-            LightGBMPruningCallback(
-                trial, "auc", valid_name="valid", report_interval=PRUNING_REPORT_INTERVAL
-            )
-        )
-    lgb_params = {k: v for k, v in params.items() if k != "categorical_feature"}
     result = lgb.cv(
-        lgb_params, train, MAX_ROUNDS, nfold=5, stratified=True, seed=seed, callbacks=callbacks
+        lgb_params(params),
+        train,
+        MAX_ROUNDS,
+        nfold=5,
+        stratified=True,
+        seed=seed,
+        callbacks=_callbacks(trial),
     )
     scores = result["valid auc-mean"]
     return float(scores[-1]), len(scores)
