@@ -41,29 +41,39 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def friendly_errors(func: F) -> F:
-    """Known failures end with a one-line message and exit code 2, never a traceback."""
-    from mlflow.exceptions import MlflowException
+    """Known failures end with a one-line message and exit code 2, never a traceback.
 
-    from features.spec import SpecError
-    from features.store import OnlineStoreConfigError
-    from kapok.uscc import USCCError
+    The known error types are matched by name so that `kapok --help` imports no framework:
+    importing mlflow or feast to name their exceptions costs seconds.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (
-            SpecError,
-            OnlineStoreConfigError,
-            USCCError,
-            FileNotFoundError,
-            ValueError,
-            MlflowException,
-        ) as e:
+        except (FileNotFoundError, ValueError) as e:  # SpecError, USCCError, ... are ValueErrors
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+        except Exception as e:
+            if not _known_error(e):
+                raise
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_KNOWN_ERRORS = {
+    ("mlflow.exceptions", "MlflowException"),
+    ("serving.decision_log", "DecisionLogError"),
+    ("features.spec", "SpecError"),
+    ("features.store", "OnlineStoreConfigError"),
+    ("kapok.uscc", "USCCError"),
+}
+
+
+def _known_error(error: BaseException) -> bool:
+    return any((c.__module__, c.__name__) in _KNOWN_ERRORS for c in type(error).__mro__)
 
 
 @contextmanager

@@ -24,12 +24,15 @@ from typing import Any
 
 import polars as pl
 
-from features.schema import ALL_FEATURES, PRODUCTS
+from features.schema import FEATURES, PRODUCTS
 from kapok.settings import Paths
 from kapok.staging import staged_file
+from serving import core
 from serving import policy as pol
 from serving.decision_log import DecisionLog, DecisionRecord
-from serving.engine import ProductModel, loan_request, policy_outcome, reasons_json
+from serving.engine import loan_request
+from serving.model import ProductModel
+from serving.reasons import reasons_json
 
 CALLER = "backfill"
 ENDPOINT = "score"
@@ -113,27 +116,26 @@ def decide_batch(
     model: ProductModel,
     policy: pol.Policy,
 ) -> list[DecisionRecord]:
-    """One DecisionRecord per application row; `features` is row-aligned with `apps`."""
-    names = list(model.scorer.features)
-    matrix = model.scorer.matrix(features)
-    contrib = model.scorer.booster.predict(matrix, pred_contrib=True)
-    margins = contrib.sum(axis=1)
-    pds = model.scorer.calibrator(margins)
-    keep = [f.name for f in ALL_FEATURES if f.name in features.columns] or names
+    """One DecisionRecord per application row; `features` is row-aligned with `apps`. The rows
+    are decided together by the columnar core, as the API decides one."""
+    stored = [f.name for f in FEATURES if f.name in features.columns]
+    frame = features.select(*stored).with_columns(
+        apps["requested_amount"].cast(pl.Float64), apps["term_months"].cast(pl.Int64)
+    )
+    d = core.decide(model, frame, policy)
+    rows = d.rows()
     records = []
-    rows = features.select(keep).iter_rows(named=True)
     meta = apps.select("application_id", "enterprise_id", "applied_at", "requested_amount",
                        "term_months").iter_rows()  # fmt: skip
     for i, (values, (app_id, eid, applied_at, amount, term)) in enumerate(
         zip(rows, meta, strict=True)
     ):
-        values = {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                  for k, v in values.items()}  # fmt: skip
-        pd_ = float(pds[i])
+        if d.error[i] is not None:
+            raise ValueError(f"application {app_id}: {d.error[i]}")
+        pd_ = float(d.pd[i])
         amount, term = float(amount), int(term)
-        outcome = policy_outcome(model, values, contrib[i], pd_, amount, term, policy)
-        decision, price = outcome["decision"], outcome["price"]
-        score, grade = outcome["score"], outcome["grade"]
+        decision, price = d.decision_row(i, values), d.price_row(i)
+        score, grade = float(d.score[i]), str(d.grade[i])
         request_id = request_id_for(app_id)
         decided_at = applied_at.isoformat()
         body = {
@@ -148,7 +150,7 @@ def decide_batch(
             "grade": grade,
             "decision": decision.decision,
             "policy_path": decision.path,
-            "reasons": reasons_json(outcome["reasons"]),
+            "reasons": reasons_json(d.reasons(i, values)),
         }
         records.append(
             DecisionRecord(

@@ -1,34 +1,47 @@
-"""The lending engine behind the API: online features, champion models, reasons, policy.
+"""The lending engine behind the API: online features, champion models, the decision core.
 
 No web framework here: the BentoML service validates input and calls these methods; batch jobs
-and tests call them directly. Features change monthly while requests come every second, so the
-online features of an enterprise are cached for a short while; a model is loaded once per start.
+and tests call them directly. Every decision goes through the columnar core (serving/core.py),
+one row for /score, /limit and /price, the whole list for /screen. Features change monthly while
+requests come every second, so the online features of an enterprise are cached for a short
+while; a model is loaded once per start.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from features import store as feature_store
 from features.request import request_features
-from features.schema import BY_NAME, FAMILIES, FEATURES, PRODUCTS
+from features.schema import FAMILIES, FEATURES, PRODUCTS
 from kapok.settings import Paths
+from serving import core
 from serving import policy as pol
+from serving.model import ProductModel
+from serving.reasons import (  # noqa: F401  (re-exported: the reference path and its callers)
+    MAX_REASONS,
+    Reason,
+    json_value,
+    knockout_reasons,
+    reason_code,
+    reasons_from,
+    reasons_json,
+)
 from training.pyfunc import load_scorer
-from training.scorer import Scorer
 from training.tracking import CHAMPION, alias_version, configure
 from training.tracking import model_name as registered_name
 
-MAX_REASONS = 4
 FEATURE_CACHE_SECONDS = 300.0
+POLARS_TYPE = {"float": pl.Float64, "int": pl.Int64, "string": pl.String}
+STORED_SCHEMA = {f.name: POLARS_TYPE[f.dtype] for f in FEATURES}
 
 
 class EnterpriseNotFound(LookupError):
@@ -52,93 +65,6 @@ class EnterpriseFeatures:
         return max(self.timestamps.values()) if self.timestamps else None
 
 
-@dataclass
-class ProductModel:
-    product: str
-    name: str
-    version: str
-    scorer: Scorer
-    index: dict[str, int] = field(default_factory=dict)
-    codes: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.index = {f: i for i, f in enumerate(self.scorer.features)}
-        self.codes = {
-            f: {v: float(i) for i, v in enumerate(values)}
-            for f, values in self.scorer.categories.items()
-        }
-
-    def row(self, values: Mapping[str, Any]) -> np.ndarray:
-        """One model-ordered float row; categoricals as codes; missing and unknown as NaN."""
-        x = np.full((1, len(self.index)), np.nan)
-        for name, i in self.index.items():
-            value = values.get(name)
-            if value is None:
-                continue
-            if name in self.codes:
-                x[0, i] = self.codes[name].get(str(value), np.nan)
-            else:
-                x[0, i] = float(value)
-        return x
-
-    def margin(self, x: np.ndarray) -> np.ndarray:
-        return self.scorer.booster.predict(x, raw_score=True, num_threads=1)
-
-    def contributions(self, x: np.ndarray) -> np.ndarray:
-        """Exact TreeSHAP in log-odds: one column per feature, then the base value."""
-        return self.scorer.booster.predict(x, pred_contrib=True, num_threads=1)
-
-
-@dataclass(frozen=True)
-class Reason:
-    code: str
-    feature: str
-    value: Any
-    impact: float
-    text_en: str
-    text_zh: str
-
-
-def reason_code(feature: str) -> str:
-    return "R_" + feature.upper()
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    return value
-
-
-def reasons_from(
-    contrib: np.ndarray, model: ProductModel, values: Mapping[str, Any]
-) -> list[Reason]:
-    """The features that pushed this risk up the most (positive SHAP only), ties by name."""
-    ranked = sorted(
-        ((float(contrib[i]), name) for name, i in model.index.items() if contrib[i] > 0),
-        key=lambda t: (-round(t[0], 12), t[1]),
-    )
-    out = []
-    for impact, name in ranked[:MAX_REASONS]:
-        feature = BY_NAME.get(name)
-        value = _json_value(values.get(name))
-        shown = (
-            "missing" if value is None else f"{value:,.4g}" if isinstance(value, float) else value
-        )
-        en = feature.description if feature else name
-        zh = feature.description_zh if feature else name
-        out.append(
-            Reason(reason_code(name), name, value, impact, f"{en}: {shown}", f"{zh}：{shown}")
-        )
-    return out
-
-
-def knockout_reasons(knockouts: list[pol.Knockout]) -> list[Reason]:
-    return [
-        Reason(k.code, k.feature, _json_value(k.value), math.inf, k.text_en, k.text_zh)
-        for k in knockouts
-    ]
-
-
 def loan_request(eid: str, product: str, amount: float, term: int) -> dict[str, Any]:
     """The request as logged in the decision log."""
     return {
@@ -147,22 +73,6 @@ def loan_request(eid: str, product: str, amount: float, term: int) -> dict[str, 
         "requested_amount": amount,
         "term_months": term,
     }
-
-
-def reasons_json(reasons: list[Reason]) -> list[dict[str, Any]]:
-    """Reasons as the API answers them and the decision log keeps them."""
-    return [
-        {
-            "code": r.code,
-            "feature": r.feature,
-            "value": r.value,
-            "impact": None if r.impact == math.inf else round(r.impact, 6),
-            "knockout": r.impact == math.inf,
-            "text_en": r.text_en,
-            "text_zh": r.text_zh,
-        }
-        for r in reasons
-    ]
 
 
 def policy_outcome(
@@ -249,36 +159,57 @@ class LendingEngine:
             raise ValueError(f"product must be one of {', '.join(PRODUCTS)}, got {product!r}")
         return self.models[product]
 
-    def _contributions(
-        self, enterprise_id: str, product: str, amount: float, term_months: int
-    ) -> tuple[ProductModel, EnterpriseFeatures, dict[str, Any], np.ndarray]:
-        """Model, features, feature values with the request's, and exact TreeSHAP of one row."""
-        model = self.model(product)
-        feats = self.features(enterprise_id)
-        values = self.values(feats, amount, term_months)
-        return model, feats, values, model.contributions(model.row(values))[0]
-
     # -- decisions -------------------------------------------------------------------------------
+    def decide(
+        self,
+        product: str,
+        requests: Sequence[tuple[EnterpriseFeatures, float, int]],
+        *,
+        reasons: bool = True,
+        limits: bool = False,
+    ) -> core.Decisions:
+        """The columnar core over (features, amount, term) requests of one product."""
+        return core.decide(
+            self.model(product), requests_frame(requests), self.policy, reasons=reasons,
+            limits=limits,
+        )  # fmt: skip
+
     def assess(
+        self, enterprise_id: str, product: str, amount: float, term_months: int, limit: bool = False
+    ) -> dict[str, Any]:
+        """PD, score, grade, decision and reasons for one request (and its limit when asked)."""
+        feats = self.features(enterprise_id)
+        d = self.decide(product, [(feats, amount, term_months)], limits=limit)
+        return outcome(d, 0, feats)
+
+    def assess_many(
+        self, product: str, requests: Sequence[tuple[str, float, int]], limit: bool = False
+    ) -> list[dict[str, Any] | EnterpriseNotFound]:
+        """One core call for many requests (/screen); an unknown enterprise is its own error."""
+        self.model(product)
+        found: list[tuple[int, EnterpriseFeatures, float, int]] = []
+        out: list[dict[str, Any] | EnterpriseNotFound] = []
+        for eid, amount, term in requests:
+            try:
+                found.append((len(out), self.features(eid), amount, term))
+                out.append(EnterpriseNotFound(eid))  # replaced below
+            except EnterpriseNotFound as e:
+                out.append(e)
+        if found:
+            d = self.decide(product, [(f, a, t) for _, f, a, t in found], limits=limit)
+            values = d.rows()
+            for r, (i, feats, _, _) in enumerate(found):
+                out[i] = outcome(d, r, feats, values[r])
+        return out
+
+    def limit(
         self, enterprise_id: str, product: str, amount: float, term_months: int
     ) -> dict[str, Any]:
-        """PD, score, grade, decision and reasons for one request (the heart of /score)."""
-        model, feats, values, contrib = self._contributions(
-            enterprise_id, product, amount, term_months
-        )
-        margin = float(contrib.sum())
-        pd_ = float(model.scorer.calibrator(np.array([margin]))[0])
-        return {
-            "model": model,
-            "features": feats,
-            "values": values,
-            "pd": pd_,
-            "margin": margin,
-            **policy_outcome(model, values, contrib, pd_, amount, term_months, self.policy),
-        }
+        return self.assess(enterprise_id, product, amount, term_months, limit=True)
 
     @staticmethod
     def values(feats: EnterpriseFeatures, amount: float, term_months: int) -> dict[str, Any]:
+        """The per-row reference: stored features plus request-time features."""
         values = dict(feats.values)
         values.update(
             request_features(
@@ -287,36 +218,16 @@ class LendingEngine:
         )
         return values
 
-    def pd_at(
-        self, model: ProductModel, feats: EnterpriseFeatures, amount: float, term: int
-    ) -> float:
-        x = model.row(self.values(feats, amount, term))
-        return float(model.scorer.calibrator(model.margin(x))[0])
-
-    def limit(
+    def explain(
         self, enterprise_id: str, product: str, amount: float, term_months: int
     ) -> dict[str, Any]:
         model = self.model(product)
         feats = self.features(enterprise_id)
-        values = self.values(feats, amount, term_months)
-        result = pol.limit(
-            lambda a: self.pd_at(model, feats, a, term_months),
-            amount,
-            term_months,
-            self.policy.product(product),
-            values,
-            self.policy,
-        )
-        return {"model": model, "features": feats, "values": values, "limit": result}
-
-    def explain(
-        self, enterprise_id: str, product: str, amount: float, term_months: int
-    ) -> dict[str, Any]:
-        model, feats, values, contrib = self._contributions(
-            enterprise_id, product, amount, term_months
-        )
+        d = self.decide(product, [(feats, amount, term_months)])
+        assert d.contributions is not None
+        contrib, values = d.contributions[0], d.values(0)
         base = float(contrib[-1])
-        margin = float(model.margin(model.row(values))[0])
+        margin = float(model.margin(model.row(values))[0])  # an independent prediction
         total = base + float(contrib[:-1].sum())
         if abs(total - margin) > 1e-6:
             raise ArithmeticError(
@@ -324,7 +235,7 @@ class LendingEngine:
             )
         rows = []
         for name, i in model.index.items():
-            value = _json_value(values.get(name))
+            value = json_value(values.get(name))
             rows.append({"feature": name, "value": value, "missing": value is None,
                          "shap_log_odds": float(contrib[i])})  # fmt: skip
         return {
@@ -336,3 +247,35 @@ class LendingEngine:
             "pd": float(model.scorer.calibrator(np.array([margin]))[0]),
             "additivity_error": abs(total - margin),
         }
+
+
+def requests_frame(requests: Sequence[tuple[EnterpriseFeatures, float, int]]) -> pl.DataFrame:
+    """The core's input: stored features in schema types, plus the amount and term asked for."""
+    frame = pl.DataFrame([f.values for f, _, _ in requests], schema=STORED_SCHEMA, orient="row")
+    return frame.with_columns(
+        pl.Series("requested_amount", [float(a) for _, a, _ in requests], dtype=pl.Float64),
+        pl.Series("term_months", [int(t) for _, _, t in requests], dtype=pl.Int64),
+    )
+
+
+def outcome(
+    d: core.Decisions, r: int, feats: EnterpriseFeatures, values: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Row r of the core's decisions as the service answers and logs it."""
+    if d.error[r] is not None:
+        raise core.DecisionInputError(f"{feats.enterprise_id}: {d.error[r]}")
+    values = values if values is not None else d.values(r)
+    return {
+        "model": d.model,
+        "features": feats,
+        "values": values,
+        "pd": float(d.pd[r]),
+        "margin": float(d.margin[r]),
+        "score": float(d.score[r]),
+        "grade": str(d.grade[r]),
+        "decision": d.decision_row(r, values),
+        "price": d.price_row(r),
+        "knockouts": d.knockout_list(r, values),
+        "reasons": d.reasons(r, values),
+        "limit": d.limit(r, values) if d.limits is not None else None,
+    }

@@ -21,6 +21,7 @@ from features.schema import PRODUCTS
 from kapok import uscc
 from kapok.settings import paths
 from serving.auth import AuthError, KeyStore
+from serving.core import DecisionInputError
 from serving.decision_log import (
     DecisionLog,
     DecisionLogError,
@@ -125,11 +126,15 @@ class Kapok:
                 HTTPStatus.SERVICE_UNAVAILABLE, f"decision log unavailable, nothing decided: {e}"
             ) from None
 
-    def _assess(self, eid: str, product: str, amount: float, term: int) -> dict[str, Any]:
+    def _assess(
+        self, eid: str, product: str, amount: float, term: int, limit: bool
+    ) -> dict[str, Any]:
         try:
-            return self.engine.assess(eid, product, amount, term)
+            return self.engine.assess(eid, product, amount, term, limit=limit)
         except EnterpriseNotFound as e:
             raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from None
+        except DecisionInputError as e:  # the feature store holds a value no policy can use
+            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, f"cannot decide: {e}") from None
 
     def _record(
         self,
@@ -179,21 +184,22 @@ class Kapok:
         ctx: bentoml.Context,
         endpoint: str,
         request: tuple[str, str, float, int],
-        extend: Callable[[dict, tuple[str, str, float, int]], tuple[dict, float | None]]
-        | None = None,
+        extend: Callable[[dict], tuple[dict, float | None]] | None = None,
+        limit: bool = False,
     ) -> dict[str, Any]:
-        """The path every decision takes (/score, /limit, /price): authenticate, validate, assess,
-        answer (plus what `extend` adds, and the limit it sets), and log before answering."""
+        """The path every decision takes (/score, /limit, /price): authenticate, validate, assess
+        (with the limit search when asked), answer (plus what `extend` adds, and the limit it
+        sets), and log before answering."""
         caller = self._caller(ctx, endpoint)
-        checked = check_request(*request, self.engine)
-        eid, product, amount, term = checked
-        a = self._assess(eid, product, amount, term)
+        eid, product, amount, term = check_request(*request, self.engine)
+        a = self._assess(eid, product, amount, term, limit)
         request_id = new_request_id()
         body = self._score_body(request_id, product, a)
-        extra, limit = extend(a, checked) if extend else ({}, None)
+        extra, limit_amount = extend(a) if extend else ({}, None)
         body.update(extra)
         logged = loan_request(eid, product, amount, term)
-        self._log([self._record(request_id, caller, endpoint, logged, a, body, limit=limit)])
+        record = self._record(request_id, caller, endpoint, logged, a, body, limit=limit_amount)
+        self._log([record])
         return body
 
     # -- endpoints -------------------------------------------------------------------------------
@@ -220,8 +226,8 @@ class Kapok:
     ) -> dict[str, Any]:
         """The largest amount the policy approves, the constraint that binds it, and the rate."""
 
-        def add_limit(a: dict, checked: tuple[str, str, float, int]) -> tuple[dict, float]:
-            lim = self.engine.limit(*checked)["limit"]
+        def add_limit(a: dict) -> tuple[dict, float]:
+            lim = a["limit"]
             extra = {
                 "limit": lim.limit,
                 "binding_constraint": lim.binding,
@@ -235,7 +241,7 @@ class Kapok:
             return extra, lim.limit
 
         request = (enterprise_id, product, requested_amount, term_months)
-        return self._decide(ctx, "limit", request, add_limit)
+        return self._decide(ctx, "limit", request, add_limit, limit=True)
 
     @bentoml.api(route="/price")
     def price(
@@ -248,7 +254,7 @@ class Kapok:
     ) -> dict[str, Any]:
         """Expected loss and the risk-based rate / fee / premium, part by part, under the caps."""
 
-        def add_price(a: dict, checked: tuple[str, str, float, int]) -> tuple[dict, None]:
+        def add_price(a: dict) -> tuple[dict, None]:
             return {"price": price_json(a["price"])}, None
 
         return self._decide(ctx, "price", (enterprise_id, product, amount, term_months), add_price)
@@ -291,6 +297,7 @@ class Kapok:
         if len(applicants) > MAX_SCREEN:
             raise bad(f"applicants: at most {MAX_SCREEN} per request, got {len(applicants)}")
         results, errors, records = [], [], []
+        valid: list[tuple[int, str, float, int]] = []
         for i, row in enumerate(applicants):
             try:
                 if not isinstance(row, dict):
@@ -299,19 +306,16 @@ class Kapok:
                     row.get("enterprise_id"), product, row.get("requested_amount"),
                     row.get("term_months"), self.engine, field_prefix=f"applicants[{i}].",
                 )  # fmt: skip
-                a = self.engine.assess(eid, product, amount, term)
-                lim = self.engine.limit(eid, product, amount, term)["limit"]
-            except (ApiError, EnterpriseNotFound) as e:
-                errors.append(
-                    {
-                        "index": i,
-                        "enterprise_id": row.get("enterprise_id")
-                        if isinstance(row, dict)
-                        else None,
-                        "error": str(e),
-                    }
-                )
+                valid.append((i, eid, amount, term))
+            except ApiError as e:
+                eid_given = row.get("enterprise_id") if isinstance(row, dict) else None
+                errors.append({"index": i, "enterprise_id": eid_given, "error": str(e)})
+        assessed = self.engine.assess_many(product, [v[1:] for v in valid], limit=True)
+        for (i, eid, amount, term), a in zip(valid, assessed, strict=True):
+            if isinstance(a, Exception):
+                errors.append({"index": i, "enterprise_id": eid, "error": str(a)})
                 continue
+            lim = a["limit"]
             request_id = new_request_id()
             body = {
                 **self._score_body(request_id, product, a),
@@ -326,6 +330,7 @@ class Kapok:
                 self._record(request_id, caller, "screen", request, a, body, limit=lim.limit)
             )
             results.append(body)
+        errors.sort(key=lambda e: e["index"])
         if records:
             self._log(records)
         results.sort(key=lambda r: (-r["pd"], r["enterprise_id"]))
