@@ -52,33 +52,53 @@ def request_features(
     return {LOAN_TO_SALES: to_sales, INSTALLMENT_TO_INFLOW: to_inflow, TERM: term}
 
 
-def _float_column(frame: pl.DataFrame, name: str) -> np.ndarray:
-    if name not in frame.columns:
-        return np.full(frame.height, np.nan)
-    return frame[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
+def numeric_columns(frame: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Every numeric column as float64 with NaN for missing (Series.to_numpy: no query plan,
+    which costs more than the data for the API's one row)."""
+    out = {}
+    for name, dtype in frame.schema.items():
+        if dtype.is_numeric():
+            out[name] = frame.get_column(name).to_numpy().astype(np.float64, copy=False)
+    return out
+
+
+def _column(columns: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
+    found = columns.get(name)
+    return np.full(n, np.nan) if found is None else found
+
+
+def _codes(column: pl.Series, codes: Mapping[str, float]) -> np.ndarray:
+    """Category codes as the model learned them; unknown and missing values are NaN."""
+    if len(column) <= 64:  # a dictionary lookup beats building a query for the API's few rows
+        return np.array([codes.get(str(v), np.nan) if v is not None else np.nan
+                         for v in column.to_list()], dtype=np.float64)  # fmt: skip
+    return (
+        column.cast(pl.String)
+        .replace_strict(dict(codes), default=None, return_dtype=pl.Float64)
+        .to_numpy()
+        .astype(np.float64, copy=False)
+    )
 
 
 class Matrix:
     """The model's input matrix for N requests, and the same rows at other amounts."""
 
-    def __init__(self, model: ProductModel, frame: pl.DataFrame, request: dict[str, np.ndarray]):
-        features = model.scorer.features
-        n = frame.height
-        x = np.full((n, len(features)), np.nan)
-        numeric = [f for f in features if f not in model.codes and f not in request]
-        present = [f for f in numeric if f in frame.columns]
-        if present:
-            block = frame.select(pl.col(present).cast(pl.Float64)).to_numpy()
-            x[:, [model.index[f] for f in present]] = block
-        for name, codes in model.codes.items():
-            if name in frame.columns:
-                col = frame[name].cast(pl.String)
-                x[:, model.index[name]] = col.replace_strict(
-                    codes, default=None, return_dtype=pl.Float64
-                ).to_numpy()
-        for name, values in request.items():
-            if name in model.index:
-                x[:, model.index[name]] = values
+    def __init__(
+        self,
+        model: ProductModel,
+        frame: pl.DataFrame,
+        columns: Mapping[str, np.ndarray],
+        request: dict[str, np.ndarray],
+    ):
+        x = np.full((frame.height, len(model.scorer.features)), np.nan)
+        for name, i in model.index.items():
+            if name in request:
+                x[:, i] = request[name]
+            elif name in model.codes:
+                if name in frame.columns:
+                    x[:, i] = _codes(frame.get_column(name), model.codes[name])
+            elif name in columns:
+                x[:, i] = columns[name]
         self.x = x
         self.model = model
         self.to_sales = model.index.get(LOAN_TO_SALES)
@@ -281,14 +301,15 @@ def decide(
             raise DecisionInputError(f"requests lack the column {name}")
     n = requests.height
     product = policy.product(model.product)
-    amount = requests["requested_amount"].cast(pl.Float64).to_numpy()
-    term = requests["term_months"].cast(pl.Int64).to_numpy()
+    amount = requests.get_column("requested_amount").cast(pl.Float64).to_numpy()
+    term = requests.get_column("term_months").cast(pl.Int64).to_numpy()
     if n and (np.isnan(amount).any() or (amount < 0).any() or np.isinf(amount).any()):
         raise DecisionInputError("requested_amount must be a finite number >= 0 on every row")
-    if n and (term < 1).any():
+    if requests.get_column("term_months").null_count() or (n and (term < 1).any()):
         raise DecisionInputError("term_months must be a whole number >= 1 on every row")
-    sales = _float_column(requests, pol.SALES_FEATURE)
-    inflow = _float_column(requests, pol.INFLOW_FEATURE)
+    columns = numeric_columns(requests)
+    sales = _column(columns, pol.SALES_FEATURE, n)
+    inflow = _column(columns, pol.INFLOW_FEATURE, n)
     error = np.full(n, None, dtype=object)
     with np.errstate(invalid="ignore"):
         negative = sales < 0
@@ -296,7 +317,7 @@ def decide(
         f"feature {pol.SALES_FEATURE} is negative ({s:,.2f})" for s in sales[negative]
     ]
     request = request_features(amount, term, sales, inflow)
-    matrix = Matrix(model, requests, request)
+    matrix = Matrix(model, requests, columns, request)
 
     contrib = reason_idx = None
     if reasons:
@@ -307,8 +328,6 @@ def decide(
         margin = model.margin(matrix.x)
     pd_ = model.scorer.calibrator(margin)
 
-    columns = {name: _float_column(requests, name) for name in
-               {rule.feature for rule in policy.knockout_rules}}  # fmt: skip
     kos = cp.knockouts(columns, n, policy)
     price = cp.prices(pd_, amount, term, product, sales, policy)
     severity = cp.decide(pd_, product, kos.worst, price.within_cap)

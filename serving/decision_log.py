@@ -1,5 +1,16 @@
 """Append-only log of every lending decision, written before the API responds.
-SQLite at $KAPOK_HOME/decisions/decisions.db, or the SQLAlchemy URL in KAPOK_DECISION_LOG."""
+SQLite at $KAPOK_HOME/decisions/decisions.db, or the SQLAlchemy URL in KAPOK_DECISION_LOG.
+
+Group commit: every write hands its records to one background writer thread and blocks until the
+transaction holding them has committed ("logged before answered"). Records that arrive while a
+transaction is in flight go together into the next one, so concurrent API requests share one
+commit (one fsync) instead of queueing on the database lock one transaction each.
+
+Storage: JSON fields are compact UTF-8 JSON (sorted keys, no spaces, no \\u escapes). The
+`response` column leaves out the keys whose value is exactly what the row's own columns give
+(request_id, reasons, price, rounded pd and score, ...) and lists them under "@derived"; `get`,
+`recent`, `between` and `frame` put them back, so what is read equals what was written.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +18,20 @@ import datetime as dt
 import json
 import math
 import os
+import threading
+import time
 import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy import exc
+from sqlalchemy import event, exc
+from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
 from kapok.settings import paths
@@ -29,6 +45,10 @@ APPEND_ONLY_MESSAGE = "decision log is append-only"
 
 _JSON_FIELDS = ("request", "features", "feature_timestamps", "price", "reasons", "response")
 _ADVISORY_LOCK_KEY = 7_460_318_214  # serialises schema set-up across API workers (PostgreSQL)
+DEFAULT_TIMEOUT = 45.0  # seconds a write waits for its commit: the API can still answer 503
+# within BentoML's 60 s request timeout
+MAX_BATCH_ROWS = 2_000  # rows per group-commit transaction (one caller's list is never split)
+SQLITE_BUSY_MS = 30_000  # how long a SQLite writer waits for another process's write lock
 
 
 class DecisionLogError(RuntimeError):
@@ -93,7 +113,20 @@ def default_url() -> str:
 
 def json_safe(value: Any) -> Any:
     """Plain JSON values: NaN/inf → None, numpy scalars/arrays → Python, datetimes → ISO text."""
-    if value is None or isinstance(value, str | bool | int):
+    kind = type(value)  # the plain types first: a decision is mostly these (the hot path)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is dict:
+        return {k if type(k) is str else str(k): json_safe(v) for k, v in value.items()}
+    if kind is list:
+        return [json_safe(v) for v in value]
+    return _json_safe_other(value)
+
+
+def _json_safe_other(value: Any) -> Any:
+    if isinstance(value, str | bool | int):
         return value
     if type(value).__name__ in ("NAType", "NaTType"):  # pandas missing values
         return None
@@ -115,13 +148,155 @@ def json_safe(value: Any) -> Any:
 
 
 def _dumps(value: Any) -> str | None:
+    """Compact JSON text: sorted keys, no spaces, UTF-8 kept as is (Chinese text is 3 bytes a
+    character, not a 6-byte \\u escape). Reads back to the same value as before."""
     if value is None:
         return None
-    return json.dumps(json_safe(value), allow_nan=False, ensure_ascii=False, sort_keys=True)
+    return _json_text(json_safe(value))
+
+
+_ENCODER = json.JSONEncoder(
+    allow_nan=False, ensure_ascii=False, sort_keys=True, separators=(",", ":")
+)
+
+
+def _json_text(value: Any) -> str:
+    return _ENCODER.encode(value)
 
 
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+# -- the response column without what the row already holds ------------------------------------
+#
+# The API's response body repeats the row: request_id, product, model, decided_at, grade,
+# decision, the reasons and the price (about 1.6 kB of the 2 kB body), and pd / score rounded.
+# A response key is left out only when the JSON text of its value is exactly the JSON text that
+# the function below derives from the row's stored columns; the left-out keys are listed under
+# DERIVED_KEY, and reading derives the same text from the same stored columns, so the value read
+# back is the one written (types included: 80000 and 80000.0 differ in text and stay stored).
+DERIVED_KEY = "@derived"
+
+
+def _text_of(column: str) -> Callable[[Mapping[str, Any]], str | None]:
+    return lambda row: row[column] if isinstance(row[column], str) else None
+
+
+def _text(column: str) -> Callable[[Mapping[str, Any]], str | None]:
+    return lambda row: _json_text(row[column]) if isinstance(row[column], str) else None
+
+
+def _number(column: str, digits: int | None = None) -> Callable[[Mapping[str, Any]], str | None]:
+    """A DOUBLE column (None stays null), optionally rounded as the API rounds it."""
+
+    def derive(row: Mapping[str, Any]) -> str | None:
+        value = row[column]
+        if value is None and digits is None:
+            return "null"
+        if not isinstance(value, float):
+            return None
+        return _json_text(value if digits is None else round(value, digits))
+
+    return derive
+
+
+def _decided_at_text(row: Mapping[str, Any]) -> str | None:
+    return _json_text(_utc(row["decided_at"]).isoformat())
+
+
+def _features_as_of(row: Mapping[str, Any]) -> str | None:
+    stamps = _loads(row["feature_timestamps"])
+    if not isinstance(stamps, dict) or not stamps:
+        return None
+    values = list(stamps.values())
+    if not all(isinstance(v, str) for v in values):
+        return None
+    return _json_text(max(values))
+
+
+def _requested_amount(row: Mapping[str, Any]) -> str | None:
+    request = _loads(row["request"])
+    if not isinstance(request, dict) or "requested_amount" not in request:
+        return None
+    return _json_text(request["requested_amount"])
+
+
+# response key -> JSON text derived from the stored row (None: nothing to derive)
+_DERIVABLE: dict[str, Callable[[Mapping[str, Any]], str | None]] = {
+    "request_id": _text("request_id"),
+    "product": _text("product"),
+    "enterprise_id": _text("enterprise_id"),
+    "model_name": _text("model_name"),
+    "model_version": _text("model_version"),
+    "grade": _text("grade"),
+    "decision": _text("decision"),
+    "decided_at": _decided_at_text,
+    "pd": _number("pd", 6),
+    "score": _number("score", 1),
+    "limit": _number("limit_amount"),
+    "reasons": _text_of("reasons"),
+    "price": _text_of("price"),
+    "features_as_of": _features_as_of,
+    "requested_amount": _requested_amount,
+}
+_RESPONSE_SOURCES = ("request_id", "decided_at", "enterprise_id", "product", "request",
+                     "model_name", "model_version", "feature_timestamps", "pd", "score", "grade",
+                     "decision", "limit_amount", "price", "reasons")  # fmt: skip
+
+
+def _compact_response(row: Mapping[str, Any], response: Any) -> str | None:
+    """The response's JSON text for the row, without the keys the row derives exactly."""
+    safe = json_safe(response)
+    if not isinstance(safe, dict):
+        return None if safe is None else _json_text(safe)
+    derived = []
+    for key, derive in _DERIVABLE.items():
+        if key in safe:
+            try:
+                text = derive(row)
+            except (TypeError, ValueError):  # e.g. timestamps that do not compare
+                continue
+            if text is not None and text == _json_text(safe[key]):
+                derived.append(key)
+    if not derived and DERIVED_KEY not in safe:
+        return _json_text(safe)
+    kept = {k: v for k, v in safe.items() if k not in derived}
+    if DERIVED_KEY in safe:  # a response that has the marker key itself keeps it, escaped
+        kept[DERIVED_KEY] = {"keys": derived, "value": safe[DERIVED_KEY]}
+    else:
+        kept[DERIVED_KEY] = derived
+    return _json_text(kept)
+
+
+def _restored(response: Any, row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The stored response with the derived keys put back (keys sorted), or None when it has
+    none to put back (stored as written: an older row, or nothing was derivable)."""
+    if not isinstance(response, dict) or DERIVED_KEY not in response:
+        return None
+    marker = response[DERIVED_KEY]
+    escaped = isinstance(marker, dict) and set(marker) == {"keys", "value"}
+    keys = marker["keys"] if escaped else marker
+    if not isinstance(keys, list) or not all(
+        isinstance(k, str) and k in _DERIVABLE and k not in response for k in keys
+    ):
+        return None  # not ours (a row written by another tool): leave it as it is
+    restored = {k: v for k, v in response.items() if k != DERIVED_KEY}
+    if escaped:
+        restored[DERIVED_KEY] = marker["value"]
+    for key in keys:
+        text = _DERIVABLE[key](row)
+        if text is None:
+            raise ValueError(f"response key {key!r} cannot be derived from the row")
+        restored[key] = json.loads(text)
+    return dict(sorted(restored.items()))
+
+
+def _full_response(row: Mapping[str, Any]) -> Any:
+    """The response as written."""
+    response = _loads(row["response"])
+    restored = _restored(response, row)
+    return response if restored is None else restored
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -212,13 +387,64 @@ def _reason(error: BaseException) -> str:
     return text[0] if text else type(cause).__name__
 
 
+def _is_connection_error(error: BaseException) -> bool:
+    """Errors of the database or the connection, not of one caller's rows (locked, down, full)."""
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, exc.OperationalError | exc.InterfaceError | exc.TimeoutError)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """Set on every new SQLite connection (the pool's connect event).
+
+    busy_timeout: wait for another process's write lock instead of failing at once.
+    journal_mode=WAL: readers (get, recent, the review jobs) never block the writer and the writer
+    never blocks them; a commit appends to the -wal file instead of rewriting database pages.
+    synchronous=FULL: in WAL mode the default NORMAL does not fsync the WAL at commit, so the last
+    transactions can vanish on power loss or an OS crash although commit() returned; the API
+    answers only after the commit, so an answered decision must survive that: FULL fsyncs the WAL
+    at every commit. Group commit is what makes that one fsync per batch, not per decision.
+    """
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")  # 'memory' for an in-memory database
+        cursor.execute("PRAGMA synchronous = FULL")
+    finally:
+        cursor.close()
+
+
+class _WriterStopped(RuntimeError):
+    """The writer thread ended with records still in its hands."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One caller's records on their way to the database, and how it went."""
+
+    rows: list[dict[str, Any]]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.done.set()
+
+
+@dataclass(eq=False)
+class _Writer:
+    thread: threading.Thread | None = None
+    stop: bool = False
+
+
 class DecisionLog:
     """The decisions table behind SQLAlchemy Core: write, write_many, get, recent, count.
 
     There is deliberately no update or delete; database triggers reject them as well.
+    Thread-safe: writes from any number of threads are group-committed by one writer thread.
     """
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(self, url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         raw = url if url is not None else default_url()
         try:
             self._url = sa.make_url(raw)
@@ -230,23 +456,42 @@ class DecisionLog:
                 f"decision log {self.url}: unsupported backend {self._backend!r} "
                 "(use sqlite or postgresql, which enforce the append-only triggers)"
             )
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        self._timeout = float(timeout)
+        options: dict[str, Any] = {"pool_pre_ping": True}
         connect_args: dict[str, Any] = {}
+        # one shared connection for an in-memory database (each connection would be a database
+        # of its own); every use of it is then serialised by self._serial
+        self._serial: AbstractContextManager[Any] = nullcontext()
         if self._backend == "sqlite":
-            connect_args = {"timeout": 30, "check_same_thread": False}
+            connect_args = {"timeout": SQLITE_BUSY_MS / 1000, "check_same_thread": False}
+            if self._in_memory():
+                options["poolclass"] = StaticPool
+                self._serial = threading.RLock()
         elif self._url.get_driver_name() == "psycopg2":
             connect_args = {"connect_timeout": 5}
         try:
-            self._engine = sa.create_engine(
-                self._url, connect_args=connect_args, pool_pre_ping=True
-            )
+            self._engine = sa.create_engine(self._url, connect_args=connect_args, **options)
         except Exception as e:  # missing DBAPI driver, bad options
             raise DecisionLogError(f"decision log {self.url}: {_reason(e)}") from e
+        if self._backend == "sqlite":
+            event.listen(self._engine, "connect", _sqlite_pragmas)
         self._ready = False
+        self._schema_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[_Pending] = deque()
+        self._writer: _Writer | None = None
 
     @property
     def url(self) -> str:
         """The database URL with any password masked."""
         return self._url.render_as_string(hide_password=True)
+
+    def _in_memory(self) -> bool:
+        database = self._url.database or ""
+        mode = str(self._url.query.get("mode", ""))
+        return database in ("", ":memory:") or "mode=memory" in database or mode == "memory"
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -254,6 +499,13 @@ class DecisionLog:
         """Create the table and append-only triggers on first use (idempotent, retried)."""
         if self._ready:
             return
+        with self._schema_lock, self._serial:
+            if self._ready:
+                return
+            self._create_schema()
+            self._ready = True
+
+    def _create_schema(self) -> None:
         try:
             if self._backend == "sqlite":
                 database = self._url.database
@@ -274,38 +526,150 @@ class DecisionLog:
             raise DecisionLogError(
                 f"decision log {self.url}: cannot create the decisions table: {_reason(e)}"
             ) from e
-        self._ready = True
 
     # -- writing -----------------------------------------------------------------------------
 
     def write(self, record: DecisionRecord) -> None:
-        """Append one decision in one transaction; duplicates and DB errors → DecisionLogError."""
-        self._insert([record], what=f"decision {record.request_id}")
+        """Append one decision, committed when this returns; duplicates and DB errors →
+        DecisionLogError."""
+        self._commit([record], f"decision {record.request_id}")
 
     def write_many(self, records: Iterable[DecisionRecord]) -> None:
-        """Append a batch (/screen) in one transaction: all of it or none of it."""
+        """Append a batch (/screen): all of it or none of it, committed when this returns."""
         batch = list(records)
-        if batch:
-            self._insert(batch, what=f"batch of {len(batch)} decisions")
+        self._commit(batch, f"batch of {len(batch)} decisions")
 
-    def _insert(self, records: list[DecisionRecord], what: str) -> None:
+    def commit(self, records: list[DecisionRecord]) -> None:
+        """Append `records` (all or none) and return once the transaction holding them has
+        committed: a decision is logged before it is answered.
+
+        The records go to the writer thread, which commits whatever callers have handed it in
+        one transaction (group commit). If that transaction fails, each caller's records are
+        retried in a transaction of their own, so a duplicate request_id fails its own caller
+        only. Every failure (duplicate, database down, no commit within `timeout` seconds, the
+        writer gone) raises DecisionLogError here, in the calling thread.
+        """
+        batch = list(records)
+        if len(batch) == 1:
+            self._commit(batch, f"decision {batch[0].request_id}")
+        else:
+            self._commit(batch, f"batch of {len(batch)} decisions")
+
+    def _commit(self, batch: list[DecisionRecord], what: str) -> None:
+        if not batch:
+            return
         try:
-            rows = [_to_row(r) for r in records]
+            rows = [_to_row(r) for r in batch]
         except (TypeError, ValueError) as e:
             raise DecisionLogError(f"decision log {self.url}: cannot encode {what}: {e}") from e
         self._ensure_schema()
-        try:
-            with self._engine.begin() as conn:
-                conn.execute(decisions.insert(), rows)
-        except exc.IntegrityError as e:
-            raise DecisionLogError(
+        pending = _Pending(rows)
+        self._submit(pending)
+        self._wait(pending, what)
+
+    def _submit(self, pending: _Pending) -> None:
+        with self._cond:
+            self._queue.append(pending)
+            if self._writer is None:
+                writer = _Writer()
+                writer.thread = threading.Thread(
+                    target=self._run_writer, args=(writer,), name="kapok-decision-log", daemon=True
+                )
+                self._writer = writer
+                writer.thread.start()
+            self._cond.notify()
+
+    def _wait(self, pending: _Pending, what: str) -> None:
+        deadline = time.monotonic() + self._timeout
+        while not pending.done.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+            with self._cond:
+                queued = pending in self._queue
+                writer = self._writer
+                alive = writer is not None and writer.thread is not None
+                alive = alive and writer.thread.is_alive()  # type: ignore[union-attr]
+                if queued and (not alive or time.monotonic() >= deadline):
+                    self._queue.remove(pending)  # never reaches the database
+                    why = (
+                        "the decision-log writer has stopped"
+                        if not alive
+                        else f"the writer did not get to it within {self._timeout:g}s"
+                    )
+                    raise DecisionLogError(f"decision log {self.url}: {what} not written: {why}")
+            if pending.done.is_set():
+                break
+            if time.monotonic() >= deadline:
+                raise DecisionLogError(
+                    f"decision log {self.url}: {what} not confirmed within {self._timeout:g}s "
+                    "(the database did not answer; it may still be committed)"
+                )
+        if pending.error is not None:
+            raise self._failure(pending.error, what) from pending.error
+
+    def _failure(self, error: BaseException, what: str) -> DecisionLogError:
+        if isinstance(error, _WriterStopped):
+            return DecisionLogError(f"decision log {self.url}: {what} not written: {error}")
+        if isinstance(error, exc.IntegrityError):
+            return DecisionLogError(
                 f"decision log {self.url}: {what} not written: request_id already logged "
-                f"or invalid row ({_reason(e)}); the log is append-only"
-            ) from e
-        except exc.SQLAlchemyError as e:
-            raise DecisionLogError(
-                f"decision log {self.url}: {what} not written: {_reason(e)}"
-            ) from e
+                f"or invalid row ({_reason(error)}); the log is append-only"
+            )
+        return DecisionLogError(f"decision log {self.url}: {what} not written: {_reason(error)}")
+
+    def _run_writer(self, writer: _Writer) -> None:
+        """The writer thread: take everything queued (up to MAX_BATCH_ROWS), commit it in one
+        transaction, tell each caller; until close() and the queue is empty."""
+        batch: list[_Pending] = []
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not writer.stop:
+                        self._cond.wait()
+                    if not self._queue:
+                        if self._writer is writer:
+                            self._writer = None
+                        return
+                    batch = [self._queue.popleft()]
+                    rows = len(batch[0].rows)
+                    while self._queue and rows + len(self._queue[0].rows) <= MAX_BATCH_ROWS:
+                        rows += len(self._queue[0].rows)
+                        batch.append(self._queue.popleft())
+                self._commit_batch(batch)
+                batch = []
+        except BaseException as e:  # a bug or the interpreter going down: nobody waits forever
+            with self._cond:
+                if self._writer is writer:
+                    self._writer = None
+                orphans = [*batch, *self._queue]
+                self._queue.clear()
+            stopped = _WriterStopped(f"the decision-log writer stopped ({type(e).__name__}: {e})")
+            for p in orphans:
+                if not p.done.is_set():
+                    p.finish(stopped)
+            raise
+
+    def _commit_batch(self, batch: list[_Pending]) -> None:
+        try:
+            self._insert([row for p in batch for row in p.rows])
+        except Exception as e:
+            if len(batch) == 1 or _is_connection_error(e):
+                for p in batch:
+                    p.finish(e)
+                return
+            for p in batch:  # find whose rows failed: each caller in a transaction of its own
+                try:
+                    self._insert(p.rows)
+                except Exception as own:
+                    p.finish(own)
+                else:
+                    p.finish()
+            return
+        for p in batch:
+            p.finish()
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        """One transaction (executemany); raises whatever the driver raised."""
+        with self._serial, self._engine.begin() as conn:
+            conn.execute(decisions.insert(), rows)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -352,6 +716,7 @@ class DecisionLog:
 
         JSON fields (features, request, reasons, ...) stay JSON text; decode what you need with
         `pl.col("features").str.json_decode(dtype)`. `decided_at` is a UTC datetime column.
+        `response` is the whole response as written (the keys the row derives put back).
         """
         import polars as pl
 
@@ -359,14 +724,19 @@ class DecisionLog:
         unknown = [n for n in names if n not in decisions.c]
         if unknown:
             raise ValueError(f"decision log has no column(s) {', '.join(unknown)}")
+        fetched = list(names)
+        if "response" in names:  # restoring it reads the columns it derives from
+            fetched += [n for n in _RESPONSE_SOURCES if n not in fetched]
         query = self._window(
-            sa.select(*(decisions.c[n] for n in names)), since, until, product
+            sa.select(*(decisions.c[n] for n in fetched)), since, until, product
         ).order_by(decisions.c.decided_at.asc(), decisions.c.request_id.asc())
         rows = self._select(query, "frame")
         types = {"decided_at": pl.Datetime("us", "UTC"), "pd": pl.Float64,
                  "score": pl.Float64, "limit_amount": pl.Float64}  # fmt: skip
         schema = {n: types.get(n, pl.String) for n in names}
         data = {n: [r[i] for r in rows] for i, n in enumerate(names)}
+        if "response" in data:
+            data["response"] = [_response_text(r._mapping) for r in rows]
         if "decided_at" in data:
             data["decided_at"] = [_utc(v) for v in data["decided_at"]]
         return pl.DataFrame(data, schema=schema)
@@ -407,7 +777,7 @@ class DecisionLog:
     def _select(self, query: sa.Select, what: str) -> list[sa.Row]:
         self._ensure_schema()
         try:
-            with self._engine.connect() as conn:
+            with self._serial, self._engine.connect() as conn:
                 return list(conn.execute(query))
         except exc.SQLAlchemyError as e:
             raise DecisionLogError(f"decision log {self.url}: {what} failed: {_reason(e)}") from e
@@ -415,7 +785,16 @@ class DecisionLog:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release pooled connections."""
+        """Stop the writer thread once it has committed what it was given, then release pooled
+        connections. A later write starts a new writer."""
+        with self._cond:
+            writer = self._writer
+            if writer is not None:
+                writer.stop = True
+                self._cond.notify_all()
+        thread = writer.thread if writer is not None else None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self._timeout)
         self._engine.dispose()
 
     def __enter__(self) -> DecisionLog:
@@ -462,14 +841,27 @@ def _to_row(record: DecisionRecord) -> dict[str, Any]:
         "limit_amount": None if record.limit_amount is None else float(record.limit_amount),
     }
     for name in _JSON_FIELDS:
-        row[name] = _dumps(getattr(record, name))
+        if name != "response":
+            row[name] = _dumps(getattr(record, name))
+    row["response"] = _compact_response(row, record.response)
     return row
+
+
+def _response_text(row: Mapping[str, Any]) -> str | None:
+    """The response column as it was before the derived keys were left out."""
+    text = row["response"]
+    if text is None or DERIVED_KEY not in text:
+        return text
+    restored = _restored(json.loads(text), row)
+    return text if restored is None else _json_text(restored)
 
 
 def _from_row(row: sa.Row) -> DecisionRecord:
     m = row._mapping
     values = {c.name: m[c.name] for c in decisions.columns}
+    values["response"] = _full_response(m)
     for name in _JSON_FIELDS:
-        values[name] = _loads(values[name])
+        if name != "response":
+            values[name] = _loads(values[name])
     values["decided_at"] = _utc(values["decided_at"])
     return DecisionRecord(**values)

@@ -37,14 +37,13 @@ def random_stored(rng: np.random.Generator, n: int) -> dict[str, list[Any]]:
     for f in FEATURES:
         if f.categorical:
             pool = {
-                "reg_industry": INDUSTRIES + ["Z"],
+                "reg_industry": [*INDUSTRIES, "Z"],
                 "reg_district": DISTRICTS,
                 "reg_size_class": SIZES,
             }[f.name]  # fmt: skip  ("Z": unseen in training)
             values: list[Any] = [pool[i] for i in rng.integers(0, len(pool), n)]
-        elif f.name in ("jud_dishonest_debtor_listed", "reg_abnormal_ops_listed"):
-            values = (rng.random(n) < 0.05).astype(int).tolist()
-        elif f.name == "jud_enforcements_12m":
+        elif f.name in ("jud_dishonest_debtor_listed", "reg_abnormal_ops_listed",
+                        "jud_enforcements_12m"):  # fmt: skip
             values = (rng.random(n) < 0.05).astype(int).tolist()
         elif f.name == "reg_firm_age_months":
             values = rng.integers(1, 300, n).tolist()

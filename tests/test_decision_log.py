@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import math
+import re
+import sqlite3
+import threading
+import time
 import uuid
 
 import pytest
@@ -253,3 +258,333 @@ def test_round_trip_and_append_only_on_postgres():
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+# -- group commit --------------------------------------------------------------------------------
+
+
+def _count_commits(log: DecisionLog, delay: float = 0.0) -> list[int]:
+    """Count the transactions the log commits from now on; `delay` stands in for a slow fsync
+    (so concurrent callers pile up while one transaction is in flight, as they do on a disk)."""
+    log.count()  # schema first: its transaction is not one of the writer's
+    commits = [0]
+
+    def on_commit(_conn: sa.Connection) -> None:
+        commits[0] += 1
+        if delay:
+            time.sleep(delay)
+
+    sa.event.listen(log._engine, "commit", on_commit)
+    return commits
+
+
+class _Gate:
+    """Holds the writer thread inside its next commit until `open()`."""
+
+    def __init__(self, log: DecisionLog) -> None:
+        log.count()
+        self.entered, self._open, self._armed = threading.Event(), threading.Event(), True
+        sa.event.listen(log._engine, "commit", self._on_commit)
+
+    def _on_commit(self, _conn: sa.Connection) -> None:
+        if self._armed:
+            self._armed = False
+            self.entered.set()
+            assert self._open.wait(30)
+
+    def open(self) -> None:
+        self._open.set()
+
+
+def _in_thread(fn, *args) -> tuple[threading.Thread, list]:
+    """Run fn(*args) in a thread; the list gets the exception it raised, or None."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # the test looks at it
+            outcome.append(e)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _concurrent_writers(log: DecisionLog, threads: int = 32, each: int = 50) -> None:
+    """threads x each decisions, one write() per decision, all at once: every one lands, each
+    readable the moment write() returns, in far fewer transactions than decisions."""
+    commits = _count_commits(log, delay=0.003)
+    ids = [[f"req_t{t:02d}_{i:03d}" for i in range(each)] for t in range(threads)]
+    start = threading.Barrier(threads)
+    unreadable: list[str] = []
+
+    def writer(mine: list[str]) -> None:
+        start.wait()
+        for i, rid in enumerate(mine):
+            log.write(record(rid, decided_at=T0 + dt.timedelta(seconds=i)))
+            if i % 10 == 0 and log.get(rid) is None:  # logged before answered
+                unreadable.append(rid)
+
+    workers = [_in_thread(writer, mine) for mine in ids]
+    for thread, outcome in workers:
+        thread.join(120)
+        assert outcome == [None]
+    total = threads * each
+    assert unreadable == []
+    assert log.count() == total
+    assert log.known(rid for mine in ids for rid in mine) == {r for mine in ids for r in mine}
+    assert log.get(ids[7][42]) == record(ids[7][42], decided_at=T0 + dt.timedelta(seconds=42))
+    assert commits[0] <= total // 5, f"{commits[0]} transactions for {total} decisions"
+
+
+def test_concurrent_writers_are_group_committed(log: DecisionLog):
+    _concurrent_writers(log)
+
+
+def test_a_duplicate_fails_only_its_own_caller(log: DecisionLog):
+    _duplicate_fails_only_its_caller(log)
+
+
+def _duplicate_fails_only_its_caller(log: DecisionLog) -> None:
+    """Callers queued into one group-commit batch; one of them repeats a logged request_id."""
+    original = record("req_dup")
+    log.write(original)
+    gate = _Gate(log)
+    first, first_outcome = _in_thread(log.write, record("req_first"))
+    assert gate.entered.wait(10)  # the writer is inside a transaction: the rest queue up
+    lists = {
+        i: [record(f"req_{i}_a", endpoint="screen"), record(f"req_{i}_b", endpoint="screen")]
+        for i in range(8)
+    }
+    lists[3][1] = record("req_dup", enterprise_id="other", endpoint="screen")
+    callers = {i: _in_thread(log.commit, batch) for i, batch in lists.items()}
+    _wait_until(lambda: len(log._queue) == len(lists))  # all in one group-commit batch
+    gate.open()
+    first.join(30)
+    assert first_outcome == [None]
+    for i, (thread, outcome) in callers.items():
+        thread.join(30)
+        if i == 3:
+            assert isinstance(outcome[0], DecisionLogError)
+            message = str(outcome[0])
+            assert "batch of 2 decisions not written: request_id already logged" in message
+            assert "append-only" in message
+        else:
+            assert outcome == [None], i
+    assert log.get("req_3_a") is None  # the failing caller's list is all or nothing
+    assert log.get("req_dup") == original
+    expected = {f"req_{i}_{s}" for i in range(8) if i != 3 for s in "ab"}
+    assert log.known([*expected, "req_3_a"]) == expected
+    assert log.count() == 2 + len(expected)
+
+
+def test_commit_returns_only_once_committed(log: DecisionLog):
+    gate = _Gate(log)
+    r = record("req_held")
+    thread, outcome = _in_thread(log.commit, [r])
+    assert gate.entered.wait(10)
+    time.sleep(0.2)
+    assert thread.is_alive() and outcome == []  # still waiting for its commit
+    assert log.get("req_held") is None  # and nothing is visible before it
+    gate.open()
+    thread.join(10)
+    assert outcome == [None]
+    assert log.get("req_held") == r
+
+
+def test_sqlite_is_in_wal_mode_with_durable_commits(log: DecisionLog):
+    log.write(record())
+    path = paths().home / "decisions" / "decisions.db"
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        raw.close()
+    with log._engine.connect() as conn:  # every connection the log opens
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+
+
+def test_writer_thread_is_lazy_daemon_and_stopped_by_close(tmp_path):
+    log = DecisionLog(f"sqlite:///{tmp_path / 'log.db'}")
+    assert log._writer is None
+    log.write(record("req_1"))
+    thread = log._writer.thread
+    assert thread.daemon and thread.is_alive()
+    log.close()
+    assert not thread.is_alive() and log._writer is None
+    log.write(record("req_2"))  # a closed log still writes, with a new writer
+    assert log.count() == 2
+    log.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_writer_fails_its_callers_instead_of_hanging(log: DecisionLog, monkeypatch):
+    def crash(batch: list) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(log, "_commit_batch", crash)
+    started = time.monotonic()
+    with pytest.raises(DecisionLogError, match=r"req_lost not written: .*writer stopped.*boom"):
+        log.write(record("req_lost"))
+    assert time.monotonic() - started < 5
+    monkeypatch.undo()
+    log.write(record("req_after"))  # the next write starts a new writer
+    assert log.known(["req_lost", "req_after"]) == {"req_after"}
+
+
+def test_a_caller_gives_up_after_timeout_and_is_not_written(tmp_path):
+    with DecisionLog(f"sqlite:///{tmp_path / 'log.db'}", timeout=0.5) as log:
+        gate = _Gate(log)
+        first, first_outcome = _in_thread(log.write, record("req_first"))
+        assert gate.entered.wait(10)
+        with pytest.raises(DecisionLogError, match=r"req_late not written: .* within 0\.5s"):
+            log.write(record("req_late"))  # still queued: taken out, never written
+        first.join(10)  # in flight: told it is not confirmed (it may still be committed)
+        assert re.search(r"req_first not confirmed within 0\.5s", str(first_outcome[0]))
+        gate.open()
+        log.write(record("req_next"))
+        assert log.known(["req_first", "req_late", "req_next"]) == {"req_first", "req_next"}
+
+
+def test_in_memory_database_is_shared_by_the_writer_thread():
+    with DecisionLog("sqlite://") as log:
+        r = record()
+        log.write(r)
+        assert log.get(r.request_id) == r and log.count() == 1
+
+
+# -- compact storage -----------------------------------------------------------------------------
+
+
+def realistic(request_id: str | None = None) -> DecisionRecord:
+    """A /price decision as the API logs it: the response repeats the record."""
+    r = record(request_id, endpoint="price")
+    reasons = [
+        {"code": f"R_F{i}", "feature": f"f{i}", "value": 1234.5 * i, "impact": 0.1 * i,
+         "knockout": False, "text_en": f"Declared sales fell {i}0% year on year",
+         "text_zh": f"近12个月申报销售额同比下降{i}0%"}
+        for i in range(4)
+    ]  # fmt: skip
+    price = {"annual_rate": 0.1123456789, "fee_rate": None, "within_cap": True, "term_months": 12}
+    features = {f"feature_number_{i:02d}": 1.0 / (i + 3) for i in range(60)}
+    r = dataclasses.replace(r, features=features, reasons=reasons, price=price, limit_amount=None)
+    body = {
+        "request_id": r.request_id, "product": r.product, "model_name": r.model_name,
+        "model_version": r.model_version, "features_as_of": "2025-02-28T00:00:00+00:00",
+        "decided_at": r.decided_at.isoformat(), "pd": round(r.pd, 6), "score": round(r.score, 1),
+        "grade": r.grade, "decision": r.decision, "policy_path": ["no knock-out", "grade B"],
+        "reasons": reasons, "price": price,
+    }  # fmt: skip
+    return dataclasses.replace(r, response=body)
+
+
+def _raw_row(column: str) -> str:
+    db = paths().home / "decisions" / "decisions.db"
+    with sa.create_engine(f"sqlite:///{db}").connect() as c:
+        return c.execute(sa.text(f"SELECT {column} FROM decisions")).scalar_one()
+
+
+def test_compact_storage_reads_back_exactly(log: DecisionLog):
+    r = realistic()
+    log.write(r)
+    response, features = _raw_row("response"), _raw_row("features")
+    assert "近12个月" not in response and "annual_rate" not in response  # not stored twice
+    assert len(response.encode()) < 200
+    assert ", " not in features and ": " not in features  # compact separators
+    assert "近12个月" in _raw_row("reasons")  # UTF-8 as is, no \\u escapes
+    got = log.get(r.request_id)
+    assert got == r and got.response == r.response
+    assert list(got.response) == sorted(r.response)
+    assert log.recent() == [r] and log.between() == [r]
+    frame = log.frame(columns=["request_id", "response"])
+    assert json.loads(frame["response"][0]) == r.response
+    got.response["reasons"].append("mutated")  # what is restored is a copy, not an alias
+    assert got.reasons == r.reasons
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"pd": 0.5, "score": 700.0, "reasons": [], "price": {"apr": 1}},  # differ: stored
+        {"limit": 80_000, "requested_amount": "50000"},  # int vs float, text vs number
+        {"limit": 80_000.0, "decided_at": T0.isoformat(), "grade": "B"},  # derivable
+        {"@derived": ["pd"], "pd": 0.031},  # the marker key itself
+        {"@derived": {"keys": [], "value": 1}},
+    ],
+)
+def test_response_keys_are_left_out_only_when_derivable_exactly(log: DecisionLog, change):
+    r = realistic()
+    r = dataclasses.replace(r, limit_amount=80_000.0, response={**r.response, **change})
+    log.write(r)
+    assert log.get(r.request_id) == r
+    assert json.loads(log.frame(columns=["response"])["response"][0]) == r.response
+
+
+def test_non_dict_and_empty_responses_round_trip(log: DecisionLog):
+    rows = [
+        dataclasses.replace(record("req_list"), response=[1, "two"]),  # type: ignore[arg-type]
+        dataclasses.replace(record("req_empty"), response={}),
+    ]
+    log.write_many(rows)
+    assert [log.get(r.request_id) for r in rows] == rows
+
+
+def test_rows_written_by_the_old_encoding_still_read(log: DecisionLog):
+    """Rows of the earlier format (spaced JSON, whole response) read as they always did."""
+    r = realistic("req_old")
+    log.count()
+    row = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
+    for name in ("request", "features", "feature_timestamps", "price", "reasons", "response"):
+        row[name] = json.dumps(row[name], ensure_ascii=False, sort_keys=True)
+    row["decided_at"] = r.decided_at.isoformat(timespec="microseconds")
+    columns = ", ".join(row)
+    db = paths().home / "decisions" / "decisions.db"
+    with sa.create_engine(f"sqlite:///{db}").begin() as c:
+        c.execute(sa.text(f"INSERT INTO decisions ({columns}) VALUES (:{', :'.join(row)})"), row)
+    assert log.get("req_old") == r
+    assert json.loads(log.frame(columns=["response"])["response"][0]) == r.response
+
+
+@pytest.fixture
+def pg_url():
+    """A database of its own on the local PostgreSQL server, dropped afterwards."""
+    require_service("127.0.0.1", 5432, "PostgreSQL")
+    import psycopg2
+
+    name = f"kapok_log_{uuid.uuid4().hex}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user="postgres")
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.mark.postgres
+def test_concurrent_writers_are_group_committed_on_postgres(pg_url: str):
+    with DecisionLog(pg_url) as log:
+        _concurrent_writers(log)
+
+
+@pytest.mark.postgres
+def test_a_duplicate_fails_only_its_own_caller_on_postgres(pg_url: str):
+    with DecisionLog(pg_url) as log:
+        _duplicate_fails_only_its_caller(log)
+        r = realistic()
+        log.write(r)
+        assert log.get(r.request_id) == r  # compact storage reads back exactly here too
