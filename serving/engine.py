@@ -165,7 +165,7 @@ class LendingEngine:
         product: str,
         requests: Sequence[tuple[EnterpriseFeatures, float, int]],
         *,
-        reasons: bool = True,
+        reasons: core.Explain = "all",
         limits: bool = False,
     ) -> core.Decisions:
         """The columnar core over (features, amount, term) requests of one product."""
@@ -224,8 +224,8 @@ class LendingEngine:
         model = self.model(product)
         feats = self.features(enterprise_id)
         d = self.decide(product, [(feats, amount, term_months)])
-        assert d.contributions is not None
-        contrib, values = d.contributions[0], d.values(0)
+        contrib, values = d.contribution(0), d.values(0)
+        assert contrib is not None
         base = float(contrib[-1])
         margin = float(model.margin(model.row(values))[0])  # an independent prediction
         total = base + float(contrib[:-1].sum())

@@ -237,3 +237,22 @@ def test_bad_requests_name_the_column():
         core.decide(model, requests.drop("term_months"), POLICY)
     with pytest.raises(core.DecisionInputError, match="requested_amount"):
         core.decide(model, requests.with_columns(requested_amount=pl.lit(math.nan)), POLICY)
+
+
+def test_adverse_reasons_explain_exactly_the_refers_and_declines():
+    """Batch jobs explain only the decisions a lender must give reasons for; those reasons are
+    the ones a full explanation gives, and PDs do not change."""
+    model = synthetic_model("insurance", seed=4)
+    requests = random_requests(np.random.default_rng(4), 2_000, "insurance")
+    full = core.decide(model, requests, POLICY, reasons="all")
+    adverse = core.decide(model, requests, POLICY, reasons="adverse")
+    assert adverse.pd == pytest.approx(full.pd, abs=1e-12)
+    assert (adverse.severity == full.severity).all()
+    explained = adverse.explained >= 0
+    assert (explained == (full.severity > 0)).all() and 0 < explained.sum() < len(requests)
+    for r in range(len(requests)):
+        if explained[r]:
+            assert adverse.reasons(r) == full.reasons(r)
+            assert (adverse.contribution(r) == full.contribution(r)).all()
+        else:
+            assert adverse.reasons(r) == [] and adverse.contribution(r) is None
