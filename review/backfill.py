@@ -3,12 +3,14 @@
 A simulated region has applications but no lender, so there is no decision log to monitor. This
 replays the simulator's applications of one product through the current champion, in batch and
 exactly as the lending engine would have decided them on the application date: point-in-time
-features from Feast's offline store, calibrated PD, score, grade, knock-outs, price and decision
-from `serving.policy`, reasons from exact TreeSHAP. Each application becomes one `DecisionRecord`
-(caller "backfill", endpoint "score", decided_at = applied_at) with a request id derived from the
-application id, so a re-run skips what is already logged. The outcomes a lender would later
-observe (matured applications only) go to `$KAPOK_HOME/data/outcomes/<product>.parquet` for the
-back-test in `kapok monitor`.
+features from the offline store's files (`serving.batch.point_in_time`, the join Feast's
+historical retrieval does, tested equal to it), then the decision core — calibrated PD, score,
+grade, knock-outs, price and decision — with reasons from exact TreeSHAP for the referred and
+declined applications (approvals carry none in batch: TreeSHAP costs ~200 predictions). Each
+application becomes one `DecisionRecord` (caller "backfill", endpoint "score", decided_at =
+applied_at) with a request id derived from the application id, so a re-run skips what is
+already logged. The outcomes a lender would later observe (matured applications only) go to
+`$KAPOK_HOME/data/outcomes/<product>.parquet` for the back-test in `kapok monitor`.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from serving.reasons import reasons_json
 CALLER = "backfill"
 ENDPOINT = "score"
 ID_PREFIX = "bf_"
-FEATURE_CHUNK = 20_000  # entity rows per Feast point-in-time join
+FEATURE_CHUNK = 100_000  # applications per point-in-time read and core call
 WRITE_BATCH = 2_000  # decisions per decision-log transaction
 OUTCOME_COLUMNS = ("request_id", "enterprise_id", "product", "decided_at", "outcome",
                    "outcome_known_at")  # fmt: skip
@@ -122,7 +124,7 @@ def decide_batch(
     frame = features.select(*stored).with_columns(
         apps["requested_amount"].cast(pl.Float64), apps["term_months"].cast(pl.Int64)
     )
-    d = core.decide(model, frame, policy)
+    d = core.decide(model, frame, policy, reasons="adverse")
     rows = d.rows()
     records = []
     meta = apps.select("application_id", "enterprise_id", "applied_at", "requested_amount",
@@ -238,7 +240,7 @@ def backfill(
     progress: Callable[[int], None] | None = None,
 ) -> BackfillResult:
     """Replay `product`'s applications in [since, until) through the champion into the log."""
-    from features import store as feature_store
+    from serving.batch import point_in_time
 
     t0 = time.perf_counter()
     apps = applications(paths, product, since, until)
@@ -257,7 +259,6 @@ def backfill(
         on_total(todo.height)
     written = 0
     if todo.height:
-        store = feature_store.feature_store(paths)
         for start in range(0, todo.height, FEATURE_CHUNK):
             chunk = todo.slice(start, FEATURE_CHUNK)
             entities = chunk.select(
@@ -266,7 +267,7 @@ def backfill(
                 "requested_amount",
                 pl.col("term_months").cast(pl.Int64),
             )
-            feats = feature_store.historical_features(store, entities, product)
+            feats = point_in_time(paths.features, entities.with_row_index("row"))
             records = decide_batch(chunk, feats, model, policy)
             for b in range(0, len(records), WRITE_BATCH):
                 batch = records[b : b + WRITE_BATCH]

@@ -33,6 +33,7 @@ INSTALLMENT_TO_INFLOW = "req_installment_to_inflow"
 TERM = "req_term_months"
 REQUEST_FEATURES = (LOAN_TO_SALES, INSTALLMENT_TO_INFLOW, TERM)
 LIMIT_STEP = 1000.0
+SPECULATE_ROWS = 256  # below this many open searches, probe several bisection levels per call
 Explain = Literal["all", "adverse", "none"] | bool
 _ORDER = pol._BINDING_ORDER
 _ZERO_ORDER = pol._ZERO_ORDER
@@ -511,22 +512,66 @@ def _largest(
             lo[name] = np.full(len(inside), seg_lo, dtype=np.int64)
             hi[name] = np.full(len(inside), seg_hi, dtype=np.int64)
         while True:
-            asks = {}
-            for name in rows:
-                going = hi[name] - lo[name] > 1
-                asks[name] = (active[name][going], (lo[name][going] + hi[name][going]) // 2)
-            if not any(len(a[0]) for a in asks.values()):
+            going = {name: np.flatnonzero(hi[name] - lo[name] > 1) for name in rows}
+            busy = sum(len(g) for g in going.values())
+            if not busy:
                 break
+            # the next `depth` levels of every bisection at once (all 2^depth - 1 midpoints it
+            # may visit): the same probes bisection makes, in fewer model calls for a few rows
+            depth = int(np.clip(np.log2(max(SPECULATE_ROWS / busy, 1.0)), 1, 5))
+            trees = {name: _midpoints(lo[name][g], hi[name][g], depth) for name, g in going.items()}
+            asks = {}
+            for name, g in going.items():
+                points = trees[name]
+                probed = points.ravel() >= 0
+                who = np.repeat(active[name][g], points.shape[1])
+                asks[name] = (who[probed], points.ravel()[probed])
             oks = evaluate(asks)
-            for name in rows:
-                going = np.flatnonzero(hi[name] - lo[name] > 1)
-                mid = asks[name][1]
-                good = oks[name]
-                lo[name][going[good]] = mid[good]
-                hi[name][going[~good]] = mid[~good]
+            for name, g in going.items():
+                points = trees[name]
+                flat = np.zeros(points.size, dtype=bool)
+                flat[points.ravel() >= 0] = oks[name]
+                good = flat.reshape(points.shape)
+                lo[name][g], hi[name][g] = _walk(lo[name][g], hi[name][g], points, good, depth)
         for name in rows:
             result[name][active[name]] = lo[name]
     return result
+
+
+def _midpoints(lo: np.ndarray, hi: np.ndarray, depth: int) -> np.ndarray:
+    """Every midpoint the next `depth` bisection steps may probe, per row, in heap order
+    (node i has children 2i+1 and 2i+2; -1 where the interval is already closed)."""
+    if len(lo) == 0:
+        return np.empty((0, 2**depth - 1), dtype=np.int64)
+    levels = []
+    los, his = lo[:, None], hi[:, None]
+    for _ in range(depth):
+        open_ = his - los > 1
+        mid = (los + his) // 2
+        levels.append(np.where(open_, mid, -1))
+        left_hi, right_lo = np.where(open_, mid, his), np.where(open_, mid, los)
+        los = np.stack([los, right_lo], axis=2).reshape(len(lo), -1)
+        his = np.stack([left_hi, his], axis=2).reshape(len(lo), -1)
+    return np.concatenate(levels, axis=1)
+
+
+def _walk(
+    lo: np.ndarray, hi: np.ndarray, points: np.ndarray, good: np.ndarray, depth: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bisection's `depth` steps through the probed midpoints: ok(mid) moves lo up, else hi
+    down, exactly as one probe at a time would."""
+    lo, hi = lo.copy(), hi.copy()
+    node = np.zeros(len(lo), dtype=np.int64)
+    rows = np.arange(len(lo))
+    for _ in range(depth):
+        mid = points[rows, node]
+        open_ = (mid >= 0) & (hi - lo > 1)
+        ok = good[rows, node]
+        lo = np.where(open_ & ok, mid, lo)
+        hi = np.where(open_ & ~ok, mid, hi)
+        node = np.where(ok, 2 * node + 2, 2 * node + 1)
+        node = np.minimum(node, points.shape[1] - 1)
+    return lo, hi
 
 
 def limit_search(d: Decisions, matrix: Matrix) -> Limits:

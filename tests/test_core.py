@@ -256,3 +256,14 @@ def test_adverse_reasons_explain_exactly_the_refers_and_declines():
             assert (adverse.contribution(r) == full.contribution(r)).all()
         else:
             assert adverse.reasons(r) == [] and adverse.contribution(r) is None
+
+
+@pytest.mark.parametrize("product", ["microloan", "guarantee"])
+def test_one_request_at_a_time_equals_the_reference(product):
+    """The API decides one row: the limit search then probes several bisection levels per
+    model call, which must land exactly where bisection does (monotone or not)."""
+    for seed, monotone in ((11, True), (12, False)):
+        model = synthetic_model(product, seed=seed, monotone=monotone)
+        requests = random_requests(np.random.default_rng(seed), 150, product)
+        checked = sum(compare(model, requests.slice(r, 1), POLICY) for r in range(150))
+        assert checked >= 140
