@@ -87,8 +87,15 @@ def apply(store: FeatureStore, p: Paths | None = None) -> list[str]:
 
 
 def materialize(store: FeatureStore, start: datetime, end: datetime) -> None:
-    """Load the latest snapshot per enterprise in [start, end] into the online store."""
-    store.materialize(start_date=start, end_date=end)
+    """Load the latest snapshot per enterprise in [start, end] into the online store.
+
+    The load bumps the materialization generation before and after (features.online): readers
+    that cache online features bypass their cache while it runs and drop it when it ends.
+    """
+    from features.online import materialization  # features.online imports this module
+
+    with materialization(store):
+        store.materialize(start_date=start, end_date=end)
 
 
 def historical_features(store: FeatureStore, entities: pl.DataFrame, product: str) -> pl.DataFrame:

@@ -2,15 +2,13 @@
 
 No web framework here: the BentoML service validates input and calls these methods; batch jobs
 and tests call them directly. Every decision goes through the columnar core (serving/core.py),
-one row for /score, /limit and /price, the whole list for /screen. Features change monthly while
-requests come every second, so the online features of an enterprise are cached for a short
-while; a model is loaded once per start.
+one row for /score, /limit and /price, the whole list for /screen. Online features are read in
+bulk straight from the online store (features/online.py, tested equal to Feast's reads) and
+cached until the next materialization; a model is loaded once per start.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from features import store as feature_store
+from features.online import OnlineFeatures, ts_column
 from features.request import request_features
 from features.schema import FAMILIES, FEATURES, PRODUCTS
 from kapok.settings import Paths
@@ -39,9 +38,9 @@ from training.pyfunc import load_scorer
 from training.tracking import CHAMPION, alias_version, configure
 from training.tracking import model_name as registered_name
 
-FEATURE_CACHE_SECONDS = 300.0
 POLARS_TYPE = {"float": pl.Float64, "int": pl.Int64, "string": pl.String}
 STORED_SCHEMA = {f.name: POLARS_TYPE[f.dtype] for f in FEATURES}
+TS_COLUMNS = [ts_column(fam.name) for fam in FAMILIES]
 
 
 class EnterpriseNotFound(LookupError):
@@ -109,8 +108,7 @@ class LendingEngine:
         self.policy = policy or pol.load_policy()
         self.store = feature_store.feature_store(paths)
         self.refs = [f"{f.family}:{f.name}" for f in FEATURES]
-        self._cache: dict[str, tuple[float, EnterpriseFeatures]] = {}
-        self._lock = threading.Lock()
+        self.online = OnlineFeatures(paths, self.store)
         client = configure(paths)
         self.models: dict[str, ProductModel] = {}
         for product in products:
@@ -126,17 +124,11 @@ class LendingEngine:
 
     # -- features --------------------------------------------------------------------------------
     def features(self, enterprise_id: str) -> EnterpriseFeatures:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(enterprise_id)
-        if hit and now - hit[0] < FEATURE_CACHE_SECONDS:
-            return hit[1]
-        found = self.lookup(enterprise_id)
-        with self._lock:
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            self._cache[enterprise_id] = (now, found)
-        return found
+        """One enterprise's online features (cached until the next materialization)."""
+        rows = self.online.read([enterprise_id])
+        if not rows["found"][0]:
+            raise EnterpriseNotFound(enterprise_id)
+        return enterprise_features(rows.row(0, named=True))
 
     def lookup(self, enterprise_id: str) -> EnterpriseFeatures:
         """The reference path: Feast's online store, no cache."""
@@ -178,28 +170,36 @@ class LendingEngine:
         self, enterprise_id: str, product: str, amount: float, term_months: int, limit: bool = False
     ) -> dict[str, Any]:
         """PD, score, grade, decision and reasons for one request (and its limit when asked)."""
-        feats = self.features(enterprise_id)
-        d = self.decide(product, [(feats, amount, term_months)], limits=limit)
-        return outcome(d, 0, feats)
+        found = self.assess_many(product, [(enterprise_id, amount, term_months)], limit=limit)[0]
+        if isinstance(found, EnterpriseNotFound):
+            raise found
+        return found
 
     def assess_many(
         self, product: str, requests: Sequence[tuple[str, float, int]], limit: bool = False
     ) -> list[dict[str, Any] | EnterpriseNotFound]:
-        """One core call for many requests (/screen); an unknown enterprise is its own error."""
-        self.model(product)
-        found: list[tuple[int, EnterpriseFeatures, float, int]] = []
-        out: list[dict[str, Any] | EnterpriseNotFound] = []
-        for eid, amount, term in requests:
-            try:
-                found.append((len(out), self.features(eid), amount, term))
-                out.append(EnterpriseNotFound(eid))  # replaced below
-            except EnterpriseNotFound as e:
-                out.append(e)
-        if found:
-            d = self.decide(product, [(f, a, t) for _, f, a, t in found], limits=limit)
-            values = d.rows()
-            for r, (i, feats, _, _) in enumerate(found):
-                out[i] = outcome(d, r, feats, values[r])
+        """One online read and one core call for many requests (/screen); an enterprise the
+        feature store does not know is its own error."""
+        model = self.model(product)
+        rows = self.online.read([eid for eid, _, _ in requests])
+        found = rows["found"].to_numpy()
+        out: list[dict[str, Any] | EnterpriseNotFound] = [
+            EnterpriseNotFound(eid) for eid, _, _ in requests
+        ]
+        if not found.any():
+            return out
+        index = np.flatnonzero(found)
+        frame = rows.filter(pl.Series(found)).with_columns(
+            pl.Series("requested_amount", [float(requests[i][1]) for i in index], pl.Float64),
+            pl.Series("term_months", [int(requests[i][2]) for i in index], pl.Int64),
+        )
+        stored = frame.select(*STORED_SCHEMA, "requested_amount", "term_months")
+        d = core.decide(model, stored, self.policy, limits=limit)
+        values = d.rows()
+        stamps = frame.select(*TS_COLUMNS).to_dicts()
+        for r, i in enumerate(index):
+            feats = EnterpriseFeatures(requests[i][0], {}, _timestamps(stamps[r]))
+            out[i] = outcome(d, r, feats, values[r])
         return out
 
     def limit(
@@ -247,6 +247,21 @@ class LendingEngine:
             "pd": float(model.scorer.calibrator(np.array([margin]))[0]),
             "additivity_error": abs(total - margin),
         }
+
+
+def enterprise_features(row: Mapping[str, Any]) -> EnterpriseFeatures:
+    """An online row (features.online) as the envelope and the log describe it."""
+    values = {name: row[name] for name in STORED_SCHEMA}
+    return EnterpriseFeatures(row["enterprise_id"], values, _timestamps(row))
+
+
+def _timestamps(row: Mapping[str, Any]) -> dict[str, str]:
+    """family -> ISO time of the snapshot used, for the families the store had."""
+    return {
+        fam.name: row[ts_column(fam.name)].isoformat()
+        for fam in FAMILIES
+        if row.get(ts_column(fam.name)) is not None
+    }
 
 
 def requests_frame(requests: Sequence[tuple[EnterpriseFeatures, float, int]]) -> pl.DataFrame:

@@ -10,6 +10,7 @@ import pytest
 
 from features import store as fs
 from features.build import read_summary
+from features.online import redis_generation_key
 from features.schema import FAMILIES, features_of
 from kapok.settings import Paths
 from tests.conftest import require_service
@@ -60,6 +61,10 @@ def check_online_matches_latest(p: Paths, project: str, monkeypatch) -> None:
     finally:
         if project != "kapok":
             store.teardown()
+            if fs.repo_config_dict(p)["online_store"]["type"] == "redis":  # materialize's marker
+                import redis
+
+                redis.Redis(host="127.0.0.1", port=6379).delete(redis_generation_key(project))
 
 
 def test_sqlite_online_store(small_system, monkeypatch, tmp_path):
