@@ -185,8 +185,10 @@ class Decisions:
 
     def rows(self) -> list[dict[str, Any]]:
         """Every row's values (one conversion for the whole frame)."""
-        stored = self.frame.drop([c for c in REQUEST_COLUMNS if c in self.frame.columns])
-        out = stored.to_dicts()
+        out = self.frame.to_dicts()
+        for row in out:
+            for name in REQUEST_COLUMNS:
+                row.pop(name, None)
         for name, column in self.request.items():
             items = column.tolist()
             if name == TERM:

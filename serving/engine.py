@@ -189,14 +189,18 @@ class LendingEngine:
         if not found.any():
             return out
         index = np.flatnonzero(found)
-        frame = rows.filter(pl.Series(found)).with_columns(
-            pl.Series("requested_amount", [float(requests[i][1]) for i in index], pl.Float64),
-            pl.Series("term_months", [int(requests[i][2]) for i in index], pl.Int64),
+        # eager DataFrame operations only: a query plan costs more than one row's data
+        frame = rows if found.all() else rows.filter(pl.Series(found))
+        stored = pl.DataFrame(
+            [frame.get_column(name) for name in STORED_SCHEMA]
+            + [
+                pl.Series("requested_amount", [float(requests[i][1]) for i in index], pl.Float64),
+                pl.Series("term_months", [int(requests[i][2]) for i in index], pl.Int64),
+            ]
         )
-        stored = frame.select(*STORED_SCHEMA, "requested_amount", "term_months")
         d = core.decide(model, stored, self.policy, limits=limit)
         values = d.rows()
-        stamps = frame.select(*TS_COLUMNS).to_dicts()
+        stamps = pl.DataFrame([frame.get_column(c) for c in TS_COLUMNS]).to_dicts()
         for r, i in enumerate(index):
             feats = EnterpriseFeatures(requests[i][0], {}, _timestamps(stamps[r]))
             out[i] = outcome(d, r, feats, values[r])

@@ -2,6 +2,9 @@
 
 A thin layer: authenticate, validate, call the lending engine (serving/engine.py) and the policy
 (serving/policy.py), write the decision log before answering. Run it with `kapok serve`.
+
+BentoML imports this module twice (the serving process and the worker): only the worker needs
+the engine, so the heavy libraries (mlflow, feast, lightgbm) load in `Kapok.__init__`, not here.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 from bentoml.exceptions import BentoMLException
@@ -21,15 +24,10 @@ from features.schema import PRODUCTS
 from kapok import uscc
 from kapok.settings import paths
 from serving.auth import AuthError, KeyStore
-from serving.core import DecisionInputError
-from serving.decision_log import (
-    DecisionLog,
-    DecisionLogError,
-    DecisionRecord,
-    json_safe,
-    new_request_id,
-)
-from serving.engine import EnterpriseNotFound, LendingEngine, loan_request, reasons_json
+
+if TYPE_CHECKING:
+    from serving.decision_log import DecisionRecord
+    from serving.engine import LendingEngine
 
 MAX_SCREEN = 1000
 
@@ -92,6 +90,9 @@ class Kapok:
         self.keys = KeyStore.demo() if self.demo else KeyStore.load()
         if self.demo:
             print("!!! KAPOK DEMO MODE: no API keys are checked. Never expose this server. !!!")
+        from serving.decision_log import DecisionLog
+        from serving.engine import LendingEngine
+
         self.engine = LendingEngine(paths())
         self.log = DecisionLog()
         self.ready = True
@@ -119,6 +120,8 @@ class Kapok:
         }
 
     def _log(self, records: list[DecisionRecord]) -> None:
+        from serving.decision_log import DecisionLogError
+
         try:
             self.log.write_many(records) if len(records) > 1 else self.log.write(records[0])
         except DecisionLogError as e:
@@ -129,6 +132,9 @@ class Kapok:
     def _assess(
         self, eid: str, product: str, amount: float, term: int, limit: bool
     ) -> dict[str, Any]:
+        from serving.core import DecisionInputError
+        from serving.engine import EnterpriseNotFound
+
         try:
             return self.engine.assess(eid, product, amount, term, limit=limit)
         except EnterpriseNotFound as e:
@@ -146,6 +152,8 @@ class Kapok:
         body: dict,
         limit: float | None = None,
     ) -> DecisionRecord:
+        from serving.decision_log import DecisionRecord
+
         return DecisionRecord(
             request_id=request_id,
             decided_at=body["decided_at"],
@@ -169,6 +177,8 @@ class Kapok:
         )
 
     def _score_body(self, request_id: str, product: str, a: dict) -> dict[str, Any]:
+        from serving.reasons import reasons_json
+
         return {
             **self._envelope(request_id, product, a["model"], a["features"]),
             "pd": round(a["pd"], 6),
@@ -190,6 +200,9 @@ class Kapok:
         """The path every decision takes (/score, /limit, /price): authenticate, validate, assess
         (with the limit search when asked), answer (plus what `extend` adds, and the limit it
         sets), and log before answering."""
+        from serving.decision_log import new_request_id
+        from serving.engine import loan_request
+
         caller = self._caller(ctx, endpoint)
         eid, product, amount, term = check_request(*request, self.engine)
         a = self._assess(eid, product, amount, term, limit)
@@ -269,6 +282,9 @@ class Kapok:
         term_months: int = 12,
     ) -> dict[str, Any]:
         """Every feature's value and SHAP contribution in log-odds, with the additivity check."""
+        from serving.decision_log import new_request_id
+        from serving.engine import EnterpriseNotFound
+
         self._caller(ctx, "explain")
         eid, product, amount, term = check_request(
             enterprise_id, product, requested_amount, term_months, self.engine
@@ -291,6 +307,9 @@ class Kapok:
         self, product: str, applicants: list[dict[str, Any]], ctx: bentoml.Context
     ) -> dict[str, Any]:
         """Rank up to 1,000 applicants by risk with PD, grade, decision, limit and fee."""
+        from serving.decision_log import new_request_id
+        from serving.engine import loan_request
+
         caller = self._caller(ctx, "screen")
         if product not in PRODUCTS:
             raise bad(f"product must be one of {', '.join(PRODUCTS)}, got {product!r}")
@@ -339,6 +358,8 @@ class Kapok:
     @bentoml.api(route="/decision")
     def decision(self, request_id: str, ctx: bentoml.Context) -> dict[str, Any]:
         """A logged decision, for reviewers."""
+        from serving.decision_log import json_safe
+
         self._caller(ctx, "log")
         record = self.log.get(request_id)
         if record is None:
