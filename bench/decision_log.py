@@ -40,6 +40,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+# run as `python bench/x.py`, sys.path[0] is bench/, where serving.py (the load benchmark)
+# would shadow the serving package: look in the repository instead
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import kapok  # noqa: F401  (telemetry off before anything else is imported)
 from features.schema import ALL_FEATURES
 from serving.decision_log import (

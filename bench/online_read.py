@@ -24,6 +24,7 @@ import random
 import shutil
 import socket
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -32,6 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
+
+# run as `python bench/x.py`, sys.path[0] is bench/, where serving.py (the load benchmark)
+# would shadow the serving package: look in the repository instead
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import kapok  # noqa: F401  (telemetry off)
 from features import store as fs

@@ -33,7 +33,7 @@ from serving import core
 from serving import policy as pol
 from serving.decision_log import DecisionLog, DecisionRecord
 from serving.engine import loan_request
-from serving.model import ProductModel
+from serving.model import ProductModel, load_champion
 from serving.reasons import reasons_json
 
 CALLER = "backfill"
@@ -191,16 +191,7 @@ def _price_json(price: pol.Price) -> dict[str, Any]:
 
 
 def champion_model(paths: Paths, product: str) -> ProductModel:
-    from training.pyfunc import load_scorer
-    from training.tracking import CHAMPION, alias_version, configure
-    from training.tracking import model_name as registered_name
-
-    client = configure(paths)
-    name = registered_name(product)
-    version = alias_version(client, name, CHAMPION)
-    if version is None:
-        raise ValueError(f"{name} has no @{CHAMPION}: run `kapok train --product {product}` first")
-    return ProductModel(product, name, version, load_scorer(f"models:/{name}/{version}"))
+    return load_champion(paths, product)
 
 
 def write_outcomes(target: Path, new: pl.DataFrame) -> pl.DataFrame:

@@ -106,17 +106,13 @@ class WatchResult:
 # -- model ---------------------------------------------------------------------------------------
 def champion(paths: Paths, product: str) -> tuple[Any, str]:
     """The champion Scorer of `product` and a label saying which version it is."""
-    from training.pyfunc import load_scorer
-    from training.tracking import CHAMPION, alias_version, configure, model_name
+    from serving.model import ModelUnavailable, load_champion
 
-    client = configure(paths)
-    name = model_name(product)
-    version = alias_version(client, name, CHAMPION)
-    if version is None:
-        raise PortfolioError(
-            f"no @{CHAMPION} model for {name}: train one with `kapok train --product {product}`"
-        )
-    return load_scorer(f"models:/{name}@{CHAMPION}"), f"{name} v{version} @{CHAMPION}"
+    try:
+        model = load_champion(paths, product)
+    except ModelUnavailable as e:
+        raise PortfolioError(str(e)) from None
+    return model.scorer, f"{model.name} v{model.version} @champion"
 
 
 def grade_index(pd_values: np.ndarray, policy: Any) -> np.ndarray:

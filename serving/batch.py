@@ -28,7 +28,7 @@ from kapok.settings import Paths
 from serving import core
 from serving import policy as pol
 from serving.decision_log import DecisionLog, DecisionRecord
-from serving.model import ProductModel
+from serving.model import ProductModel, load_champion
 from serving.reasons import MAX_REASONS, reasons_json
 
 ID = "enterprise_id"
@@ -276,21 +276,7 @@ def decide_file(
 
 
 def _champions(paths: Paths, products: list[str]) -> dict[str, ProductModel]:
-    from training.pyfunc import load_scorer
-    from training.tracking import CHAMPION, alias_version, configure, model_name
-
-    client = configure(paths)
-    models = {}
-    for product in products:
-        name = model_name(product)
-        version = alias_version(client, name, CHAMPION)
-        if version is None:
-            raise BatchInputError(
-                f"{name} has no @{CHAMPION}: run `kapok train --product {product}`"
-            )
-        scorer = load_scorer(f"models:/{name}/{version}")
-        models[product] = ProductModel(product, name, version, scorer)
-    return models
+    return {product: load_champion(paths, product) for product in products}
 
 
 def _decide_chunk(

@@ -396,17 +396,6 @@ def top_reasons(contrib: np.ndarray, names: list[str]) -> np.ndarray:
     return out
 
 
-def _segments(k_lo: int, k_hi: int, step: float, breaks: list[float]) -> list[tuple[int, int]]:
-    """The grid between the amounts where a cap changes (policy._largest's segments)."""
-    cuts = sorted({math.floor(b / step + 1e-9) for b in breaks if k_lo <= b / step < k_hi})
-    segments, start = [], k_lo
-    for c in cuts:
-        segments.append((start, c))
-        start = c + 1
-    segments.append((start, k_hi))
-    return segments
-
-
 class _Probe:
     """PD of (row, grid index) pairs, one model call per batch of probes, deduplicated."""
 
@@ -613,7 +602,7 @@ def limit_search(d: Decisions, matrix: Matrix) -> Limits:
     if len(search):
         rows = {"pd_cutoff": search, "expected_loss_budget": search,
                 "debt_service_capacity": search[~np.isnan(d.inflow[search])]}  # fmt: skip
-        found = _largest(probe, checks, rows, _segments(k_lo, k_hi, step, breaks))
+        found = _largest(probe, checks, rows, pol.grid_segments(k_lo, k_hi, step, breaks))
         col = {name: i for i, name in enumerate(_ORDER)}
         c = constraints[search]
         c[:, col["requested_amount"]] = d.amount[search]

@@ -24,7 +24,7 @@ from features.schema import FAMILIES, FEATURES, PRODUCTS
 from kapok.settings import Paths
 from serving import core
 from serving import policy as pol
-from serving.model import ProductModel
+from serving.model import ProductModel, load_champion
 from serving.reasons import (  # noqa: F401  (re-exported: the reference path and its callers)
     MAX_REASONS,
     Reason,
@@ -34,9 +34,6 @@ from serving.reasons import (  # noqa: F401  (re-exported: the reference path an
     reasons_from,
     reasons_json,
 )
-from training.pyfunc import load_scorer
-from training.tracking import CHAMPION, alias_version, configure
-from training.tracking import model_name as registered_name
 
 POLARS_TYPE = {"float": pl.Float64, "int": pl.Int64, "string": pl.String}
 STORED_SCHEMA = {f.name: POLARS_TYPE[f.dtype] for f in FEATURES}
@@ -47,10 +44,6 @@ class EnterpriseNotFound(LookupError):
     def __init__(self, enterprise_id: str):
         super().__init__(f"enterprise_not_found: the feature store has no data for {enterprise_id}")
         self.enterprise_id = enterprise_id
-
-
-class ModelUnavailable(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -109,18 +102,7 @@ class LendingEngine:
         self.store = feature_store.feature_store(paths)
         self.refs = [f"{f.family}:{f.name}" for f in FEATURES]
         self.online = OnlineFeatures(paths, self.store)
-        client = configure(paths)
-        self.models: dict[str, ProductModel] = {}
-        for product in products:
-            name = registered_name(product)
-            version = alias_version(client, name, CHAMPION)
-            if version is None:
-                raise ModelUnavailable(
-                    f"{name} has no champion: run `kapok train --product {product}`"
-                )
-            self.models[product] = ProductModel(
-                product, name, version, load_scorer(f"models:/{name}@{CHAMPION}")
-            )
+        self.models = {product: load_champion(paths, product) for product in products}
 
     # -- features --------------------------------------------------------------------------------
     def features(self, enterprise_id: str) -> EnterpriseFeatures:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from training.scorer import Scorer
+
+if TYPE_CHECKING:
+    from kapok.settings import Paths
+
+
+class ModelUnavailable(ValueError):
+    """A product has no @champion in the registry; the message says how to train one."""
 
 
 @dataclass
@@ -51,3 +58,18 @@ class ProductModel:
 def threads(rows: int) -> int:
     """One thread for small batches (OpenMP start-up costs more than it saves), all cores above."""
     return 1 if rows < 256 else 0
+
+
+def load_champion(paths: Paths, product: str) -> ProductModel:
+    """The registered @champion of a product, pinned to the version the alias names now."""
+    from training.pyfunc import load_scorer
+    from training.tracking import CHAMPION, alias_version, configure, model_name
+
+    client = configure(paths)
+    name = model_name(product)
+    version = alias_version(client, name, CHAMPION)
+    if version is None:
+        raise ModelUnavailable(
+            f"no @{CHAMPION} model for {name}: train one with `kapok train --product {product}`"
+        )
+    return ProductModel(product, name, version, load_scorer(f"models:/{name}/{version}"))

@@ -1149,13 +1149,7 @@ def _largest(
 ) -> int | None:
     """The largest k in [k_lo, k_hi] with ok(k * step), or None. Within each segment between
     `breaks` (amounts where a cap changes) ok must be true-then-false in k (bisection)."""
-    cuts = sorted({math.floor(b / step + 1e-9) for b in breaks if k_lo <= b / step < k_hi})
-    segments, start = [], k_lo
-    for c in cuts:
-        segments.append((start, c))
-        start = c + 1
-    segments.append((start, k_hi))
-    for lo, hi in reversed(segments):
+    for lo, hi in reversed(grid_segments(k_lo, k_hi, step, breaks)):
         if hi < lo or not ok(lo * step):
             continue
         if ok(hi * step):
@@ -1168,3 +1162,14 @@ def _largest(
                 hi = mid
         return lo
     return None
+
+
+def grid_segments(k_lo: int, k_hi: int, step: float, breaks: list[float]) -> list[tuple[int, int]]:
+    """The grid [k_lo, k_hi] of the limit search split after each amount where a cap changes."""
+    cuts = sorted({math.floor(b / step + 1e-9) for b in breaks if k_lo <= b / step < k_hi})
+    segments, start = [], k_lo
+    for c in cuts:
+        segments.append((start, c))
+        start = c + 1
+    segments.append((start, k_hi))
+    return segments

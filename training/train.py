@@ -33,6 +33,7 @@ from training.scorer import Scorer, category_levels, encode
 from training.tracking import CHALLENGER, CHAMPION, alias_version, configure, experiment
 from training.tracking import model_name as registered_name
 from training.tune import (
+    SEARCH_SPACE,
     Matrices,
     _datasets,
     base_params,
@@ -115,7 +116,8 @@ def train(
     base = base_params(seed, _monotone(data), cat_idx)
     fingerprint = data.fingerprint()
     name = registered_name(data.name)
-    study_name = f"{name}-{fingerprint['content_hash']}-seed{seed}"
+    # the search space's version too: a study resumed across a change of space would mix trials
+    study_name = f"{name}-{fingerprint['content_hash']}-seed{seed}-{SEARCH_SPACE}"
     storage = study_storage(paths.mlruns)
 
     if data.has_time:
