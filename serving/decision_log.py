@@ -506,6 +506,17 @@ class DecisionLog:
             self._ready = True
 
     def _create_schema(self) -> None:
+        # two API worker processes starting on a new SQLite log both see no table, and one of
+        # the two CREATEs then fails with "already exists": the table is there, so check again
+        for attempt in range(3):
+            try:
+                self._create_schema_once()
+                return
+            except DecisionLogError as e:
+                if "already exists" not in str(e) or attempt == 2:
+                    raise
+
+    def _create_schema_once(self) -> None:
         try:
             if self._backend == "sqlite":
                 database = self._url.database
