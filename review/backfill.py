@@ -15,14 +15,12 @@ already logged. The outcomes a lender would later observe (matured applications 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
@@ -177,17 +175,12 @@ def decide_batch(
                 grade=grade,
                 decision=decision.decision,
                 limit_amount=None,
-                price=_price_json(price),
+                price=price.as_dict(),
                 reasons=body["reasons"],
                 response=body,
             )
         )
     return records
-
-
-def _price_json(price: pol.Price) -> dict[str, Any]:
-    """dataclasses.asdict(price), as the API logs it, without asdict's deep copies (flat)."""
-    return {f.name: getattr(price, f.name) for f in dataclasses.fields(price)}
 
 
 def champion_model(paths: Paths, product: str) -> ProductModel:

@@ -409,7 +409,7 @@ def _record(
         grade=str(d.grade[r]),
         decision=decision.decision,
         limit_amount=None if limit is None else limit.limit,
-        price={f: getattr(price, f) for f in price.__dataclass_fields__},
+        price=price.as_dict(),
         reasons=body["reasons"],
         response=body,
     )

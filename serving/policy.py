@@ -785,6 +785,10 @@ class Price:
     cap: float | None  # the cap that applies to all_in_rate (None: no cap)
     within_cap: bool
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, as the API answers and the decision log keeps it (flat: no deep copy)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
     def parts(self) -> dict[str, float]:
         """The parts that add up to the headline rate."""
         return {

@@ -88,7 +88,7 @@ def check_request(
 
 
 def price_json(price: Any) -> dict[str, Any]:
-    return dataclasses.asdict(price)
+    return price.as_dict()
 
 
 # One worker process per core: a worker is one Python interpreter, so its requests share one
