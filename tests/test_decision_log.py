@@ -217,8 +217,9 @@ def test_timestamps_normalised_to_utc(log: DecisionLog):
     assert got == local and got.utcoffset() == dt.timedelta(0)
 
 
-@pytest.mark.postgres
-def test_round_trip_and_append_only_on_postgres():
+@pytest.fixture
+def pg_url():
+    """A database of its own on the local PostgreSQL server, dropped afterwards."""
     require_service("127.0.0.1", 5432, "PostgreSQL")
     import psycopg2
 
@@ -228,36 +229,41 @@ def test_round_trip_and_append_only_on_postgres():
     try:
         with admin.cursor() as cur:
             cur.execute(f'CREATE DATABASE "{name}"')
-        url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-        log = DecisionLog(url)
-        try:
-            r = record(features={"x": math.nan, "y": 2.0})
-            log.write(r)
-            got = log.get(r.request_id)
-            assert got.features == {"x": None, "y": 2.0}
-            assert got == record(r.request_id, features={"x": None, "y": 2.0})
-            with pytest.raises(DecisionLogError):
-                log.write(r)
-            log.write_many([record("req_a", endpoint="screen"), record("req_b", endpoint="screen")])
-            with pytest.raises(DecisionLogError):
-                log.write_many([record("req_c", endpoint="screen"), record("req_a")])
-            assert log.get("req_c") is None and log.count() == 3
-            for statement in (
-                "UPDATE decisions SET decision = 'decline'",
-                "DELETE FROM decisions",
-                "TRUNCATE decisions",
-            ):
-                with pytest.raises(sa.exc.DatabaseError, match="append-only"):
-                    _raw_sql(url, statement)
-            assert log.count() == 3
-            with DecisionLog(url) as again:  # schema set-up is idempotent
-                assert again.get(r.request_id) == got
-        finally:
-            log.close()
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
     finally:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.mark.postgres
+def test_round_trip_and_append_only_on_postgres(pg_url: str):
+    url = pg_url
+    log = DecisionLog(url)
+    try:
+        r = record(features={"x": math.nan, "y": 2.0})
+        log.write(r)
+        got = log.get(r.request_id)
+        assert got.features == {"x": None, "y": 2.0}
+        assert got == record(r.request_id, features={"x": None, "y": 2.0})
+        with pytest.raises(DecisionLogError):
+            log.write(r)
+        log.write_many([record("req_a", endpoint="screen"), record("req_b", endpoint="screen")])
+        with pytest.raises(DecisionLogError):
+            log.write_many([record("req_c", endpoint="screen"), record("req_a")])
+        assert log.get("req_c") is None and log.count() == 3
+        for statement in (
+            "UPDATE decisions SET decision = 'decline'",
+            "DELETE FROM decisions",
+            "TRUNCATE decisions",
+        ):
+            with pytest.raises(sa.exc.DatabaseError, match="append-only"):
+                _raw_sql(url, statement)
+        assert log.count() == 3
+        with DecisionLog(url) as again:  # schema set-up is idempotent
+            assert again.get(r.request_id) == got
+    finally:
+        log.close()
 
 
 # -- group commit --------------------------------------------------------------------------------
@@ -554,25 +560,6 @@ def test_rows_written_by_the_old_encoding_still_read(log: DecisionLog):
         c.execute(sa.text(f"INSERT INTO decisions ({columns}) VALUES (:{', :'.join(row)})"), row)
     assert log.get("req_old") == r
     assert json.loads(log.frame(columns=["response"])["response"][0]) == r.response
-
-
-@pytest.fixture
-def pg_url():
-    """A database of its own on the local PostgreSQL server, dropped afterwards."""
-    require_service("127.0.0.1", 5432, "PostgreSQL")
-    import psycopg2
-
-    name = f"kapok_log_{uuid.uuid4().hex}"
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user="postgres")
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.mark.postgres
