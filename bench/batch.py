@@ -31,13 +31,13 @@ from kapok.settings import Paths
 from serving import core
 from serving import policy as pol
 from serving.batch import _champions
-from serving.engine import STORED_SCHEMA, policy_outcome
+from serving.engine import policy_outcome
 
 
 def requests(paths: Paths, rows: int, product: str, seed: int) -> pl.DataFrame:
     ids = pl.read_parquet(paths.raw / "registration" / "*.parquet")["enterprise_id"].head(rows)
     online = OnlineFeatures(paths, cache=False).read(ids.to_list()).filter(pl.col("found"))
-    frame = online.select(*STORED_SCHEMA)
+    frame = online.select(*core.STORED_SCHEMA)
     repeat = -(-rows // frame.height)
     frame = pl.concat([frame] * repeat).head(rows)
     prod = pol.load_policy().product(product)

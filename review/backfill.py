@@ -183,10 +183,6 @@ def decide_batch(
     return records
 
 
-def champion_model(paths: Paths, product: str) -> ProductModel:
-    return load_champion(paths, product)
-
-
 def write_outcomes(target: Path, new: pl.DataFrame) -> pl.DataFrame:
     """Merge matured outcomes into the product's outcomes file (one row per request_id);
     written atomically. Returns the whole file's content."""
@@ -233,7 +229,7 @@ def backfill(
             f"no {product} applications in the window: the simulated data covers "
             "other dates (see data/raw/applications)"
         )
-    model = champion_model(paths, product)
+    model = load_champion(paths, product)
     policy = policy or pol.load_policy()
     log = log or DecisionLog()
     ids = [request_id_for(a) for a in apps["application_id"].to_list()]

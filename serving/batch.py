@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from features.schema import FAMILIES, FEATURES, PRODUCTS, features_of
+from features.schema import FAMILIES, PRODUCTS, features_of
 from kapok import uscc
 from kapok.settings import Paths
 from serving import core
@@ -35,8 +35,6 @@ ID = "enterprise_id"
 TS = "event_timestamp"
 CHUNK = 100_000  # rows per core call: memory stays flat, progress moves
 LOG_BATCH = 5_000  # decisions per decision-log transaction
-STORED = {f.name: {"float": pl.Float64, "int": pl.Int64, "string": pl.String}[f.dtype]
-          for f in FEATURES}  # fmt: skip
 
 
 class BatchInputError(ValueError):
@@ -182,30 +180,13 @@ def point_in_time(features_dir: Path, apps: pl.DataFrame) -> pl.DataFrame:
 
 
 def latest(paths: Paths, apps: pl.DataFrame) -> pl.DataFrame:
-    """The online store's features of each row's enterprise (what the API would use now)."""
-    from features import store as fs
+    """The online store's features of each row's enterprise (what the API would use now), read
+    in bulk as the API reads them (`features.online`, tested equal to Feast's online reads)."""
+    from features.online import FOUND_COLUMN, OnlineFeatures, ts_column
 
-    store = fs.feature_store(paths)
-    refs = [f"{f.family}:{f.name}" for f in FEATURES]
     ids = apps[ID].unique(maintain_order=True).to_list()
-    parts = []
-    for start in range(0, len(ids), 10_000):
-        chunk = ids[start : start + 10_000]
-        response = store.get_online_features(
-            features=refs, entity_rows=[{ID: e} for e in chunk]
-        ).to_dict(include_event_timestamps=True)
-        columns: dict[str, Any] = {ID: chunk}
-        for f in FEATURES:
-            columns[f.name] = response[f.name]
-        for fam in FAMILIES:
-            first = features_of(fam.name)[0].name
-            seconds = response.get(first + "__ts", [None] * len(chunk))
-            columns[f"{fam.name}__{TS}"] = [
-                dt.datetime.fromtimestamp(s, dt.UTC) if s else None for s in seconds
-            ]
-        parts.append(pl.DataFrame(columns, schema={ID: pl.String, **STORED, **{
-            f"{fam.name}__{TS}": pl.Datetime("us", "UTC") for fam in FAMILIES}}))  # fmt: skip
-    found = pl.concat(parts)
+    found = OnlineFeatures(paths, cache=False).read(ids).drop(FOUND_COLUMN)
+    found = found.rename({ts_column(fam.name): f"{fam.name}__{TS}" for fam in FAMILIES})
     return apps.join(found, on=ID, how="left", maintain_order="left")
 
 
@@ -290,7 +271,7 @@ def _decide_chunk(
 ) -> tuple[pl.DataFrame, list[DecisionRecord]]:
     stamps = [f"{fam.name}__{TS}" for fam in FAMILIES]
     found = chunk.select(pl.any_horizontal(pl.col(c).is_not_null() for c in stamps)).to_series()
-    requests = chunk.select(*STORED, "requested_amount", "term_months")
+    requests = chunk.select(*core.STORED_SCHEMA, "requested_amount", "term_months")
     d = core.decide(model, requests, policy, reasons=reasons, limits=limits)
     n = chunk.height
     rows = chunk["row"].to_list()

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
+from features.schema import FEATURES
 from serving import columnar_policy as cp
 from serving import policy as pol
 from serving.model import ProductModel
@@ -32,6 +33,11 @@ LOAN_TO_SALES = "req_loan_to_sales_12m"
 INSTALLMENT_TO_INFLOW = "req_installment_to_inflow"
 TERM = "req_term_months"
 REQUEST_FEATURES = (LOAN_TO_SALES, INSTALLMENT_TO_INFLOW, TERM)
+# The stored features as the core reads them, in schema order and types (request-time ones are
+# computed here, from the amount and term)
+STORED_SCHEMA: dict[str, type[pl.DataType]] = {
+    f.name: {"float": pl.Float64, "int": pl.Int64, "string": pl.String}[f.dtype] for f in FEATURES
+}
 LIMIT_STEP = 1000.0
 SPECULATE_ROWS = 256  # below this many open searches, probe several bisection levels per call
 Explain = Literal["all", "adverse", "none"] | bool
@@ -586,9 +592,13 @@ def limit_search(d: Decisions, matrix: Matrix) -> Limits:
     first = declines.argmax(axis=1) if declines.shape[1] else np.zeros(n, dtype=np.int64)
     has_decline = declines.any(axis=1)
     rules = policy.knockout_rules
-    for r in np.flatnonzero(has_decline):
-        rule = rules[first[r]]
-        binding[r] = rule.missing_code if d.knockouts.missing[r, first[r]] else rule.code
+    if rules:  # the first declining rule's code, or its missing_code when it fired on a gap
+        declined = np.flatnonzero(has_decline)
+        rule_at = first[declined]
+        codes = np.array([rule.code for rule in rules], dtype=object)
+        missing_codes = np.array([rule.missing_code for rule in rules], dtype=object)
+        on_gap = d.knockouts.missing[declined, rule_at]
+        binding[declined] = np.where(on_gap, missing_codes[rule_at], codes[rule_at])
     term_ok = (d.term >= prod.term_months_min) & (d.term <= prod.term_months_max)
     binding[~has_decline & ~term_ok] = "TERM_OUT_OF_RANGE"
     search = np.flatnonzero(~has_decline & term_ok)
@@ -612,7 +622,6 @@ def limit_search(d: Decisions, matrix: Matrix) -> Limits:
             np.isnan(s), math.inf, prod.sales_multiple * np.maximum(s, 0.0)
         )
         c[:, col["debt_service_capacity"]] = math.inf
-        pos = {int(r): i for i, r in enumerate(search)}
         k = found["pd_cutoff"]
         c[:, col["pd_cutoff"]] = np.where(k < 0, 0.0, k * step)
         top_of_range[search] = k == k_hi
@@ -627,8 +636,7 @@ def limit_search(d: Decisions, matrix: Matrix) -> Limits:
                 shut = checks.closed(name, r_rows[at], amounts, pds)
                 value = value.astype(np.float64)
                 value[at] = np.where(k[at] < 0, shut, np.maximum(shut, hi_amount))
-            where = np.array([pos[int(r)] for r in r_rows], dtype=np.int64)
-            c[where, col[name]] = value
+            c[np.searchsorted(search, r_rows), col[name]] = value  # r_rows: sorted, in search
         raw = c.min(axis=1)
         amount = np.floor(raw / step + 1e-9) * step
         zero = amount < lo_amount

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -19,8 +18,7 @@ import polars as pl
 
 from features import store as feature_store
 from features.online import OnlineFeatures, ts_column
-from features.request import request_features
-from features.schema import FAMILIES, FEATURES, PRODUCTS
+from features.schema import FAMILIES, PRODUCTS
 from kapok.settings import Paths
 from serving import core
 from serving import policy as pol
@@ -35,8 +33,6 @@ from serving.reasons import (  # noqa: F401  (re-exported: the reference path an
     reasons_json,
 )
 
-POLARS_TYPE = {"float": pl.Float64, "int": pl.Int64, "string": pl.String}
-STORED_SCHEMA = {f.name: POLARS_TYPE[f.dtype] for f in FEATURES}
 TS_COLUMNS = [ts_column(fam.name) for fam in FAMILIES]
 
 
@@ -48,8 +44,9 @@ class EnterpriseNotFound(LookupError):
 
 @dataclass(frozen=True)
 class EnterpriseFeatures:
+    """Which online snapshots a decision used (its values are the decision's own)."""
+
     enterprise_id: str
-    values: dict[str, Any]  # stored features (no request-time ones)
     timestamps: dict[str, str]  # family -> ISO time of the snapshot used
 
     @property
@@ -100,33 +97,8 @@ class LendingEngine:
         self.paths = paths
         self.policy = policy or pol.load_policy()
         self.store = feature_store.feature_store(paths)
-        self.refs = [f"{f.family}:{f.name}" for f in FEATURES]
         self.online = OnlineFeatures(paths, self.store)
         self.models = {product: load_champion(paths, product) for product in products}
-
-    # -- features --------------------------------------------------------------------------------
-    def features(self, enterprise_id: str) -> EnterpriseFeatures:
-        """One enterprise's online features (cached until the next materialization)."""
-        rows = self.online.read([enterprise_id])
-        if not rows["found"][0]:
-            raise EnterpriseNotFound(enterprise_id)
-        return enterprise_features(rows.row(0, named=True))
-
-    def lookup(self, enterprise_id: str) -> EnterpriseFeatures:
-        """The reference path: Feast's online store, no cache."""
-        response = self.store.get_online_features(
-            features=self.refs, entity_rows=[{"enterprise_id": enterprise_id}]
-        ).to_dict(include_event_timestamps=True)
-        values = {f.name: response[f.name][0] for f in FEATURES}
-        if all(v is None for v in values.values()):
-            raise EnterpriseNotFound(enterprise_id)
-        timestamps = {}
-        for fam in FAMILIES:
-            first = next(f.name for f in FEATURES if f.family == fam.name)
-            seconds = response.get(first + "__ts", [0])[0]
-            if seconds:
-                timestamps[fam.name] = datetime.fromtimestamp(seconds, UTC).isoformat()
-        return EnterpriseFeatures(enterprise_id, values, timestamps)
 
     def model(self, product: str) -> ProductModel:
         if product not in self.models:
@@ -134,20 +106,6 @@ class LendingEngine:
         return self.models[product]
 
     # -- decisions -------------------------------------------------------------------------------
-    def decide(
-        self,
-        product: str,
-        requests: Sequence[tuple[EnterpriseFeatures, float, int]],
-        *,
-        reasons: core.Explain = "all",
-        limits: bool = False,
-    ) -> core.Decisions:
-        """The columnar core over (features, amount, term) requests of one product."""
-        return core.decide(
-            self.model(product), requests_frame(requests), self.policy, reasons=reasons,
-            limits=limits,
-        )  # fmt: skip
-
     def assess(
         self, enterprise_id: str, product: str, amount: float, term_months: int, limit: bool = False
     ) -> dict[str, Any]:
@@ -162,54 +120,59 @@ class LendingEngine:
     ) -> list[dict[str, Any] | EnterpriseNotFound]:
         """One online read and one core call for many requests (/screen); an enterprise the
         feature store does not know is its own error."""
-        model = self.model(product)
-        rows = self.online.read([eid for eid, _, _ in requests])
-        found = rows["found"].to_numpy()
         out: list[dict[str, Any] | EnterpriseNotFound] = [
             EnterpriseNotFound(eid) for eid, _, _ in requests
         ]
+        decided = self._decide_online(product, requests, limits=limit)
+        if decided is not None:
+            d, found = decided
+            values = d.rows()
+            for r, (i, feats) in enumerate(found):
+                out[i] = outcome(d, r, feats, values[r])
+        return out
+
+    def _decide_online(
+        self,
+        product: str,
+        requests: Sequence[tuple[str, float, int]],
+        *,
+        reasons: core.Explain = "all",
+        limits: bool = False,
+    ) -> tuple[core.Decisions, list[tuple[int, EnterpriseFeatures]]] | None:
+        """The requests whose enterprise the online store knows, decided by the core in one
+        call; with each decided row, its request's position and the snapshots it used. None
+        when the store knows none of them."""
+        model = self.model(product)
+        rows = self.online.read([eid for eid, _, _ in requests])
+        found = rows["found"].to_numpy()
         if not found.any():
-            return out
+            return None
         index = np.flatnonzero(found)
         # eager DataFrame operations only: a query plan costs more than one row's data
         frame = rows if found.all() else rows.filter(pl.Series(found))
         stored = pl.DataFrame(
-            [frame.get_column(name) for name in STORED_SCHEMA]
+            [frame.get_column(name) for name in core.STORED_SCHEMA]
             + [
                 pl.Series("requested_amount", [float(requests[i][1]) for i in index], pl.Float64),
                 pl.Series("term_months", [int(requests[i][2]) for i in index], pl.Int64),
             ]
         )
-        d = core.decide(model, stored, self.policy, limits=limit)
-        values = d.rows()
+        d = core.decide(model, stored, self.policy, reasons=reasons, limits=limits)
         stamps = pl.DataFrame([frame.get_column(c) for c in TS_COLUMNS]).to_dicts()
-        for r, i in enumerate(index):
-            feats = EnterpriseFeatures(requests[i][0], {}, _timestamps(stamps[r]))
-            out[i] = outcome(d, r, feats, values[r])
-        return out
-
-    def limit(
-        self, enterprise_id: str, product: str, amount: float, term_months: int
-    ) -> dict[str, Any]:
-        return self.assess(enterprise_id, product, amount, term_months, limit=True)
-
-    @staticmethod
-    def values(feats: EnterpriseFeatures, amount: float, term_months: int) -> dict[str, Any]:
-        """The per-row reference: stored features plus request-time features."""
-        values = dict(feats.values)
-        values.update(
-            request_features(
-                amount, term_months, values.get("tax_sales_12m"), values.get("pay_inflow_3m")
-            )
-        )
-        return values
+        decided = [
+            (int(i), EnterpriseFeatures(requests[i][0], _timestamps(stamps[r])))
+            for r, i in enumerate(index)
+        ]
+        return d, decided
 
     def explain(
         self, enterprise_id: str, product: str, amount: float, term_months: int
     ) -> dict[str, Any]:
         model = self.model(product)
-        feats = self.features(enterprise_id)
-        d = self.decide(product, [(feats, amount, term_months)])
+        decided = self._decide_online(product, [(enterprise_id, amount, term_months)])
+        if decided is None:
+            raise EnterpriseNotFound(enterprise_id)
+        d, [(_, feats)] = decided
         contrib, values = d.contribution(0), d.values(0)
         assert contrib is not None
         base = float(contrib[-1])
@@ -235,12 +198,6 @@ class LendingEngine:
         }
 
 
-def enterprise_features(row: Mapping[str, Any]) -> EnterpriseFeatures:
-    """An online row (features.online) as the envelope and the log describe it."""
-    values = {name: row[name] for name in STORED_SCHEMA}
-    return EnterpriseFeatures(row["enterprise_id"], values, _timestamps(row))
-
-
 def _timestamps(row: Mapping[str, Any]) -> dict[str, str]:
     """family -> ISO time of the snapshot used, for the families the store had."""
     return {
@@ -248,15 +205,6 @@ def _timestamps(row: Mapping[str, Any]) -> dict[str, str]:
         for fam in FAMILIES
         if row.get(ts_column(fam.name)) is not None
     }
-
-
-def requests_frame(requests: Sequence[tuple[EnterpriseFeatures, float, int]]) -> pl.DataFrame:
-    """The core's input: stored features in schema types, plus the amount and term asked for."""
-    frame = pl.DataFrame([f.values for f, _, _ in requests], schema=STORED_SCHEMA, orient="row")
-    return frame.with_columns(
-        pl.Series("requested_amount", [float(a) for _, a, _ in requests], dtype=pl.Float64),
-        pl.Series("term_months", [int(t) for _, _, t in requests], dtype=pl.Int64),
-    )
 
 
 def outcome(

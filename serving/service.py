@@ -87,10 +87,6 @@ def check_request(
     return code, product, float(amount), int(term)
 
 
-def price_json(price: Any) -> dict[str, Any]:
-    return price.as_dict()
-
-
 # One worker process per core: a worker is one Python interpreter, so its requests share one
 # core; the workers share the decision log (group commit within each, WAL between them) and each
 # keeps its own feature cache. The access log is off (the decision log is the record of every
@@ -189,7 +185,7 @@ class Kapok:
             grade=a["grade"],
             decision=a["decision"].decision,
             limit_amount=limit,
-            price=price_json(a["price"]),
+            price=a["price"].as_dict(),
             reasons=body.get("reasons", []),
             response=body,
         )
@@ -288,7 +284,7 @@ class Kapok:
         """Expected loss and the risk-based rate / fee / premium, part by part, under the caps."""
 
         def add_price(a: dict) -> tuple[dict, None]:
-            return {"price": price_json(a["price"])}, None
+            return {"price": a["price"].as_dict()}, None
 
         request = (enterprise_id, product, amount, term_months)
         return Answer(**self._decide(ctx, "price", request, add_price))
@@ -365,7 +361,7 @@ class Kapok:
                 "requested_amount": amount,
                 "limit": lim.limit,
                 "binding_constraint": lim.binding,
-                "price": price_json(a["price"]),
+                "price": a["price"].as_dict(),
             }
             request = loan_request(eid, product, amount, term)
             records.append(

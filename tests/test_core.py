@@ -20,7 +20,7 @@ from features.request import request_features
 from features.schema import ALL_FEATURES, FEATURES, PRODUCTS, monotone_constraints
 from serving import core
 from serving import policy as pol
-from serving.engine import STORED_SCHEMA, policy_outcome
+from serving.engine import policy_outcome
 from serving.model import ProductModel
 from training.calibration import Calibrator
 from training.scorer import Scorer
@@ -68,7 +68,7 @@ def random_requests(rng: np.random.Generator, n: int, product: str) -> pl.DataFr
     amount[rng.random(n) < 0.05] = prod.amount_min  # exactly on the edge
     term = rng.integers(prod.term_months_min, prod.term_months_max + 1, n)
     term[rng.random(n) < 0.02] = prod.term_months_max + 6  # out of range: TERM_OUT_OF_RANGE
-    frame = pl.DataFrame(random_stored(rng, n), schema=STORED_SCHEMA)
+    frame = pl.DataFrame(random_stored(rng, n), schema=core.STORED_SCHEMA)
     return frame.with_columns(
         pl.Series("requested_amount", amount), pl.Series("term_months", term, dtype=pl.Int64)
     )
