@@ -7,13 +7,16 @@ The previous output stays in place until the new one is complete.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import date
 from pathlib import Path
 
 import polars as pl
 
-from features.pipelines import build_family
+from features.pipelines import Panel, build_family
 from features.schema import FAMILIES, SCHEMA_VERSION
 from kapok.bigdata.generate import TABLES, chunk_name, read_manifest, scan
 from kapok.staging import staged_folder
@@ -26,7 +29,34 @@ def raw_chunk(raw: Path, chunk: int) -> dict[str, pl.LazyFrame]:
     return {table: scan(raw, table, chunk) for table in INPUT_TABLES}
 
 
+def build_chunk(raw: Path, staging: Path, chunk: int, months: int, start: date) -> dict[str, int]:
+    """Every family's table for one chunk of enterprises; rows written per family."""
+    tables = raw_chunk(raw, chunk)
+    panel = Panel.of(tables["registration"].collect(), months, start)
+    rows = {}
+    for fam in FAMILIES:
+        frame = build_family(fam.name, tables, panel)
+        target = staging / fam.name / chunk_name(chunk)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        frame.write_parquet(target, compression="zstd", statistics=True)
+        rows[fam.name] = frame.height
+    return rows
+
+
+def workers() -> int:
+    """KAPOK_BUILD_WORKERS, default: one process per core, at most 4 (each holds one chunk)."""
+    value = os.environ.get("KAPOK_BUILD_WORKERS", "")
+    if value.strip():
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"KAPOK_BUILD_WORKERS must be a whole number ≥ 1, got {value!r}")
+        return int(value)
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 def build(raw: Path, out: Path, progress: Callable[[str], None] | None = None) -> dict:
+    """Chunks are independent (a chunk is a set of enterprises), so they are built by several
+    processes at once; each writes its own part files, so the output does not depend on how
+    many ran or in which order they finished."""
     manifest = read_manifest(raw)
     start = date.fromisoformat(manifest["start"] + "-01")
     rows = dict.fromkeys((f.name for f in FAMILIES), 0)
@@ -37,19 +67,38 @@ def build(raw: Path, out: Path, progress: Callable[[str], None] | None = None) -
         "first_snapshot": f"{start:%Y-%m}",
         "months": manifest["months"],
     }
+    chunks = range(manifest["chunks"])
+    n = min(workers(), len(chunks))
     with staged_folder(out) as staging:
-        for chunk in range(manifest["chunks"]):
-            tables = raw_chunk(raw, chunk)
-            for fam in FAMILIES:
-                frame = build_family(fam.name, tables, manifest["months"], start).collect()
-                target = staging / fam.name / chunk_name(chunk)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                frame.write_parquet(target, compression="zstd", statistics=True)
-                rows[fam.name] += frame.height
-                if progress:
-                    progress(fam.name)
+        if n == 1:
+            done = (build_chunk(raw, staging, c, manifest["months"], start) for c in chunks)
+            _collect(done, rows, progress)
+        else:
+            # spawn, not fork: polars' thread pool does not survive a fork
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(n, mp_context=context) as pool:
+                futures = [
+                    pool.submit(build_chunk, raw, staging, c, manifest["months"], start)
+                    for c in chunks
+                ]
+                try:
+                    _collect((f.result() for f in as_completed(futures)), rows, progress)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
         (staging / MANIFEST).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def _collect(
+    done: Iterable[dict[str, int]], rows: dict[str, int], progress: Callable[[str], None] | None
+) -> None:
+    for counts in done:
+        for name, count in counts.items():
+            rows[name] += count
+            if progress:
+                progress(name)
 
 
 def read_summary(features: Path) -> dict:

@@ -1,22 +1,35 @@
-"""Raw tables → point-in-time feature tables, one per source family (polars, lazy, chunked).
+"""Raw tables → point-in-time feature tables, one per source family (polars + numpy, chunked).
 
 Each family is cut once a month: the snapshot for month m is taken on the family's publication day
 of month m+1 (its `event_timestamp`) and uses only raw rows whose `available_at` is at or before
 that moment. A row filed late is therefore absent from the snapshots cut before it arrived and
 present in every later one. One row per enterprise per month from the month it was founded.
+
+polars reads the raw rows and works out, for each, its month t and how many snapshots after its
+own month it becomes visible (its lag). The rows are then placed on a dense panel, one numpy
+array of enterprises × months per raw column (`Panel`, `Monthly`), and every window is a handful
+of whole-array operations over shifted columns of that panel — the same arithmetic, in the same
+order, as one pass over each enterprise's months, at array speed. Events (lawsuits, listings)
+become counts over trailing windows by difference arrays in integers, so that sums of money are
+exact in cents and do not depend on row order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import date
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
 
+import numpy as np
 import polars as pl
 
 from features.schema import FAMILIES, family, features_of
 
 UTC = "UTC"
-NEVER = -1_000_000  # placeholder for "no event yet" before a cumulative max
+NEVER = np.iinfo(np.int32).min  # "no event yet" before a cumulative max
+UNSEEN = np.iinfo(np.int32).max  # lag of a month with no raw row: never visible
+
+Array = np.ndarray
 
 
 # -- calendar ------------------------------------------------------------------------------------
@@ -36,73 +49,201 @@ def visible_snapshot(available_at: pl.Expr, start: date, day: int) -> pl.Expr:
     return pl.when(available_at <= cut).then(idx - 1).otherwise(idx)
 
 
-def snapshot_time(t: pl.Expr, start: date, day: int) -> pl.Expr:
-    """The cut-off of snapshot t: `day` of month t+1, midnight UTC."""
-    total = start.year * 12 + start.month - 1 + t + 1
-    return pl.datetime(total // 12, total % 12 + 1, day, time_zone=UTC)
+def snapshot_times(months: int, start: date, day: int) -> pl.Series:
+    """The cut-off of each snapshot t in 0..months-1: `day` of month t+1, midnight UTC."""
+    first = start.year * 12 + start.month - 1 + 1
+    times = [
+        datetime((first + t) // 12, (first + t) % 12 + 1, day) for t in range(months)
+    ]  # naive, then stamped UTC: the same instants as `pl.datetime(..., time_zone=UTC)`
+    return pl.Series("event_timestamp", times, dtype=pl.Datetime("us")).dt.replace_time_zone(UTC)
 
 
-def grid(registration: pl.LazyFrame, months: int, start: date, day: int) -> pl.LazyFrame:
-    """One row per enterprise per month t in 0..months-1, sorted; `alive` marks founded firms."""
-    return (
-        registration.select("enterprise_id", "founded_on")
-        .join(pl.LazyFrame({"t": pl.int_range(0, months, eager=True).cast(pl.Int32)}), how="cross")
-        .with_columns(
-            event_timestamp=snapshot_time(pl.col("t"), start, day),
-            alive=month_index(pl.col("founded_on"), start) <= pl.col("t"),
+# -- the panel -----------------------------------------------------------------------------------
+@dataclass
+class Panel:
+    """One chunk's enterprises × snapshots. Cell (e, t) is enterprise e (in id order) at month t."""
+
+    ids: pl.Series  # enterprise ids, sorted
+    founded: Array  # month index of each enterprise's founding
+    months: int
+    start: date
+    registration: pl.DataFrame  # the registration rows, in id order
+    _lookup: pl.DataFrame = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._lookup = pl.DataFrame(
+            {"enterprise_id": self.ids, "_e": np.arange(len(self.ids), dtype=np.int64)}
         )
-        .sort("enterprise_id", "t")
-    )
+
+    @classmethod
+    def of(cls, registration: pl.DataFrame, months: int, start: date) -> Panel:
+        reg = registration.sort("enterprise_id")
+        if reg["enterprise_id"].is_duplicated().any():
+            raise ValueError("the registration table lists an enterprise twice")
+        founded = reg.select(month_index(pl.col("founded_on"), start))
+        return cls(reg["enterprise_id"], founded.to_series().to_numpy(), months, start, reg)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.ids), self.months
+
+    @property
+    def cells(self) -> int:
+        return len(self.ids) * self.months
+
+    @property
+    def t(self) -> Array:
+        """Each cell's month, broadcastable over the panel."""
+        return np.arange(self.months, dtype=np.int64)[None, :]
+
+    @property
+    def alive(self) -> Array:
+        return self.founded[:, None] <= self.t
+
+    def locate(self, rows: pl.DataFrame, t: str = "t") -> tuple[Array, Array]:
+        """(enterprise index, month) of each row that falls on the panel, and which rows do."""
+        e = rows.select("enterprise_id").join(
+            self._lookup, on="enterprise_id", how="left", maintain_order="left"
+        )["_e"]
+        tt = rows[t].cast(pl.Int64).to_numpy()
+        on = e.is_not_null().to_numpy() & (tt >= 0) & (tt < self.months)
+        return e.fill_null(0).to_numpy()[on] * self.months + tt[on], on
+
+    def frame(self, day: int, columns: dict[str, Array | pl.Series]) -> pl.DataFrame:
+        """The family's table: one row per enterprise per month it was alive, in (id, time) order.
+
+        Float columns use NaN for "no value"; it becomes null. A Series is one value per
+        enterprise, repeated over its months."""
+        alive = self.alive.ravel()
+        e = np.repeat(np.arange(len(self.ids)), self.months)[alive]
+        t = np.tile(np.arange(self.months), len(self.ids))[alive]
+        out: dict[str, pl.Series] = {
+            "enterprise_id": self.ids.gather(e),
+            "event_timestamp": snapshot_times(self.months, self.start, day).gather(t),
+        }
+        for name, values in columns.items():
+            if isinstance(values, pl.Series):
+                out[name] = values.gather(e).alias(name)
+            else:
+                flat = np.broadcast_to(values, self.shape).ravel()[alive]
+                series = pl.Series(name, flat)
+                out[name] = series.fill_nan(None) if flat.dtype.kind == "f" else series
+        return pl.DataFrame(out)
 
 
-# -- windows over the month-by-month grid ---------------------------------------------------
-def seen(col: str, d: int) -> pl.Expr:
-    """Value of `col` for month t-d as it was visible at snapshot t (null if not yet available).
+# -- monthly rows on the panel, and windows over them --------------------------------------------
+class Monthly:
+    """A monthly raw table on the panel: each value, and the lag after which it is visible."""
 
-    The grid holds every month of every enterprise in order, so shift(d) stays inside one
-    enterprise whenever t >= d. `lag` is how many snapshots after its own month a row appears.
-    """
-    value = pl.col(col).shift(d)
-    ok = pl.col("lag").shift(d) <= d
-    if d:
-        ok = ok & (pl.col("t") >= d)
-    return pl.when(ok).then(value)
+    def __init__(self, panel: Panel, rows: pl.DataFrame, columns: Sequence[str], table: str):
+        where, on = panel.locate(rows)
+        if np.bincount(where, minlength=panel.cells).max(initial=0) > 1:
+            raise ValueError(f"raw table {table} has two rows for one enterprise and month")
+        lags = rows["lag"].cast(pl.Int64).to_numpy()[on]
+        months = panel.months
+        # every array has `months` columns of padding on the left, so that month t-d of snapshot
+        # t is a view: column months + t - d
+        lag = np.full((panel.shape[0], 2 * months), UNSEEN, dtype=np.int64)
+        lag[:, months:] = _placed(panel, where, lags, UNSEEN)
+        self.lag, self.months = lag, months
+        self.max_lag = int(lags.max(initial=0))  # from this d on, every row is visible
+        self.values: dict[str, tuple[Array, Array, Array]] = {}
+        for col in columns:
+            value = np.full((panel.shape[0], 2 * months), np.nan)
+            value[:, months:] = _placed(panel, where, rows[col].cast(pl.Float64).to_numpy()[on])
+            seen = ~np.isnan(value)
+            self.values[col] = value, seen, np.where(seen, value, 0.0)
+        self._late: dict[tuple[str, int], tuple[Array, Array, Array]] = {}
+
+    def _cell(self, col: str, d: int) -> tuple[Array, Array, Array]:
+        """(values, seen mask, values with 0 where unseen) of `col` for month t-d at snapshot
+        t. Views into the padded arrays where no row is late; callers must not modify them."""
+        if not 0 <= d <= self.months:
+            raise ValueError(f"a window reaches {d} months back; the panel holds {self.months}")
+        columns = slice(self.months - d, 2 * self.months - d)
+        if d >= self.max_lag:
+            value, seen, filled = self.values[col]
+            return value[:, columns], seen[:, columns], filled[:, columns]
+        key = (col, d)
+        if key not in self._late:  # some row of month t-d is published after snapshot t
+            late = self.lag[:, columns] > d
+            value = self.values[col][0][:, columns].copy()
+            value[late] = np.nan
+            seen = ~np.isnan(value)
+            self._late[key] = value, seen, np.where(seen, value, 0.0)
+        return self._late[key]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.lag.shape[0], self.months
+
+    def seen(self, col: str, d: int) -> Array:
+        """Value of `col` for month t-d as it was visible at snapshot t (NaN if not yet, or
+        never, available). `lag` is how many snapshots after its own month a row appears."""
+        return self._cell(col, d)[0]
+
+    def count(self, col: str, length: int, skip: int = 0) -> Array:
+        n = np.zeros(self.shape, dtype=np.int64)
+        for d in range(skip, skip + length):
+            n += self._cell(col, d)[1]
+        return n
+
+    def sum(self, col: str, length: int, skip: int = 0, min_count: int = 1) -> Array:
+        """Sum over the months seen in the window, month t-skip first; NaN if fewer than
+        `min_count` were seen."""
+        total = np.zeros(self.shape)
+        for d in range(skip, skip + length):
+            total += self._cell(col, d)[2]
+        total[self.count(col, length, skip) < min_count] = np.nan
+        return total
+
+    def mean(self, col: str, length: int, min_count: int = 1) -> Array:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.sum(col, length, min_count=max(min_count, 1)) / self.count(col, length)
+
+    def cv(self, col: str, length: int = 12, min_count: int = 6) -> Array:
+        """Coefficient of variation (sample standard deviation / mean) of the months seen."""
+        n = self.count(col, length)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self.sum(col, length) / n
+            squares = np.zeros(self.shape)
+            for d in range(length):
+                value, seen, _ = self._cell(col, d)
+                deviation = value - mean
+                deviation *= deviation
+                np.add(squares, deviation, out=squares, where=seen)
+            std = np.sqrt(squares / (n - 1))
+            return np.where((n >= min_count) & (mean > 0), std / mean, np.nan)
+
+    def latest(self, col: str) -> Array:
+        """The most recent visible value within the last 3 months."""
+        out = self.seen(col, 0).copy()
+        for d in (1, 2):
+            gap = np.isnan(out)
+            out[gap] = self.seen(col, d)[gap]
+        return out
 
 
-def window(col: str, length: int, skip: int = 0) -> list[pl.Expr]:
-    return [seen(col, d) for d in range(skip, skip + length)]
+def _placed(panel: Panel, where: Array, values: Array, fill: float = np.nan) -> Array:
+    """`values` at the flat cells `where` of an enterprises × months array filled with `fill`."""
+    out = np.full(panel.cells, fill, dtype=values.dtype)
+    out[where] = values
+    return out.reshape(panel.shape)
 
 
-def count_seen(col: str, length: int, skip: int = 0) -> pl.Expr:
-    return pl.sum_horizontal([e.is_not_null().cast(pl.Int32) for e in window(col, length, skip)])
+def growth(now: Array, before: Array) -> Array:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(before > 0, now / before - 1, np.nan)
 
 
-def wsum(col: str, length: int, skip: int = 0, min_count: int = 1) -> pl.Expr:
-    total = pl.sum_horizontal(window(col, length, skip))
-    return pl.when(count_seen(col, length, skip) >= min_count).then(total)
+def ratio(num: Array, den: Array) -> Array:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
 
 
-def wmean(col: str, length: int, min_count: int = 1) -> pl.Expr:
-    return pl.when(count_seen(col, length) >= min_count).then(
-        pl.concat_list(window(col, length)).list.mean()
-    )
-
-
-def cv(col: str, length: int = 12, min_count: int = 6) -> pl.Expr:
-    values = pl.concat_list(window(col, length))
-    mean = values.list.mean()
-    return pl.when((count_seen(col, length) >= min_count) & (mean > 0)).then(
-        values.list.std(ddof=1) / mean
-    )
-
-
-def growth(now: pl.Expr, before: pl.Expr) -> pl.Expr:
-    return pl.when(before > 0).then(now / before - 1)
-
-
-def latest(col: str) -> pl.Expr:
-    """The most recent visible value within the last 3 months."""
-    return pl.coalesce(window(col, 3))
+def since(panel: Panel, last: Array) -> Array:
+    """Months from the last event (a cumulative month index, NEVER if none) to each snapshot."""
+    return np.where(last > NEVER, panel.t - last, np.nan)
 
 
 def with_lag(rows: pl.LazyFrame, start: date, day: int) -> pl.LazyFrame:
@@ -113,128 +254,117 @@ def with_lag(rows: pl.LazyFrame, start: date, day: int) -> pl.LazyFrame:
     ).drop("month", "available_at")
 
 
-def on_grid(g: pl.LazyFrame, rows: pl.LazyFrame) -> pl.LazyFrame:
-    return g.join(rows, on=["enterprise_id", "t"], how="left").sort("enterprise_id", "t")
+def monthly(
+    panel: Panel, table: str, rows: pl.LazyFrame, day: int, columns: Sequence[str]
+) -> Monthly:
+    frame = with_lag(rows, panel.start, day).collect()
+    return Monthly(panel, frame, columns, table)
 
 
 # -- sparse events -------------------------------------------------------------------------------
-def money_sum(col: str | pl.Expr) -> pl.Expr:
-    """Sum of a money column in whole cents (分), as integers. A float sum depends on the order
-    in which a parallel group-by meets the rows, and two builds of the same data must give the
-    same features to the last bit (training's content hash, hence its model, depends on them)."""
-    expr = pl.col(col) if isinstance(col, str) else col
-    return (expr * 100).round().cast(pl.Int64).sum() / 100
-
-
 def event_counts(
-    events: pl.LazyFrame, start: date, day: int, windows: dict[str, tuple[str, int, str | None]]
-) -> pl.LazyFrame:
-    """Counts (or sums) of events per (enterprise, snapshot t) over trailing windows of months.
+    panel: Panel,
+    events: pl.DataFrame,
+    day: int,
+    windows: dict[str, tuple[str, int, str | None]],
+) -> dict[str, Array]:
+    """Counts (or sums) of events per enterprise and snapshot over trailing windows of months.
 
     `windows` maps output column → (event_type, months, column to sum or None to count). An event
-    of month k seen from snapshot s counts at snapshots max(s, k) .. k + months - 1. Amounts are
-    summed with `money_sum`.
+    of month k seen from snapshot s counts at snapshots max(s, k) .. k + months - 1: +1 at the
+    first, -1 after the last, then a running sum along the months. Amounts are summed in whole
+    cents (分) as integers, so the sum is exact whatever the order of the rows.
     """
     ev = events.with_columns(
-        k=month_index(pl.col("event_date"), start),
-        s=visible_snapshot(pl.col("available_at"), start, day),
+        k=month_index(pl.col("event_date"), panel.start),
+        s=visible_snapshot(pl.col("available_at"), panel.start, day),
     )
-    parts = []
+    n_e, n_t = panel.shape
+    out = {}
     for name, (kind, months, amount) in windows.items():
-        value = pl.col(amount) if amount else pl.lit(1)
-        total = money_sum("value") if amount else pl.col("value").sum()
-        parts.append(
-            ev.filter(pl.col("event_type") == kind)
-            .select(
-                "enterprise_id",
-                t=pl.int_ranges(pl.max_horizontal("s", "k"), pl.col("k") + months, dtype=pl.Int32),
-                value=value,
-            )
-            .explode("t")
-            .group_by("enterprise_id", "t")
-            .agg(total.alias(name))
-        )
-    out = parts[0]
-    for part in parts[1:]:
-        out = out.join(part, on=["enterprise_id", "t"], how="full", coalesce=True)
+        rows = ev.filter(pl.col("event_type") == kind)
+        k, s = rows["k"].cast(pl.Int64).to_numpy(), rows["s"].cast(pl.Int64).to_numpy()
+        first = np.maximum(np.maximum(s, k), 0)
+        stop = np.minimum(k + months, n_t)
+        e = rows.select("enterprise_id").join(
+            panel._lookup, on="enterprise_id", how="left", maintain_order="left"
+        )["_e"]
+        on = e.is_not_null().to_numpy() & (first < stop)
+        e = e.fill_null(0).to_numpy()
+        if amount:
+            cents = (rows[amount] * 100).round().fill_null(0).cast(pl.Int64).to_numpy()
+        else:
+            cents = np.ones(rows.height, dtype=np.int64)
+        delta = np.zeros((n_e, n_t + 1), dtype=np.int64)
+        np.add.at(delta, (e[on], first[on]), cents[on])
+        np.add.at(delta, (e[on], stop[on]), -cents[on])
+        total = np.cumsum(delta[:, :n_t], axis=1)
+        out[name] = total / 100 if amount else total
     return out
 
 
-def last_seen(events: pl.LazyFrame, start: date, day: int, kinds: dict[str, str]) -> pl.LazyFrame:
-    """Per (enterprise, snapshot s): latest event month k of each kind that became visible at s.
+def last_event(panel: Panel, e: Array, t: Array, k: Array) -> Array:
+    """Per enterprise and snapshot: the latest month k among events visible by snapshot t
+    (NEVER before the first). An event visible before the first snapshot is seen by it."""
+    last = np.full(panel.shape, NEVER, dtype=np.int64)
+    on = t < panel.months
+    np.maximum.at(last, (e[on], np.maximum(t[on], 0)), k[on])
+    return np.maximum.accumulate(last, axis=1)
 
-    Joined to the grid and cumulated with `carry_max`, this gives the last event seen by t.
-    """
-    ev = events.with_columns(
-        k=month_index(pl.col("event_date"), start),
-        t=visible_snapshot(pl.col("available_at"), start, day),
+
+def last_seen(panel: Panel, events: pl.DataFrame, day: int, kind: str) -> Array:
+    rows = events.filter(pl.col("event_type") == kind).with_columns(
+        k=month_index(pl.col("event_date"), panel.start),
+        t=visible_snapshot(pl.col("available_at"), panel.start, day),
     )
-    aggs = [
-        pl.col("k").filter(pl.col("event_type") == kind).max().alias(name)
-        for name, kind in kinds.items()
-    ]
-    return ev.group_by("enterprise_id", "t").agg(aggs)
-
-
-def carry_max(col: str) -> pl.Expr:
-    """Cumulative maximum within an enterprise; null until the first value."""
-    running = pl.col(col).fill_null(NEVER).cum_max().over("enterprise_id")
-    return pl.when(running > NEVER).then(running)
+    e = rows.select("enterprise_id").join(
+        panel._lookup, on="enterprise_id", how="left", maintain_order="left"
+    )["_e"]
+    on = e.is_not_null().to_numpy()
+    return last_event(
+        panel,
+        e.fill_null(0).to_numpy()[on],
+        rows["t"].cast(pl.Int64).to_numpy()[on],
+        rows["k"].cast(pl.Int64).to_numpy()[on],
+    )
 
 
 # -- families ------------------------------------------------------------------------------------
-FamilyBuilder = Callable[[dict[str, pl.LazyFrame], pl.LazyFrame, date], pl.LazyFrame]
+Columns = dict[str, Array | pl.Series]
+FamilyBuilder = Callable[[dict[str, pl.LazyFrame], Panel, int], Columns]
 
 
-def _registration(raw: dict[str, pl.LazyFrame], g: pl.LazyFrame, start: date) -> pl.LazyFrame:
-    day = family("registration").publication_day
-    reg = raw["registration"].select(
-        "enterprise_id", "industry", "district", "size_class", "registered_capital"
-    )
-    events = raw["registration_events"]
+def _registration(raw: dict[str, pl.LazyFrame], panel: Panel, day: int) -> Columns:
+    reg = panel.registration
+    events = raw["registration_events"].collect()
     counts = event_counts(
+        panel,
         events,
-        start,
         day,
         {
-            "reg_legal_rep_changes_24m": ("legal_rep_change", 24, None),
-            "reg_abnormal_ops_listings_24m": ("abnormal_ops_listed", 24, None),
+            "legal_rep_changes": ("legal_rep_change", 24, None),
+            "listings": ("abnormal_ops_listed", 24, None),
         },
     )
-    status = last_seen(
-        events,
-        start,
-        day,
-        {"listed_k": "abnormal_ops_listed", "removed_k": "abnormal_ops_removed"},
-    )
-    return (
-        g.join(reg, on="enterprise_id", how="left")
-        .join(counts, on=["enterprise_id", "t"], how="left")
-        .join(status, on=["enterprise_id", "t"], how="left")
-        .sort("enterprise_id", "t")
-        .with_columns(
-            carry_max("listed_k").alias("listed_k"), carry_max("removed_k").alias("removed_k")
-        )
-        .with_columns(
-            reg_firm_age_months=pl.col("t") - month_index(pl.col("founded_on"), start),
-            reg_registered_capital=pl.col("registered_capital"),
-            reg_industry=pl.col("industry"),
-            reg_district=pl.col("district"),
-            reg_size_class=pl.col("size_class"),
-            reg_legal_rep_changes_24m=pl.col("reg_legal_rep_changes_24m").fill_null(0),
-            reg_abnormal_ops_listings_24m=pl.col("reg_abnormal_ops_listings_24m").fill_null(0),
-            # a removal in the same month as a listing counts as still listed: conservative
-            reg_abnormal_ops_listed=(
-                pl.col("listed_k").is_not_null()
-                & (pl.col("removed_k").is_null() | (pl.col("listed_k") >= pl.col("removed_k")))
-            ).cast(pl.Int64),
-        )
-    )
+    listed = last_seen(panel, events, day, "abnormal_ops_listed")
+    removed = last_seen(panel, events, day, "abnormal_ops_removed")
+    return {
+        "reg_firm_age_months": panel.t - panel.founded[:, None],
+        "reg_registered_capital": reg["registered_capital"],
+        "reg_industry": reg["industry"],
+        "reg_district": reg["district"],
+        "reg_size_class": reg["size_class"],
+        "reg_legal_rep_changes_24m": counts["legal_rep_changes"],
+        "reg_abnormal_ops_listings_24m": counts["listings"],
+        # a removal in the same month as a listing counts as still listed: conservative
+        "reg_abnormal_ops_listed": ((listed > NEVER) & (listed >= removed)).astype(np.int64),
+    }
 
 
-def _tax(raw: dict[str, pl.LazyFrame], g: pl.LazyFrame, start: date) -> pl.LazyFrame:
-    day = family("tax").publication_day
-    rows = with_lag(
+def _tax(raw: dict[str, pl.LazyFrame], panel: Panel, day: int) -> Columns:
+    m = monthly(
+        panel,
+        "tax",
         raw["tax"].select(
             "enterprise_id",
             "month",
@@ -246,78 +376,86 @@ def _tax(raw: dict[str, pl.LazyFrame], g: pl.LazyFrame, start: date) -> pl.LazyF
             late=pl.col("filed_late").cast(pl.Int32),
             filed=pl.lit(1, pl.Int32),
         ),
-        start,
         day,
+        ["sales", "paid", "overdue", "overdue_flag", "late", "filed"],
     )
+    sales_12m = m.sum("sales", 12)
+    return {
+        "tax_sales_3m": m.sum("sales", 3),
+        "tax_sales_12m": sales_12m,
+        "tax_sales_growth_yoy": growth(m.sum("sales", 3, min_count=2), m.sum("sales", 3, 12, 2)),
+        "tax_sales_growth_3m": growth(m.sum("sales", 3, min_count=2), m.sum("sales", 3, 3, 2)),
+        "tax_sales_cv_12m": m.cv("sales"),
+        "tax_paid_to_sales_12m": ratio(m.sum("paid", 12), sales_12m),
+        "tax_overdue_12m": m.sum("overdue", 12),
+        "tax_overdue_months_12m": m.sum("overdue_flag", 12),
+        "tax_late_filings_12m": m.sum("late", 12),
+        "tax_months_filed_12m": m.count("filed", 12),
+        "tax_credit_rating_rank": _tax_rating(raw, panel, day),
+    }
+
+
+def _tax_rating(raw: dict[str, pl.LazyFrame], panel: Panel, day: int) -> Array:
+    """Rank of the latest tax-credit rating published by each snapshot's cut-off (NaN before the
+    first): each rating is placed at the first snapshot that can see it and carried forward."""
     rank = {"A": 1, "B": 2, "M": 3, "C": 4, "D": 5}
     ratings = (
         raw["tax_credit_rating"]
         .select(
             "enterprise_id",
-            "available_at",
-            rating_rank=pl.col("rating").replace_strict(rank, return_dtype=pl.Int64),
+            rank=pl.col("rating").replace_strict(rank, return_dtype=pl.Int64),
+            t=pl.max_horizontal(visible_snapshot(pl.col("available_at"), panel.start, day), 0),
+            at=pl.col("available_at"),
         )
-        .sort("available_at")
+        .sort("enterprise_id", "at", maintain_order=True)
+        .unique(["enterprise_id", "t"], keep="last", maintain_order=True)
+        .collect()
     )
-    sales_12m = wsum("sales", 12)
-    frame = on_grid(g, rows).with_columns(
-        tax_sales_3m=wsum("sales", 3),
-        tax_sales_12m=sales_12m,
-        tax_sales_growth_yoy=growth(wsum("sales", 3, min_count=2), wsum("sales", 3, 12, 2)),
-        tax_sales_growth_3m=growth(wsum("sales", 3, min_count=2), wsum("sales", 3, 3, 2)),
-        tax_sales_cv_12m=cv("sales"),
-        tax_paid_to_sales_12m=pl.when(sales_12m > 0).then(wsum("paid", 12) / sales_12m),
-        tax_overdue_12m=wsum("overdue", 12),
-        tax_overdue_months_12m=wsum("overdue_flag", 12).cast(pl.Int64),
-        tax_late_filings_12m=wsum("late", 12).cast(pl.Int64),
-        tax_months_filed_12m=count_seen("filed", 12).cast(pl.Int64),
-    )
-    return (
-        frame.sort("event_timestamp")
-        .join_asof(
-            ratings,
-            left_on="event_timestamp",
-            right_on="available_at",
-            by="enterprise_id",
-            strategy="backward",
-            check_sortedness=False,  # both sides are sorted by time; polars cannot check with `by`
-        )
-        .rename({"rating_rank": "tax_credit_rating_rank"})
-    )
+    where, on = panel.locate(ratings)
+    placed = _placed(panel, where, ratings["rank"].cast(pl.Float64).to_numpy()[on])
+    last = np.where(np.isnan(placed), -1, panel.t)
+    last = np.maximum.accumulate(last, axis=1)
+    rows = np.arange(panel.shape[0])[:, None]
+    return np.where(last >= 0, placed[rows, np.maximum(last, 0)], np.nan)
 
 
-def _power(raw: dict[str, pl.LazyFrame], g: pl.LazyFrame, start: date) -> pl.LazyFrame:
-    day = family("power").publication_day
-    rows = with_lag(
-        raw["electricity"].select("enterprise_id", "month", "available_at", "kwh"), start, day
+def _power(raw: dict[str, pl.LazyFrame], panel: Panel, day: int) -> Columns:
+    m = monthly(
+        panel,
+        "electricity",
+        raw["electricity"].select("enterprise_id", "month", "available_at", "kwh"),
+        day,
+        ["kwh"],
     )
-    return on_grid(g, rows).with_columns(
-        power_kwh_3m=wsum("kwh", 3),
-        power_kwh_growth_yoy=growth(wsum("kwh", 3, min_count=2), wsum("kwh", 3, 12, 2)),
-        power_kwh_growth_3m=growth(wsum("kwh", 3, min_count=2), wsum("kwh", 3, 3, 2)),
-        power_kwh_cv_12m=cv("kwh"),
-        power_months_metered_12m=count_seen("kwh", 12).cast(pl.Int64),
-    )
+    return {
+        "power_kwh_3m": m.sum("kwh", 3),
+        "power_kwh_growth_yoy": growth(m.sum("kwh", 3, min_count=2), m.sum("kwh", 3, 12, 2)),
+        "power_kwh_growth_3m": growth(m.sum("kwh", 3, min_count=2), m.sum("kwh", 3, 3, 2)),
+        "power_kwh_cv_12m": m.cv("kwh"),
+        "power_months_metered_12m": m.count("kwh", 12),
+    }
 
 
-def _social_insurance(raw: dict[str, pl.LazyFrame], g: pl.LazyFrame, start: date) -> pl.LazyFrame:
-    day = family("social_insurance").publication_day
-    rows = with_lag(
+def _social_insurance(raw: dict[str, pl.LazyFrame], panel: Panel, day: int) -> Columns:
+    m = monthly(
+        panel,
+        "social_insurance",
         raw["social_insurance"].select(
             "enterprise_id", "month", "available_at", heads=pl.col("insured_headcount")
         ),
-        start,
         day,
+        ["heads"],
     )
-    return on_grid(g, rows).with_columns(
-        si_headcount=latest("heads").cast(pl.Int64),
-        si_headcount_growth_12m=growth(seen("heads", 0), seen("heads", 12)),
-    )
+    return {
+        "si_headcount": m.latest("heads"),
+        "si_headcount_growth_12m": growth(m.seen("heads", 0), m.seen("heads", 12)),
+    }
 
 
-def _payments(raw: dict[str, pl.LazyFrame], g: pl.LazyFrame, start: date) -> pl.LazyFrame:
-    day = family("payments").publication_day
-    rows = with_lag(
+def _payments(raw: dict[str, pl.LazyFrame], panel: Panel, day: int) -> Columns:
+    m = monthly(
+        panel,
+        "payments",
         raw["payments"].select(
             "enterprise_id",
             "month",
@@ -327,26 +465,24 @@ def _payments(raw: dict[str, pl.LazyFrame], g: pl.LazyFrame, start: date) -> pl.
             cps=pl.col("counterparties"),
             top=pl.col("top_counterparty_share"),
         ),
-        start,
         day,
+        ["inflow", "outflow", "cps", "top"],
     )
-    inflow_6m, outflow_6m = wsum("inflow", 6), wsum("outflow", 6)
-    return on_grid(g, rows).with_columns(
-        pay_inflow_3m=wsum("inflow", 3),
-        pay_net_inflow_3m=wsum("inflow", 3) - wsum("outflow", 3),
-        pay_inflow_outflow_ratio_6m=pl.when(outflow_6m > 0).then(inflow_6m / outflow_6m),
-        pay_inflow_growth_3m=growth(wsum("inflow", 3, min_count=2), wsum("inflow", 3, 3, 2)),
-        pay_inflow_cv_12m=cv("inflow"),
-        pay_counterparties_3m=wmean("cps", 3),
-        pay_top_counterparty_share_6m=wmean("top", 6),
-    )
+    return {
+        "pay_inflow_3m": m.sum("inflow", 3),
+        "pay_net_inflow_3m": m.sum("inflow", 3) - m.sum("outflow", 3),
+        "pay_inflow_outflow_ratio_6m": ratio(m.sum("inflow", 6), m.sum("outflow", 6)),
+        "pay_inflow_growth_3m": growth(m.sum("inflow", 3, min_count=2), m.sum("inflow", 3, 3, 2)),
+        "pay_inflow_cv_12m": m.cv("inflow"),
+        "pay_counterparties_3m": m.mean("cps", 3),
+        "pay_top_counterparty_share_6m": m.mean("top", 6),
+    }
 
 
-def _receivables_payables(
-    raw: dict[str, pl.LazyFrame], g: pl.LazyFrame, start: date
-) -> pl.LazyFrame:
-    day = family("receivables_payables").publication_day
-    rows = with_lag(
+def _receivables_payables(raw: dict[str, pl.LazyFrame], panel: Panel, day: int) -> Columns:
+    m = monthly(
+        panel,
+        "receivables_payables",
         raw["receivables_payables"].select(
             "enterprise_id",
             "month",
@@ -355,57 +491,42 @@ def _receivables_payables(
             overdue=pl.col("overdue_receivables"),
             dpo=pl.col("days_payable"),
         ),
-        start,
         day,
+        ["ar", "overdue", "dpo"],
     )
-    ar_6m = wsum("ar", 6)
-    return on_grid(g, rows).with_columns(
-        arap_receivables=latest("ar"),
-        arap_overdue_receivables_ratio=pl.when(latest("ar") > 0).then(
-            latest("overdue") / latest("ar")
-        ),
-        arap_overdue_receivables_ratio_6m=pl.when(ar_6m > 0).then(wsum("overdue", 6) / ar_6m),
-        arap_days_payable=latest("dpo"),
-        arap_days_payable_change_6m=seen("dpo", 0) - seen("dpo", 6),
-    )
+    return {
+        "arap_receivables": m.latest("ar"),
+        "arap_overdue_receivables_ratio": ratio(m.latest("overdue"), m.latest("ar")),
+        "arap_overdue_receivables_ratio_6m": ratio(m.sum("overdue", 6), m.sum("ar", 6)),
+        "arap_days_payable": m.latest("dpo"),
+        "arap_days_payable_change_6m": m.seen("dpo", 0) - m.seen("dpo", 6),
+    }
 
 
-def _judicial(raw: dict[str, pl.LazyFrame], g: pl.LazyFrame, start: date) -> pl.LazyFrame:
-    day = family("judicial").publication_day
-    events = raw["judicial_events"]
+def _judicial(raw: dict[str, pl.LazyFrame], panel: Panel, day: int) -> Columns:
+    events = raw["judicial_events"].collect()
     counts = event_counts(
+        panel,
         events,
-        start,
         day,
         {
             "jud_lawsuits_12m": ("lawsuit", 12, None),
             "jud_lawsuit_amount_12m": ("lawsuit", 12, "amount"),
             "jud_enforcements_12m": ("enforcement", 12, None),
-            "jud_dishonest_24m": ("dishonest_debtor", 24, None),
+            "dishonest_24m": ("dishonest_debtor", 24, None),
             "jud_penalties_12m": ("admin_penalty", 12, None),
         },
     )
-    last = last_seen(events, start, day, {"lawsuit_k": "lawsuit"})
-    return (
-        g.join(counts, on=["enterprise_id", "t"], how="left")
-        .join(last, on=["enterprise_id", "t"], how="left")
-        .sort("enterprise_id", "t")
-        .with_columns(
-            jud_lawsuits_12m=pl.col("jud_lawsuits_12m").fill_null(0).cast(pl.Int64),
-            jud_lawsuit_amount_12m=pl.col("jud_lawsuit_amount_12m").fill_null(0.0),
-            jud_enforcements_12m=pl.col("jud_enforcements_12m").fill_null(0).cast(pl.Int64),
-            jud_dishonest_debtor_listed=(pl.col("jud_dishonest_24m").fill_null(0) > 0).cast(
-                pl.Int64
-            ),
-            jud_penalties_12m=pl.col("jud_penalties_12m").fill_null(0).cast(pl.Int64),
-            jud_months_since_lawsuit=(pl.col("t") - carry_max("lawsuit_k")).cast(pl.Int64),
-        )
-    )
+    dishonest = counts.pop("dishonest_24m")
+    return {
+        **counts,
+        "jud_dishonest_debtor_listed": (dishonest > 0).astype(np.int64),
+        "jud_months_since_lawsuit": since(panel, last_seen(panel, events, day, "lawsuit")),
+    }
 
 
-def _credit_history(raw: dict[str, pl.LazyFrame], g: pl.LazyFrame, start: date) -> pl.LazyFrame:
-    day = family("credit_history").publication_day
-    monthly = (
+def _credit_history(raw: dict[str, pl.LazyFrame], panel: Panel, day: int) -> Columns:
+    per_month = (
         raw["credit_history"]
         .group_by("enterprise_id", "month")
         .agg(
@@ -419,31 +540,39 @@ def _credit_history(raw: dict[str, pl.LazyFrame], g: pl.LazyFrame, start: date) 
             available_at=pl.col("available_at").max(),
         )
     )
-    rows = with_lag(monthly, start, day)
+    rows = with_lag(per_month, panel.start, day).collect()
+    m = Monthly(
+        panel,
+        rows,
+        ["loans", "balance", "nonbank", "dpd30", "dpd90", "comp", "reporters"],
+        "credit_history",
+    )
     # the last 30+ dpd month seen by each snapshot: visible from snapshot t + lag
-    dpd_seen = (
-        rows.filter(pl.col("dpd30") == 1)
-        .group_by("enterprise_id", pl.col("t") + pl.col("lag"))
-        .agg(dpd30_k=pl.col("t").max())
+    dpd = rows.filter(pl.col("dpd30") == 1)
+    where, on = panel.locate(dpd)
+    t = dpd["t"].cast(pl.Int64).to_numpy()[on]
+    last_dpd = last_event(
+        panel, where // panel.months, t + dpd["lag"].cast(pl.Int64).to_numpy()[on], t
     )
-    return (
-        on_grid(g, rows)
-        .join(dpd_seen, on=["enterprise_id", "t"], how="left")
-        .sort("enterprise_id", "t")
-        .with_columns(
-            cred_loans=latest("loans"),
-            cred_balance=latest("balance"),
-            cred_nonbank_share=pl.when(latest("balance") > 0).then(
-                latest("nonbank") / latest("balance")
-            ),
-            cred_balance_growth_6m=growth(seen("balance", 0), seen("balance", 6)),
-            cred_dpd30_months_12m=wsum("dpd30", 12).cast(pl.Int64),
-            cred_dpd90_months_24m=wsum("dpd90", 24).cast(pl.Int64),
-            cred_months_since_dpd30=(pl.col("t") - carry_max("dpd30_k")).cast(pl.Int64),
-            cred_guarantee_compensations_24m=wsum("comp", 24).cast(pl.Int64),
-            cred_reporters=latest("reporters"),
-        )
-    )
+    return {
+        "cred_loans": m.latest("loans"),
+        "cred_balance": m.latest("balance"),
+        "cred_nonbank_share": ratio(m.latest("nonbank"), m.latest("balance")),
+        "cred_balance_growth_6m": growth(m.seen("balance", 0), m.seen("balance", 6)),
+        "cred_dpd30_months_12m": m.sum("dpd30", 12),
+        "cred_dpd90_months_24m": m.sum("dpd90", 24),
+        "cred_months_since_dpd30": since(panel, last_dpd),
+        "cred_guarantee_compensations_24m": m.sum("comp", 24),
+        "cred_reporters": m.latest("reporters"),
+    }
+
+
+def money_sum(col: str | pl.Expr) -> pl.Expr:
+    """Sum of a money column in whole cents (分), as integers. A float sum depends on the order
+    in which a parallel group-by meets the rows, and two builds of the same data must give the
+    same features to the last bit (training's content hash, hence its model, depends on them)."""
+    expr = pl.col(col) if isinstance(col, str) else col
+    return (expr * 100).round().cast(pl.Int64).sum() / 100
 
 
 BUILDERS: dict[str, FamilyBuilder] = {
@@ -458,16 +587,13 @@ BUILDERS: dict[str, FamilyBuilder] = {
 }
 assert set(BUILDERS) == {f.name for f in FAMILIES}, "every family needs a builder"
 
+_DTYPES = {"float": pl.Float64, "int": pl.Int64, "string": pl.String}
 
-def build_family(name: str, raw: dict[str, pl.LazyFrame], months: int, start: date) -> pl.LazyFrame:
-    """The feature table of one family: enterprise_id, event_timestamp and its schema features."""
+
+def build_family(name: str, raw: dict[str, pl.LazyFrame], panel: Panel) -> pl.DataFrame:
+    """The feature table of one family: enterprise_id, event_timestamp and its schema features,
+    one row per enterprise per month it was alive, sorted by enterprise and time."""
     day = family(name).publication_day
-    g = grid(raw["registration"], months, start, day)
-    dtypes = {"float": pl.Float64, "int": pl.Int64, "string": pl.String}
-    columns = [pl.col(f.name).cast(dtypes[f.dtype]) for f in features_of(name)]
-    return (
-        BUILDERS[name](raw, g, start)
-        .filter(pl.col("alive"))
-        .select("enterprise_id", "event_timestamp", *columns)
-        .sort("enterprise_id", "event_timestamp")
-    )
+    table = panel.frame(day, BUILDERS[name](raw, panel, day))
+    columns = [pl.col(f.name).cast(_DTYPES[f.dtype]) for f in features_of(name)]
+    return table.select("enterprise_id", "event_timestamp", *columns)
