@@ -154,6 +154,7 @@ class Monthly:
             seen = ~np.isnan(value)
             self.values[col] = value, seen, np.where(seen, value, 0.0)
         self._late: dict[tuple[str, int], tuple[Array, Array, Array]] = {}
+        self._windows: dict[tuple[str, str, int, int], Array] = {}
 
     def _cell(self, col: str, d: int) -> tuple[Array, Array, Array]:
         """(values, seen mask, values with 0 where unseen) of `col` for month t-d at snapshot
@@ -183,19 +184,29 @@ class Monthly:
         return self._cell(col, d)[0]
 
     def count(self, col: str, length: int, skip: int = 0) -> Array:
-        n = np.zeros(self.shape, dtype=np.int64)
-        for d in range(skip, skip + length):
-            n += self._cell(col, d)[1]
-        return n
+        """How many months of the window were seen (shared: callers must not modify it)."""
+        key = ("count", col, length, skip)
+        if key not in self._windows:
+            n = np.zeros(self.shape, dtype=np.int64)
+            for d in range(skip, skip + length):
+                n += self._cell(col, d)[1]
+            self._windows[key] = n
+        return self._windows[key]
+
+    def _total(self, col: str, length: int, skip: int) -> Array:
+        key = ("total", col, length, skip)
+        if key not in self._windows:
+            total = np.zeros(self.shape)
+            for d in range(skip, skip + length):
+                total += self._cell(col, d)[2]
+            self._windows[key] = total
+        return self._windows[key]
 
     def sum(self, col: str, length: int, skip: int = 0, min_count: int = 1) -> Array:
         """Sum over the months seen in the window, month t-skip first; NaN if fewer than
         `min_count` were seen."""
-        total = np.zeros(self.shape)
-        for d in range(skip, skip + length):
-            total += self._cell(col, d)[2]
-        total[self.count(col, length, skip) < min_count] = np.nan
-        return total
+        enough = self.count(col, length, skip) >= min_count
+        return np.where(enough, self._total(col, length, skip), np.nan)
 
     def mean(self, col: str, length: int, min_count: int = 1) -> Array:
         with np.errstate(invalid="ignore", divide="ignore"):
