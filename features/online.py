@@ -98,6 +98,30 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
 
 
+def _prefetch(path: Path) -> None:
+    """Ask the kernel to read the SQLite online store into the page cache in the background
+    (posix_fadvise WILLNEED, returns at once), as databases pre-warm their files: the store
+    keeps one row per enterprise and feature, so the first reads of enterprises spread over it
+    otherwise wait on the disk for every page (a /screen of 1,000 took 6-8 s instead of 1.7 s
+    on a machine whose page cache had not seen the file). Skipped when the file is larger than
+    a quarter of the memory available, so that it cannot push everything else out."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    try:
+        size = path.stat().st_size
+        pages, free = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_AVPHYS_PAGES")
+        if size > pages * free // 4:
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):  # an optimisation only: never a reason to fail a read
+        return
+
+
 def ts_column(family: str) -> str:
     return TS_PREFIX + family
 
@@ -613,6 +637,7 @@ class OnlineFeatures:
                 f"{self._db_path.as_uri()}?mode=ro", uri=True, check_same_thread=False
             )
             self._conn_ino = ino
+            _prefetch(self._db_path)
         return self._conn
 
     def _sqlite_rows(self, table: str, keys: list[bytes]) -> list[tuple]:
