@@ -29,7 +29,7 @@ from kapok.settings import Paths
 from kapok.staging import staged_file
 from serving import core
 from serving import policy as pol
-from serving.decision_log import DecisionLog, DecisionRecord
+from serving.decision_log import DecisionLog, DecisionRecord, JSONText
 from serving.engine import loan_request
 from serving.model import ProductModel, load_champion
 from serving.reasons import reasons_json
@@ -124,6 +124,7 @@ def decide_batch(
     )
     d = core.decide(model, frame, policy, reasons="adverse")
     rows = d.rows()
+    encoded = d.features_json()
     records = []
     meta = apps.select("application_id", "enterprise_id", "applied_at", "requested_amount",
                        "term_months").iter_rows()  # fmt: skip
@@ -166,7 +167,7 @@ def decide_batch(
                 },
                 model_name=model.name,
                 model_version=model.version,
-                features=values,
+                features=JSONText(encoded[i]),
                 # Feast's offline join returns no per-view timestamps: the point in time it
                 # joined at is what the log can say (each view's latest snapshot at or before it)
                 feature_timestamps={"point_in_time": decided_at},

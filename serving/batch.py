@@ -27,7 +27,7 @@ from kapok import uscc
 from kapok.settings import Paths
 from serving import core
 from serving import policy as pol
-from serving.decision_log import DecisionLog, DecisionRecord
+from serving.decision_log import DecisionLog, DecisionRecord, JSONText
 from serving.model import ProductModel, load_champion
 from serving.reasons import MAX_REASONS, reasons_json
 
@@ -284,6 +284,7 @@ def _decide_chunk(
     error[not_found] = "enterprise_not_found: no features for this enterprise at that date"
     decision[not_found | (error != None)] = None  # noqa: E711  (object array)
     values = d.rows()
+    encoded = d.features_json()
     records = []
     decided_at = dt.datetime.now(dt.UTC)
     for r in range(n):
@@ -294,9 +295,11 @@ def _decide_chunk(
             reason_codes[i][r] = reason.code
         if request_ids[r] in done:
             continue
+        features = JSONText(encoded[r])
         records.append(
-            _record(d, r, values[r], rs, request_ids[r], batch_id, chunk, decided_at, as_of[r])
-        )
+            _record(d, r, values[r], rs, request_ids[r], batch_id, chunk, decided_at, as_of[r],
+                    features)
+        )  # fmt: skip
     headline = d.price.rate
     frame = pl.DataFrame(
         {
@@ -343,6 +346,7 @@ def _record(
     chunk: pl.DataFrame,
     decided_at: dt.datetime,
     as_of: Any,
+    features: JSONText,
 ) -> DecisionRecord:
     model = d.model
     eid = chunk[ID][r]
@@ -383,7 +387,7 @@ def _record(
         request=request,
         model_name=model.name,
         model_version=model.version,
-        features=values,
+        features=features,
         feature_timestamps=stamps,
         pd=float(d.pd[r]),
         score=float(d.score[r]),

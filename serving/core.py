@@ -205,6 +205,16 @@ class Decisions:
                 row[name] = v
         return out
 
+    def features_json(self) -> list[str]:
+        """Every row's values (what `rows()` gives) as the decision log stores them: JSON text
+        with sorted keys, NaN and infinities as null, encoded by polars in one call (a Python
+        encoding of ~60 values costs ~50 µs a record)."""
+        columns = {c: self.frame[c] for c in self.frame.columns if c not in REQUEST_COLUMNS}
+        for name, column in self.request.items():
+            columns[name] = pl.Series(name, column, dtype=pl.Int64 if name == TERM else None)
+        frame = pl.DataFrame([columns[c] for c in sorted(columns)])
+        return frame.select(pl.struct(pl.all()).struct.json_encode()).to_series().to_list()
+
     def knockout_list(self, r: int, values: Mapping[str, Any] | None = None) -> list[pol.Knockout]:
         return self.knockouts.rows(r, values if values is not None else self.values(r), self.policy)
 

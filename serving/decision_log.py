@@ -147,11 +147,22 @@ def _json_safe_other(value: Any) -> Any:
     return str(value)
 
 
+class JSONText(str):
+    """A JSON object already encoded, for a record's `features`: batch jobs encode every row's
+    feature vector in one polars call (`core.Decisions.features_json`) instead of one Python
+    encoding per record. It must read back (json.loads) to the dict the record would otherwise
+    hold: keys sorted, NaN and infinities as null; it is stored as it is."""
+
+    __slots__ = ()
+
+
 def _dumps(value: Any) -> str | None:
     """Compact JSON text: sorted keys, no spaces, UTF-8 kept as is (Chinese text is 3 bytes a
     character, not a 6-byte \\u escape). Reads back to the same value as before."""
     if value is None:
         return None
+    if type(value) is JSONText:
+        return str(value)
     return _json_text(json_safe(value))
 
 
@@ -245,14 +256,57 @@ _RESPONSE_SOURCES = ("request_id", "decided_at", "enterprise_id", "product", "re
                      "decision", "limit_amount", "price", "reasons")  # fmt: skip
 
 
-def _compact_response(row: Mapping[str, Any], response: Any) -> str | None:
-    """The response's JSON text for the row, without the keys the row derives exactly."""
+_TEXT_COLUMNS = {"request_id", "product", "enterprise_id", "model_name", "model_version",
+                 "grade", "decision"}  # fmt: skip
+_ROUNDED = {"pd": ("pd", 6), "score": ("score", 1)}
+
+
+def _same_value(key: str, row: Mapping[str, Any], value: Any) -> bool | None:
+    """Whether the response's `value` has the JSON text _DERIVABLE[key] derives from `row`,
+    decided without encoding either where that is certain (two str are the same JSON text
+    exactly when they are equal; two floats when they are equal and of the same sign); None
+    where only comparing the texts can tell."""
+    if key in _TEXT_COLUMNS:
+        column = row[key]
+        if type(value) is str and type(column) is str:
+            return value == column
+        return None
+    if key in _ROUNDED:
+        name, digits = _ROUNDED[key]
+        column = row[name]
+        if type(value) is float and type(column) is float:
+            derived = round(column, digits)
+            return value == derived and math.copysign(1, value) == math.copysign(1, derived)
+        return None
+    return None
+
+
+def _compact_response(
+    row: Mapping[str, Any], response: Any, encoded: Mapping[str, Any] | None = None
+) -> str | None:
+    """The response's JSON text for the row, without the keys the row derives exactly.
+
+    `encoded` maps a response key to the object whose JSON text the row's column of that name
+    holds (the record's reasons and price): a response value that is that very object derives
+    exactly, without encoding it a second time to compare the texts."""
+    if encoded and isinstance(response, dict) and DERIVED_KEY not in response:
+        same = {
+            k for k, v in encoded.items() if k in response and response[k] is v and v is not None
+        }
+        if same:
+            rest = _compact_response(row, {k: v for k, v in response.items() if k not in same})
+            return _merge_derived(rest, same)
     safe = json_safe(response)
     if not isinstance(safe, dict):
         return None if safe is None else _json_text(safe)
     derived = []
     for key, derive in _DERIVABLE.items():
         if key in safe:
+            same = _same_value(key, row, safe[key])
+            if same is not None:  # decided without encoding: equal values, equal texts
+                if same:
+                    derived.append(key)
+                continue
             try:
                 text = derive(row)
             except (TypeError, ValueError):  # e.g. timestamps that do not compare
@@ -266,6 +320,15 @@ def _compact_response(row: Mapping[str, Any], response: Any) -> str | None:
         kept[DERIVED_KEY] = {"keys": derived, "value": safe[DERIVED_KEY]}
     else:
         kept[DERIVED_KEY] = derived
+    return _json_text(kept)
+
+
+def _merge_derived(text: str | None, keys: set[str]) -> str:
+    """`text` (a compacted response object) with `keys` added to its derived keys, in the
+    order _DERIVABLE lists them, as _compact_response would have written it."""
+    kept = json.loads(text) if text is not None else {}
+    derived = set(kept.pop(DERIVED_KEY, [])) | keys
+    kept[DERIVED_KEY] = [k for k in _DERIVABLE if k in derived]
     return _json_text(kept)
 
 
@@ -854,7 +917,9 @@ def _to_row(record: DecisionRecord) -> dict[str, Any]:
     for name in _JSON_FIELDS:
         if name != "response":
             row[name] = _dumps(getattr(record, name))
-    row["response"] = _compact_response(row, record.response)
+    row["response"] = _compact_response(
+        row, record.response, {"reasons": record.reasons, "price": record.price}
+    )
     return row
 
 

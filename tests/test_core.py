@@ -8,6 +8,7 @@ prices, limits and binding constraints must be identical.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -237,6 +238,26 @@ def test_bad_requests_name_the_column():
         core.decide(model, requests.drop("term_months"), POLICY)
     with pytest.raises(core.DecisionInputError, match="requested_amount"):
         core.decide(model, requests.with_columns(requested_amount=pl.lit(math.nan)), POLICY)
+
+
+def test_features_json_reads_back_as_the_rows_the_log_would_encode():
+    """Batch jobs hand the decision log every row's features as JSON text encoded by polars;
+    it must read back to exactly the dict a record would otherwise carry (missing as null,
+    ints as ints, floats to the last bit)."""
+    from serving.decision_log import _dumps
+
+    model = synthetic_model("microloan", seed=3)
+    requests = random_requests(np.random.default_rng(3), 500, "microloan").with_columns(
+        pl.Series("tax_sales_12m", [0.0, None] + [1e6 / (i + 1) for i in range(498)])
+    )
+    d = core.decide(model, requests, POLICY)
+    texts, rows = d.features_json(), d.rows()
+    assert len(texts) == len(rows) == 500
+    for text, row in zip(texts, rows, strict=True):
+        assert json.loads(text) == json.loads(_dumps(row))
+        assert list(json.loads(text)) == sorted(row)
+    assert json.loads(texts[0])["req_loan_to_sales_12m"] is None  # no sales: null, not NaN
+    assert isinstance(json.loads(texts[0])["req_term_months"], int)
 
 
 def test_adverse_reasons_explain_exactly_the_refers_and_declines():

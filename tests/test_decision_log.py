@@ -537,6 +537,71 @@ def test_response_keys_are_left_out_only_when_derivable_exactly(log: DecisionLog
     assert json.loads(log.frame(columns=["response"])["response"][0]) == r.response
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"reasons": "copy"},  # an equal copy, not the record's own list: compared as text
+        {"price": "copy", "limit": 80_000.0},
+        {"price": "12.0"},  # equal in Python (12 == 12.0), not in JSON text: stored
+        {"price": None},
+        {"@derived": ["pd"]},
+    ],
+)
+def test_response_written_with_shared_objects_equals_the_compared_one(change):
+    """A response that holds the record's own reasons / price objects is compacted without
+    encoding them twice; what is stored is exactly what comparing the texts stores."""
+    from serving.decision_log import _compact_response, _to_row
+
+    r = dataclasses.replace(realistic(), limit_amount=80_000.0)
+    body = dict(r.response)
+    for key, value in change.items():
+        body[key] = json.loads(json.dumps(getattr(r, key))) if value == "copy" else value
+        if value == "12.0":
+            body[key] = {**r.price, "term_months": 12.0}
+            assert body[key] == r.price
+    r = dataclasses.replace(r, response=body)
+    row = _to_row(r)
+    assert row["response"] == _compact_response(row, r.response)  # no shortcut
+    if not change:
+        assert "reasons" in json.loads(row["response"])["@derived"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"pd": 0.031000001, "grade": "b", "score": 712},  # differ, or an int: stored
+        {"pd": -0.0, "score": 0.0},  # -0.0 == 0.0, but not as JSON text
+        {"model_version": 3, "decision": None},
+    ],
+)
+def test_values_compared_without_encoding_give_the_texts_comparison(change, monkeypatch):
+    """Strings and floats are compared as values to save encoding them; what is stored must be
+    exactly what comparing their JSON texts stores."""
+    from serving import decision_log as dl
+
+    r = realistic()
+    zero = dataclasses.replace(r, pd=0.0, score=-0.0)
+    for rec in (r, zero):
+        rec = dataclasses.replace(rec, response={**rec.response, **change})
+        row = dl._to_row(rec)
+        with monkeypatch.context() as m:
+            m.setattr(dl, "_same_value", lambda key, row, value: None)
+            assert row["response"] == dl._compact_response(row, rec.response)
+
+
+def test_features_given_as_json_text_are_stored_and_read_as_the_dict(log: DecisionLog):
+    from serving.decision_log import JSONText
+
+    r = realistic()
+    r.features["missing"] = None
+    text = JSONText(json.dumps(r.features, sort_keys=True, separators=(",", ":")))
+    log.write_many([dataclasses.replace(r, features=text)])
+    assert _raw_row("features") == text
+    assert log.get(r.request_id) == r
+
+
 def test_non_dict_and_empty_responses_round_trip(log: DecisionLog):
     rows = [
         dataclasses.replace(record("req_list"), response=[1, "two"]),  # type: ignore[arg-type]
