@@ -46,6 +46,8 @@ def random_stored(rng: np.random.Generator, n: int) -> dict[str, list[Any]]:
         elif f.name in ("jud_dishonest_debtor_listed", "reg_abnormal_ops_listed",
                         "jud_enforcements_12m"):  # fmt: skip
             values = (rng.random(n) < 0.05).astype(int).tolist()
+        elif f.name in ("cred_dpd30_months_12m", "cred_dpd90_months_24m"):  # knock-outs at 2, 3
+            values = rng.choice([0, 1, 2, 3, 4], n, p=[0.8, 0.08, 0.05, 0.04, 0.03]).tolist()
         elif f.name == "reg_firm_age_months":
             values = rng.integers(1, 300, n).tolist()
         elif f.name == "tax_months_filed_12m":

@@ -76,6 +76,8 @@ def test_shipped_policy_loads() -> None:
         "KO_ABNORMAL_OPERATIONS",
         "KO_YOUNG_FIRM",
         "KO_NO_TAX_HISTORY",
+        "KO_SERIOUS_DELINQUENCY",
+        "KO_REPEATED_DELINQUENCY",
     } <= codes
 
 
@@ -213,6 +215,8 @@ def test_grade_bands_are_consistent_and_monotone() -> None:
         ("tax_months_filed_12m", math.nan, "KO_NO_TAX_HISTORY", "refer"),
         ("reg_firm_age_months", None, "KO_FIRM_AGE_UNKNOWN", "refer"),
         ("jud_dishonest_debtor_listed", math.nan, "KO_DISHONEST_DEBTOR_UNKNOWN", "refer"),
+        ("cred_dpd90_months_24m", 2, "KO_SERIOUS_DELINQUENCY", "decline"),
+        ("cred_dpd30_months_12m", 3, "KO_REPEATED_DELINQUENCY", "refer"),
     ],
 )
 def test_each_knockout_fires_with_its_action(
@@ -223,6 +227,22 @@ def test_each_knockout_fires_with_its_action(
     k = kos[0]
     assert k.value == (None if P.is_missing(value) else value)
     assert k.text_en and k.text_zh
+
+
+def test_serious_recent_delinquency_is_not_approved_whatever_the_pd() -> None:
+    """Two months 90+ days past due in the last 24 and three 30+ in the last 12 used to be
+    approved at B2 when the model's PD was low: a lender declines it."""
+    late = {**CLEAN, "cred_dpd90_months_24m": 2, "cred_dpd30_months_12m": 3}
+    micro = POLICY.product("microloan")
+    kos = P.knockouts(late, POLICY)
+    assert [k.code for k in kos] == ["KO_SERIOUS_DELINQUENCY", "KO_REPEATED_DELINQUENCY"]
+    made = P.decide(0.02, micro, kos)
+    assert made.decision == "decline" and "KO_SERIOUS_DELINQUENCY" in made.reasons
+    once = {**CLEAN, "cred_dpd90_months_24m": 1, "cred_dpd30_months_12m": 2}
+    assert P.knockouts(once, POLICY) == []  # one slip is the model's business
+    assert P.decide(0.02, micro, P.knockouts(once, POLICY)).decision == "approve"
+    no_report = {**CLEAN, "cred_dpd90_months_24m": None, "cred_dpd30_months_12m": math.nan}
+    assert P.knockouts(no_report, POLICY) == []  # no credit report: a thin file, not a default
 
 
 def test_clean_borrower_and_boundaries() -> None:
