@@ -10,23 +10,35 @@ EPS = 1e-6
 
 
 def ks(y: np.ndarray, p: np.ndarray) -> float:
-    """Kolmogorov-Smirnov: the largest gap between the cumulative score curves of bads and goods."""
+    """Kolmogorov-Smirnov: the largest gap between the cumulative score curves of bads and goods.
+
+    The curves are compared at each distinct score only: rows with equal scores cannot be told
+    apart, so a gap inside a run of ties (which depends on the rows' order) does not count.
+    """
+    p = np.asarray(p, dtype=float)
     order = np.argsort(p, kind="stable")
-    y = np.asarray(y)[order]
+    scores, y = p[order], np.asarray(y)[order]
     bad = np.cumsum(y) / max(y.sum(), 1)
     good = np.cumsum(1 - y) / max((1 - y).sum(), 1)
-    return float(np.max(np.abs(bad - good)))
+    last_of_run = np.append(scores[1:] != scores[:-1], True)
+    return float(np.max(np.abs(bad - good)[last_of_run]))
 
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error over equal-count bins of predicted PD, weighted by bin size."""
+    """Expected calibration error over equal-count bins of predicted PD, weighted by bin size.
+
+    Rows with equal PDs stay in one bin (the bin of the first of them): split across two bins,
+    the result would depend on the order of the rows.
+    """
     y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
     order = np.argsort(p, kind="stable")
-    total = 0.0
-    for chunk in np.array_split(order, bins):
-        if len(chunk):
-            total += len(chunk) * abs(p[chunk].mean() - y[chunk].mean())
-    return float(total / len(p))
+    scores = p[order]
+    ends = np.cumsum([len(c) for c in np.array_split(scores, bins)])  # equal-count bin ends
+    first_of_run = np.searchsorted(scores, scores, side="left")
+    which = np.searchsorted(ends, first_of_run, side="right")
+    pd_sum = np.bincount(which, weights=scores, minlength=bins)
+    bad_sum = np.bincount(which, weights=y[order], minlength=bins)
+    return float(np.abs(pd_sum - bad_sum).sum() / len(p))
 
 
 def calibration_line(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
