@@ -45,6 +45,8 @@ class Raw:
                 "payments",
                 "judicial_events",
                 "credit_history",
+                "receivables_payables",
+                "registration_events",
             )
         }
         self.founded = dict(
@@ -107,15 +109,21 @@ class Raw:
         snap = self.snapshot(eid, at, "judicial")
         if snap:
             m, cut = snap
-            ev = self.t["judicial_events"].filter(
-                (pl.col("enterprise_id") == eid)
-                & (pl.col("event_type") == "lawsuit")
-                & (pl.col("available_at") <= cut)
+            published = self.events("judicial_events", eid, cut)  # (type, month) seen by cut
+            out["jud_lawsuits_12m"] = sum(t == "lawsuit" and m - 11 <= k <= m for t, k in published)
+            # knock-out inputs: enforcement cases of the last 12 months, a dishonest-debtor
+            # listing within the last 24
+            out["jud_enforcements_12m"] = sum(
+                t == "enforcement" and m - 11 <= k <= m for t, k in published
             )
-            k = ev["event_date"].map_elements(month_idx, return_dtype=pl.Int64)
-            out["jud_lawsuits_12m"] = int(((k >= m - 11) & (k <= m)).sum())
+            out["jud_dishonest_debtor_listed"] = int(
+                any(t == "dishonest_debtor" and m - 23 <= k <= m for t, k in published)
+            )
         else:
-            out["jud_lawsuits_12m"] = None
+            for name in ("jud_lawsuits_12m", "jud_enforcements_12m",
+                         "jud_dishonest_debtor_listed"):  # fmt: skip
+                out[name] = None
+        out.update(self.receivables_payables(eid, at))
         snap = self.snapshot(eid, at, "credit_history")
         r = self.rows("credit_history", eid, snap[1], snap[0] - 11, snap[0]) if snap else None
         out["cred_dpd30_months_12m"] = (
@@ -123,7 +131,60 @@ class Raw:
         )
         snap = self.snapshot(eid, at, "registration")
         out["reg_firm_age_months"] = snap[0] - month_idx(self.founded[eid]) if snap else None
+        out["reg_abnormal_ops_listed"] = None
+        if snap:
+            # on the abnormal-operations list: the latest listing published by the cut is not
+            # followed by a removal in a later month (a removal in the listing's month does not
+            # count: conservative)
+            seen = self.events("registration_events", eid, snap[1])
+            listed = max((k for t, k in seen if t == "abnormal_ops_listed"), default=None)
+            removed = max((k for t, k in seen if t == "abnormal_ops_removed"), default=None)
+            out["reg_abnormal_ops_listed"] = int(
+                listed is not None and (removed is None or listed >= removed)
+            )
         return out
+
+    def events(self, table: str, eid: str, cut: datetime) -> list[tuple[str, int]]:
+        """(event type, event month index) of the events published by `cut`."""
+        ev = self.t[table].filter(
+            (pl.col("enterprise_id") == eid) & (pl.col("available_at") <= cut)
+        )
+        return [(t, month_idx(d)) for t, d in ev.select("event_type", "event_date").iter_rows()]
+
+    def receivables_payables(self, eid: str, at: datetime) -> dict[str, object]:
+        """The family from the monthly rows published by the cut: month m is the snapshot's own,
+        a value of month m-d is used only if that month's row had been published."""
+        names = ("arap_receivables", "arap_overdue_receivables_ratio",
+                 "arap_overdue_receivables_ratio_6m", "arap_days_payable",
+                 "arap_days_payable_change_6m")  # fmt: skip
+        snap = self.snapshot(eid, at, "receivables_payables")
+        if not snap:
+            return dict.fromkeys(names)
+        m, cut = snap
+        rows = self.rows("receivables_payables", eid, cut, m - 6, m)
+        month = {month_idx(r["month"]): r for r in rows.iter_rows(named=True)}
+
+        def value(col: str, d: int) -> float | None:
+            return month[m - d][col] if m - d in month else None
+
+        def latest(col: str) -> float | None:  # the newest known value of the last 3 months
+            return next((v for d in range(3) if (v := value(col, d)) is not None), None)
+
+        def total(col: str, n: int) -> float | None:
+            known = [v for d in range(n) if (v := value(col, d)) is not None]
+            return sum(known) if known else None
+
+        ar, overdue = latest("receivables"), latest("overdue_receivables")
+        ar6, overdue6 = total("receivables", 6), total("overdue_receivables", 6)
+        now, before = value("days_payable", 0), value("days_payable", 6)
+        values = (
+            ar,
+            overdue / ar if ar is not None and ar > 0 and overdue is not None else None,
+            overdue6 / ar6 if ar6 is not None and ar6 > 0 and overdue6 is not None else None,
+            latest("days_payable"),
+            now - before if now is not None and before is not None else None,
+        )
+        return dict(zip(names, values, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +245,46 @@ def test_sampled_pairs_match_recomputation_from_raw(store, raw, small_system):
         assert_same(row, want, f"{eid} at {at}")
         checked += sum(v is not None for v in want.values())
     assert checked > 200  # most of the sampled values are real numbers, not nulls
+
+
+def test_knock_out_inputs_match_recomputation_from_raw(store, raw):
+    """Dishonest-debtor listings, enforcement cases and abnormal-operations listings (and their
+    removal) are rare in a random sample: here each is looked at around its own publication — a
+    second before the first cut-off that sees it, on it, a year and two years on."""
+    judicial, registration = raw.t["judicial_events"], raw.t["registration_events"]
+    picked = [
+        *judicial.filter(pl.col("event_type") == "dishonest_debtor").head(4).iter_rows(named=True),
+        *judicial.filter(pl.col("event_type") == "enforcement").head(4).iter_rows(named=True),
+        *registration.filter(pl.col("event_type").str.starts_with("abnormal_ops"))
+        .head(8)
+        .iter_rows(named=True),
+    ]
+    entities = []
+    for event in picked:
+        family = "judicial" if "amount" in event else "registration"
+        day = DAY[family]
+        published = event["available_at"]
+        first = datetime(published.year, published.month, day, tzinfo=UTC)
+        if first < published:  # the next cut-off on the family's publication day
+            first = datetime.combine(add_months(first.date(), 1), datetime.min.time(), UTC)
+        for at in (first - timedelta(seconds=1), first, first + timedelta(days=366),
+                   first + timedelta(days=731)):  # fmt: skip
+            entities.append((event["enterprise_id"], at))
+    # once each: Feast's retrieval answers only one of two identical (enterprise, time) rows,
+    # and historical_features then gives the other null features
+    entities = list(dict.fromkeys(entities))
+    got = feast_rows(store, entities)
+    seen: dict[str, set] = {}
+    for (eid, at), row in zip(entities, got, strict=True):
+        want = raw.expected(eid, at, 250_000.0)
+        assert_same(row, want, f"{eid} at {at}")
+        for name in ("jud_dishonest_debtor_listed", "jud_enforcements_12m",
+                     "reg_abnormal_ops_listed"):  # fmt: skip
+            seen.setdefault(name, set()).add(want[name])
+    # both sides of every knock-out were compared, not only the common "nothing on record"
+    assert {0, 1} <= seen["jud_dishonest_debtor_listed"]
+    assert {0, 1} <= seen["reg_abnormal_ops_listed"]
+    assert 0 in seen["jud_enforcements_12m"] and max(v or 0 for v in seen["jud_enforcements_12m"])
 
 
 def test_before_the_firm_existed_everything_is_null(store, raw):
