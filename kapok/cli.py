@@ -52,15 +52,25 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except (FileNotFoundError, ValueError) as e:  # SpecError, USCCError, ... are ValueErrors
-            console.print(f"[bold red]error:[/] {e}")
+            _error_line(e)
             raise typer.Exit(2) from None
         except Exception as e:
             if not _known_error(e):
                 raise
-            console.print(f"[bold red]error:[/] {e}")
+            _error_line(e)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _error_line(error: BaseException) -> None:
+    """The error as one line on stderr: never wrapped at the console's width (80 columns when
+    stderr is not a terminal), line breaks in the message joined, and brackets in it printed
+    as they are, not read as rich markup."""
+    from rich.markup import escape
+
+    text = " ".join(str(error).split()) or type(error).__name__
+    console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True, highlight=False)
 
 
 _KNOWN_ERRORS = {
@@ -276,9 +286,13 @@ REPORTED_METRICS = (
 # -- training ------------------------------------------------------------------------------------
 def _quiet_mlflow() -> None:
     import logging
+    import warnings
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # e.g. SQLAlchemy's deprecation of a loader MLflow's tracking store uses: not the user's
+    # concern, and two lines on stderr before any message of ours
+    warnings.filterwarnings("ignore", module=r"mlflow(\.|$)")
 
 
 def _training_data(product: str | None, dataset: Path | None):
@@ -594,7 +608,8 @@ def backfill_command(
     _quiet_mlflow()
     start, end = window_bounds(since, until)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as bar:  # fmt: skip
+                  TimeElapsedColumn(), console=console,
+                  transient=not console.is_terminal) as bar:  # fmt: skip
         task = bar.add_task(f"backfilling {product}", total=None)
         result = backfill(
             paths(), product, start, end,
@@ -722,6 +737,7 @@ def watch_command(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
+        transient=not console.is_terminal,  # not the bar's last state in a log, before an error
     ) as bar:
         task = bar.add_task("watch", total=len(steps))
         started = [False]
