@@ -32,6 +32,9 @@ class Feature:
     name: str
     family: str
     dtype: DType
+    # How values are shown to people (serving.reasons.shown): CNY, kWh, ratio and share (as %),
+    # months, days, persons, count, 0/1; a categorical unit names its table in features.labels;
+    # "1=A 2=B ..." is a code table.
     unit: str
     direction: int
     description: str
@@ -88,10 +91,10 @@ FEATURES: tuple[Feature, ...] = (
     F("tax_sales_12m", "tax", "float", "CNY", -1,
       "Declared sales, last 12 months", "近12个月申报销售额"),
     F("tax_sales_growth_yoy", "tax", "float", "ratio", -1,
-      "Declared sales of the last 3 months vs the same months a year earlier, minus 1",
+      "Change in declared sales of the last 3 months vs the same months a year earlier",
       "近3个月申报销售额同比增长率"),
     F("tax_sales_growth_3m", "tax", "float", "ratio", -1,
-      "Declared sales of the last 3 months vs the 3 months before, minus 1",
+      "Change in declared sales of the last 3 months vs the 3 months before",
       "近3个月申报销售额环比增长率"),
     F("tax_sales_cv_12m", "tax", "float", "ratio", 1,
       "Coefficient of variation of monthly declared sales, last 12 months",
@@ -113,10 +116,10 @@ FEATURES: tuple[Feature, ...] = (
     F("power_kwh_3m", "power", "float", "kWh", -1,
       "Electricity use, last 3 months", "近3个月用电量"),
     F("power_kwh_growth_yoy", "power", "float", "ratio", -1,
-      "Electricity use of the last 3 months vs the same months a year earlier, minus 1",
+      "Change in electricity use of the last 3 months vs the same months a year earlier",
       "近3个月用电量同比增长率"),
     F("power_kwh_growth_3m", "power", "float", "ratio", -1,
-      "Electricity use of the last 3 months vs the 3 months before, minus 1",
+      "Change in electricity use of the last 3 months vs the 3 months before",
       "近3个月用电量环比增长率"),
     F("power_kwh_cv_12m", "power", "float", "ratio", 1,
       "Coefficient of variation of monthly electricity use, last 12 months",
@@ -127,7 +130,7 @@ FEATURES: tuple[Feature, ...] = (
     F("si_headcount", "social_insurance", "int", "persons", -1,
       "Employees with social insurance, latest month", "最近一月社保缴纳人数"),
     F("si_headcount_growth_12m", "social_insurance", "float", "ratio", -1,
-      "Insured headcount vs 12 months earlier, minus 1", "社保缴纳人数同比增长率"),
+      "Change in insured headcount vs 12 months earlier", "社保缴纳人数同比增长率"),
     # payments
     F("pay_inflow_3m", "payments", "float", "CNY", -1,
       "Payment inflow, last 3 months", "近3个月资金流入"),
@@ -136,7 +139,7 @@ FEATURES: tuple[Feature, ...] = (
     F("pay_inflow_outflow_ratio_6m", "payments", "float", "ratio", -1,
       "Payment inflow / outflow, last 6 months", "近6个月资金流入流出比"),
     F("pay_inflow_growth_3m", "payments", "float", "ratio", -1,
-      "Inflow of the last 3 months vs the 3 months before, minus 1",
+      "Change in payment inflow of the last 3 months vs the 3 months before",
       "近3个月资金流入环比增长率"),
     F("pay_inflow_cv_12m", "payments", "float", "ratio", 1,
       "Coefficient of variation of monthly inflow, last 12 months", "近12个月资金流入变异系数"),
@@ -154,7 +157,7 @@ FEATURES: tuple[Feature, ...] = (
     F("arap_days_payable", "receivables_payables", "float", "days", 1,
       "Days payable outstanding, latest month", "最近一月应付账款周转天数"),
     F("arap_days_payable_change_6m", "receivables_payables", "float", "days", 1,
-      "Days payable outstanding now minus 6 months earlier", "应付账款周转天数较6个月前变化"),
+      "Change in days payable outstanding vs 6 months earlier", "应付账款周转天数较6个月前变化"),
     # judicial and penalties
     F("jud_lawsuits_12m", "judicial", "int", "count", 1,
       "Lawsuits as defendant, last 12 months", "近12个月作为被告涉诉次数"),
@@ -176,7 +179,7 @@ FEATURES: tuple[Feature, ...] = (
     F("cred_nonbank_share", "credit_history", "float", "share", 1,
       "Share of the balance owed to microloan companies", "小贷余额占比"),
     F("cred_balance_growth_6m", "credit_history", "float", "ratio", 1,
-      "Balance vs 6 months earlier, minus 1", "贷款余额较6个月前增长率"),
+      "Change in the outstanding balance vs 6 months earlier", "贷款余额较6个月前增长率"),
     F("cred_dpd30_months_12m", "credit_history", "int", "months", 1,
       "Months with a 30+ days past due report, last 12 months", "近12个月逾期30天以上月数"),
     F("cred_dpd90_months_24m", "credit_history", "int", "months", 1,
