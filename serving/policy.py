@@ -10,7 +10,7 @@ import operator
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Literal
@@ -131,6 +131,9 @@ class ProductPolicy:
     expected_loss_budget: float
     premium_loading: float = 0.0  # insurance only
     assumed_loan_rate: float | None = None  # guarantee and insurance: the lender's loan rate
+    # whether a legal cap applies to the price (from [caps]: microloans always, guarantees when
+    # the guarantor is government-backed, insurance never); the policy path says which
+    price_capped: bool = True
 
 
 @dataclass(frozen=True)
@@ -222,8 +225,16 @@ def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
     _keys(products_t, "products", set(PRODUCTS), required=set(PRODUCTS))
     products = {name: _product(name, _table(products_t, name, "products")) for name in PRODUCTS}
     caps = _caps(_table(data, "caps", ""))
+    products = {
+        name: replace(p, price_capped=price_capped(name, caps)) for name, p in products.items()
+    }
     rules = _knockout_rules(_table(data, "knockouts", ""))
     return Policy(scale, master, products, caps, rules, source)
+
+
+def price_capped(product: str, caps: Caps) -> bool:
+    """Whether a legal cap applies to the product's price, as `price` applies one."""
+    return product == "microloan" or (product == "guarantee" and caps.guarantee_government_backed)
 
 
 def _where(prefix: str, key: str) -> str:
@@ -683,7 +694,10 @@ def _steps(
         text = f"PD {p:.3%} > refer cut-off {r:.2%} -> decline"
         steps.append(("PD_ABOVE_REFER_CUTOFF", "decline", text))
     if price_ok:
-        steps.append((None, "approve", "price within the cap"))
+        capped = product.price_capped
+        steps.append(
+            (None, "approve", "price within the cap" if capped else "no legal cap applies")
+        )
     else:
         text = "PRICE_ABOVE_CAP: the price this risk needs is above the cap -> decline"
         steps.append(("PRICE_ABOVE_CAP", "decline", text))
