@@ -8,7 +8,6 @@ policy path (knock-outs, cut-offs, price cap and, for /limit, the binding limit 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,12 @@ from review.html import Document
 from serving import policy as pol
 from serving.decision_log import DecisionLog, DecisionRecord
 from serving.engine import ProductModel
+from serving.reasons import shown, shown_in
 
 ADDITIVITY_TOLERANCE = 1e-6  # log-odds; the engine's own check uses the same
 PD_TOLERANCE = 1e-9
 WATERFALL_ROWS = 12  # features drawn one by one; the rest are summed in one bar
+NO_CAP = "no legal cap applies"
 
 
 @dataclass
@@ -129,12 +130,9 @@ def explain(
 
 
 # -- presentation --------------------------------------------------------------------------------
-def _shown(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "missing"
-    if isinstance(value, float):
-        return f"{value:,.4g}"
-    return str(value)
+def _shown(value: Any, name: str = "") -> str:
+    """A feature's value as the reasons word it (from the schema's unit), in English."""
+    return shown(name, value)[0]
 
 
 def waterfall_figure(e: Explanation, rows: int = WATERFALL_ROWS):
@@ -144,7 +142,7 @@ def waterfall_figure(e: Explanation, rows: int = WATERFALL_ROWS):
     ranked = e.ranked()
     top, rest = ranked[:rows], ranked[rows:]
     steps = [(f"{len(rest)} other features", float(sum(r[2] for r in rest)))] if rest else []
-    steps += [(f"{n} = {_shown(v)}", s) for n, v, s in reversed(top)]
+    steps += [(f"{n} = {_shown(v, n)}", s) for n, v, s in reversed(top)]
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(steps) + 1.8))
     start = e.base
     for y, (_, value) in enumerate(steps):
@@ -189,6 +187,8 @@ def _summary_pairs(e: Explanation) -> list[tuple[str, Any]]:
             pairs.append((f"price: {name}", f"{float(r.price['rate']):.4%}"))
         if r.price.get("cap") is not None:
             pairs.append(("price cap (all-in)", f"{float(r.price['cap']):.4%}"))
+        elif "cap" in r.price:
+            pairs.append(("price cap", NO_CAP))
     if r.limit_amount is not None:
         pairs.append(("limit (CNY)", float(r.limit_amount)))
     return pairs
@@ -222,12 +222,14 @@ def summary_lines(e: Explanation) -> list[str]:
     ok, bad = _check_lines(e)
     lines += [f"ok   {x}" for x in ok] + [f"FAIL {x}" for x in bad]
     for name, value, s in e.ranked()[:5]:
-        lines.append(f"  {s:+.4f}  {name} = {_shown(value)}")
+        lines.append(f"  {s:+.4f}  {name} = {_shown(value, name)}")
     if e.knockouts:
         lines.append("knock-outs: " + ", ".join(f"{k.code} ({k.action})" for k in e.knockouts))
     lim = e.limit
     if lim and lim.get("binding_constraint"):
-        lines.append(f"limit {_shown(lim.get('limit'))} CNY, bound by {lim['binding_constraint']}")
+        lines.append(
+            f"limit {shown_in('CNY', lim.get('limit'))[0]}, bound by {lim['binding_constraint']}"
+        )
     return lines
 
 
@@ -256,8 +258,9 @@ def render(e: Explanation) -> str:
         rows = []
         for name, value, s in e.ranked():
             f = BY_NAME.get(name)
+            en, zh = shown(name, value)
             rows.append({"feature": name, "description": f.description if f else "",
-                         "说明": f.description_zh if f else "", "value": _shown(value),
+                         "说明": f.description_zh if f else "", "value": en, "取值": zh,
                          "shap (log-odds)": s})  # fmt: skip
         doc.heading("Every feature", "全部特征")
         doc.table(rows, digits=4)
@@ -281,7 +284,7 @@ def render(e: Explanation) -> str:
     with doc.section("Policy path", "政策路径"):
         doc.heading("Knock-outs", "否决规则")
         if e.knockouts:
-            doc.table([{"code": k.code, "feature": k.feature, "value": _shown(k.value),
+            doc.table([{"code": k.code, "feature": k.feature, "value": _shown(k.value, k.feature),
                         "action": k.action, "rule": k.text_en, "规则": k.text_zh}
                        for k in e.knockouts])  # fmt: skip
         else:
@@ -308,9 +311,12 @@ def render(e: Explanation) -> str:
                 + [
                     (e.price.rate_name, f"{e.price.rate:.4%}"),
                     ("all-in rate", f"{e.price.all_in_rate:.4%}"),
-                    ("cap", "none" if e.price.cap is None else f"{e.price.cap:.4%}"),
-                    ("within the cap", e.price.within_cap),
                 ]
+                + (
+                    [("cap", NO_CAP)]
+                    if e.price.cap is None
+                    else [("cap", f"{e.price.cap:.4%}"), ("within the cap", e.price.within_cap)]
+                )
             )
         lim = e.limit
         if lim is not None:
