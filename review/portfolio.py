@@ -5,9 +5,14 @@ Two ways to know who the current borrowers are:
 * the decision log (`serving.decision_log`): enterprises with an approved decision for the
   product, decided at or before the as-of time, whose loan is still running then
   (decided_at + term_months months > as-of); the latest such decision per enterprise gives the
-  loan's amount and term. Read with one SQL query into polars, not record by record;
+  loan's term and its exposure: the approved limit when the decision set one (/limit, /screen,
+  `kapok decide --limits`; a limit of 0 lent nothing), else the amount requested and approved.
+  Read with one SQL query into polars, not record by record;
 * a portfolio file (parquet or CSV) kept elsewhere: `enterprise_id`, and optionally
-  `requested_amount`, `term_months`, `start_date`.
+  `requested_amount` (the amount lent), `term_months`, `start_date`.
+
+In the book, `requested_amount` is the exposure: the request-time features of a running loan
+(loan to sales, installment to inflow) are computed on the amount actually lent.
 
 Features are read from the Feast offline store files ($KAPOK_HOME/data/features/<family>/*.parquet)
 exactly as Feast's point-in-time join does it: per family, the latest snapshot whose
@@ -114,8 +119,9 @@ def _running(start: str, as_of: datetime) -> pl.Expr:
 
 
 def from_decision_log(url: str | None, product: str, as_of: datetime) -> pl.DataFrame:
-    """Running approved loans of `product` at `as_of`: enterprise_id, requested_amount,
-    term_months, start (decided_at), request_id; the latest approval per enterprise."""
+    """Running approved loans of `product` at `as_of`: enterprise_id, requested_amount (the
+    exposure: the approved limit when one was set, else the amount requested), term_months, start
+    (decided_at), request_id; the latest approval per enterprise."""
     import sqlalchemy as sa
 
     from serving.decision_log import decisions, default_url
@@ -131,6 +137,7 @@ def from_decision_log(url: str | None, product: str, as_of: datetime) -> pl.Data
         decisions.c.enterprise_id,
         decisions.c.decided_at,
         decisions.c.request,
+        decisions.c.limit_amount,
     ).where(
         (decisions.c.product == product)
         & (decisions.c.decision == "approve")
@@ -153,27 +160,32 @@ def from_decision_log(url: str | None, product: str, as_of: datetime) -> pl.Data
             ID: [r[1] for r in rows],
             "start": [r[2] for r in rows],
             "request": [r[3] for r in rows],
+            "limit_amount": [r[4] for r in rows],
         },
         schema={
             "request_id": pl.String,
             ID: pl.String,
             "start": pl.Datetime("us", "UTC"),
             "request": pl.String,
+            "limit_amount": pl.Float64,
         },
     )
     frame = frame.with_columns(
-        pl.col("request")
-        .str.json_path_match("$.requested_amount")
-        .cast(pl.Float64, strict=False)
-        .alias("requested_amount"),
+        pl.coalesce(
+            pl.col("limit_amount"),
+            pl.col("request")
+            .str.json_path_match("$.requested_amount")
+            .cast(pl.Float64, strict=False),
+        ).alias("requested_amount"),
         pl.col("request")
         .str.json_path_match("$.term_months")
         .cast(pl.Float64, strict=False)
         .cast(pl.Int64, strict=False)
         .alias("term_months"),
-    ).drop("request")
+    ).drop("request", "limit_amount")
+    lent = pl.col("requested_amount").is_null() | (pl.col("requested_amount") > 0)
     return (
-        frame.filter(_running("start", as_of))
+        frame.filter(_running("start", as_of) & lent)
         .sort("start", "request_id")
         .unique(ID, keep="last", maintain_order=True)
         .select(ID, *LOAN_COLUMNS, "start", "request_id")

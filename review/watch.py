@@ -16,12 +16,18 @@ previous snapshot (default: one month earlier), from the Feast offline store rea
 
 Model-driven flags (grade_drop, pd_doubled) also name the features that moved the risk: exact
 TreeSHAP (LightGBM pred_contrib, log-odds) at the as-of date minus at the previous snapshot,
-computed for the flagged rows only.
+computed for the flagged rows only, the largest increases first.
+
+Reasons are written for a lender, in English and Chinese: each feature by its description in the
+schema and the change in its value in words ("Court enforcement cases, last 12 months: rose from
+0 to 2" / "近12个月被执行次数：由0升至2"), values as `serving.reasons.shown` words them. A
+borrower's `exposure` is the amount lent: the approved limit when the decision set one.
 
 Outputs, written atomically (temporary file, then rename) to the output folder:
-`watch-<product>-<DATE>.parquet` (flags and reasons as lists), `.csv` (the same rows, lists
-joined with "; " and " | "), `.html` (counts per flag, grade migration matrix of the whole
-portfolio, top deteriorations, PD-ratio histogram; headings in English and Chinese).
+`watch-<product>-<DATE>.parquet` (flags, reasons, reasons_zh, risk_drivers, risk_drivers_zh and
+driver_features, the drivers' feature names, as lists), `.csv` (the same rows, lists joined with
+"; " and " | "), `.html` (counts per flag, grade migration matrix of the whole portfolio, top
+deteriorations, PD-ratio histogram; headings in English and Chinese).
 """
 
 from __future__ import annotations
@@ -37,10 +43,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from features.schema import BY_NAME, PRODUCTS
+from features.schema import PRODUCTS
 from kapok.settings import Paths
 from review import portfolio as pf
 from review.portfolio import ID, PortfolioError
+from serving.reasons import change
 
 FLAGS: dict[str, tuple[str, str]] = {
     "grade_drop": ("Grade dropped by 2 or more grades", "评级下调两级及以上"),
@@ -228,6 +235,9 @@ def _flags(prev: pl.DataFrame, now: pl.DataFrame, scores: pl.DataFrame, t: Thres
     )
 
 
+Driver = tuple[str, str, str]  # feature, how its value changed in English, in Chinese
+
+
 def _drivers(
     scorer: Any,
     x_prev: np.ndarray,
@@ -236,8 +246,9 @@ def _drivers(
     now: pl.DataFrame,
     rows: np.ndarray,
     t: Thresholds,
-) -> dict[int, list[str]]:
-    """Row index -> the features whose TreeSHAP contribution rose the most, with the numbers."""
+) -> dict[int, list[Driver]]:
+    """Row index -> the features whose TreeSHAP contribution rose the most, each with the change
+    in its value in words."""
     if len(rows) == 0 or t.drivers == 0:
         return {}
     c_prev = scorer.booster.predict(x_prev, pred_contrib=True)[:, :-1]
@@ -249,40 +260,24 @@ def _drivers(
     cols = [features[j] for j in used]
     before = prev[rows.tolist()].select(cols).to_dict(as_series=False)
     after = now[rows.tolist()].select(cols).to_dict(as_series=False)
-    out: dict[int, list[str]] = {}
+    out: dict[int, list[Driver]] = {}
     for k, row in enumerate(rows):
         items = []
         for j in order[k]:
-            d = float(delta[k, j])
-            if d <= 0:
+            if float(delta[k, j]) <= 0:
                 break
             name = features[j]
-            items.append(
-                f"{name} {d:+.3f} log-odds ({_fmt(before[name][k], name)} → "
-                f"{_fmt(after[name][k], name)})"
-            )
+            items.append((name, *change(name, before[name][k], after[name][k])))
         out[int(row)] = items
     return out
 
 
-def _fmt(value: Any, name: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "missing"
-    if isinstance(value, str):
-        return value
-    unit = BY_NAME[name].unit if name in BY_NAME else ""
-    v = float(value)
-    if unit == "share" or (unit == "ratio" and "growth" in name):
-        return f"{v:+.1%}" if unit == "ratio" else f"{v:.1%}"
-    if unit == "ratio":
-        return f"{v:.3g}"
-    if v.is_integer() or abs(v) >= 1000:
-        return f"{v:,.0f}"
-    return f"{v:.4g}"
-
-
 def _pct(p: float) -> str:
     return f"{p:.2%}"
+
+
+def _times(now: float, before: float) -> str:
+    return f"{now / before:.2f}" if before > 0 else "∞"
 
 
 def _flagged_frame(
@@ -291,7 +286,7 @@ def _flagged_frame(
     scores: pl.DataFrame,
     flags: pl.DataFrame,
     rows: np.ndarray,
-    drivers: dict[int, list[str]],
+    drivers: dict[int, list[Driver]],
     t: Thresholds,
 ) -> pl.DataFrame:
     watched = [
@@ -309,55 +304,69 @@ def _flagged_frame(
     f = flags[idx]
     s_dict = s.to_dict(as_series=False)
     f_dict = f.to_dict(as_series=False)
-    all_flags, all_reasons, all_drivers = [], [], []
+    all_flags: list[list[str]] = []
+    all_reasons: list[list[tuple[str, str]]] = []
+    all_drivers: list[list[Driver]] = []
     for k, row in enumerate(idx):
         names = [name for name in FLAGS if f_dict[name][k]]
-        reasons = []
+        reasons: list[tuple[str, str]] = []  # (English, Chinese)
         pd0, pd1 = s_dict["pd_previous"][k], s_dict["pd_now"][k]
         if "grade_drop" in names:
+            g0, g1, down = (s_dict[c][k] for c in ("grade_previous", "grade_now", "grades_down"))
             reasons.append(
-                f"grade {s_dict['grade_previous'][k]} → {s_dict['grade_now'][k]} "
-                f"({s_dict['grades_down'][k]} grades down; PD {_pct(pd0)} → {_pct(pd1)})"
+                (
+                    f"grade fell from {g0} to {g1} ({down} grades down; PD rose from "
+                    f"{_pct(pd0)} to {_pct(pd1)})",
+                    f"评级由{g0}降至{g1}（下调{down}级；违约概率由{_pct(pd0)}升至{_pct(pd1)}）",
+                )
             )
         if "pd_doubled" in names:
-            reasons.append(f"PD {_pct(pd0)} → {_pct(pd1)} (x{pd1 / pd0:.2f})")
+            times = _times(pd1, pd0)
+            reasons.append(
+                (
+                    f"PD rose from {_pct(pd0)} to {_pct(pd1)}, {times} times the previous",
+                    f"违约概率由{_pct(pd0)}升至{_pct(pd1)}，为上期的{times}倍",
+                )
+            )
         if names and set(names) & set(MODEL_FLAGS) and drivers.get(row):
-            reasons.append("risk moved by: " + "; ".join(drivers[row]))
-        if "new_enforcement" in names:
-            a, b = p["jud_enforcements_12m"][k], n["jud_enforcements_12m"][k]
+            moved = drivers[row]
             reasons.append(
-                f"court enforcement cases in the last 12 months (jud_enforcements_12m): "
-                f"{_fmt(a)} → {_fmt(b)}"
+                (
+                    "risk raised most by: " + "; ".join(d[1] for d in moved),
+                    "风险上升的主要因素：" + "；".join(d[2] for d in moved),
+                )
             )
-        if "dishonest_debtor" in names:
-            a, b = p["jud_dishonest_debtor_listed"][k], n["jud_dishonest_debtor_listed"][k]
-            reasons.append(
-                f"newly listed as a dishonest debtor 失信被执行人 "
-                f"(jud_dishonest_debtor_listed): {_fmt(a)} → {_fmt(b)}"
-            )
-        for flag, level, yoy, what in (
-            ("tax_collapse", "tax_sales_3m", "tax_sales_growth_yoy", "declared sales"),
-            ("power_collapse", "power_kwh_3m", "power_kwh_growth_yoy", "electricity use"),
+        for flag, feature in (
+            ("new_enforcement", "jud_enforcements_12m"),
+            ("dishonest_debtor", "jud_dishonest_debtor_listed"),
+        ):
+            if flag in names:
+                reasons.append(change(feature, p[feature][k], n[feature][k]))
+        for flag, level, yoy in (
+            ("tax_collapse", "tax_sales_3m", "tax_sales_growth_yoy"),
+            ("power_collapse", "power_kwh_3m", "power_kwh_growth_yoy"),
         ):
             if flag not in names:
                 continue
             drop = t.sales_drop if flag == "tax_collapse" else t.power_drop
             a, b = p[level][k], n[level][k]
             if a is not None and b is not None and a > 0 and b <= (1 - drop) * a:
+                en, zh = change(level, a, b)
+                down = f"{1 - b / a:.0%}"
                 reasons.append(
-                    f"{what} of the last 3 months down {1 - b / a:.0%} vs the previous snapshot "
-                    f"({level}: {_fmt(a, level)} → {_fmt(b, level)})"
+                    (f"{en} (down {down} vs the previous snapshot)", f"{zh}（较上期下降{down}）")
                 )
             ya, yb = p[yoy][k], n[yoy][k]
             if yb is not None and yb <= -drop and (ya is None or math.isnan(ya) or ya > -drop):
-                reasons.append(
-                    f"{what} of the last 3 months {yb:+.0%} vs the same months a year earlier "
-                    f"({yoy}: {_fmt(ya, yoy)} → {_fmt(yb, yoy)})"
-                )
+                reasons.append(change(yoy, ya, yb))
         all_flags.append(names)
         all_reasons.append(reasons)
         all_drivers.append(drivers.get(row, []))
-    loan = now[idx].select(ID, *pf.LOAN_COLUMNS)
+
+    def texts(rows: list[list[Any]], i: int) -> pl.Series:
+        return pl.Series([[x[i] for x in r] for r in rows], dtype=pl.List(pl.String))
+
+    loan = now[idx].select(ID, pl.col("requested_amount").alias("exposure"), "term_months")
     out = pl.concat(
         [
             loan,
@@ -365,8 +374,11 @@ def _flagged_frame(
             pl.DataFrame(
                 {
                     "flags": pl.Series(all_flags, dtype=pl.List(pl.String)),
-                    "reasons": pl.Series(all_reasons, dtype=pl.List(pl.String)),
-                    "risk_drivers": pl.Series(all_drivers, dtype=pl.List(pl.String)),
+                    "reasons": texts(all_reasons, 0),
+                    "reasons_zh": texts(all_reasons, 1),
+                    "risk_drivers": texts(all_drivers, 1),
+                    "risk_drivers_zh": texts(all_drivers, 2),
+                    "driver_features": texts(all_drivers, 0),
                 }
             ),
             f.rename({c: f"flag_{c}" for c in f.columns}),
@@ -382,10 +394,10 @@ def file_stem(product: str, as_of: date) -> str:
 
 
 def csv_frame(flagged: pl.DataFrame) -> pl.DataFrame:
+    """Lists joined: flag and feature names with "; ", texts with " | "."""
+    lists = [c for c, dtype in flagged.schema.items() if dtype == pl.List(pl.String)]
     return flagged.with_columns(
-        pl.col("flags").list.join("; "),
-        pl.col("reasons").list.join(" | "),
-        pl.col("risk_drivers").list.join(" | "),
+        pl.col(c).list.join("; " if c in ("flags", "driver_features") else " | ") for c in lists
     )
 
 
@@ -476,6 +488,7 @@ def render_html(result: WatchResult) -> str:
                     "pd_ratio",
                     pl.col("flags").list.join(", "),
                     pl.col("reasons").list.join(" | "),
+                    pl.col("reasons_zh").list.join(" | ").alias("理由"),
                 )
             )
     with doc.section("PD ratio, whole portfolio", "违约概率变化分布"):
