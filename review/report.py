@@ -21,6 +21,8 @@ import polars as pl
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
+from features import labels
+from features.schema import BY_NAME
 from kapok.settings import Paths
 from kapok.staging import write_text_atomic
 from review import figures
@@ -193,6 +195,21 @@ def segment_table(
         "approval_rate": pl.Float64,
     }
     return adverse_impact(pl.DataFrame(rows, schema=schema))
+
+
+def segment_names(table: pl.DataFrame, column: str) -> pl.DataFrame:
+    """The segment table with each code's name in English and Chinese beside it, when the column
+    is a schema feature whose values have names (industry, district, size class)."""
+    feature = BY_NAME.get(column)
+    if feature is None or feature.unit not in labels.BY_UNIT:
+        return table
+    known = {"(missing)": ("(missing)", "缺失")}
+    names = [
+        known.get(v) or labels.label(feature.unit, v) or (v, v) for v in table["segment"].to_list()
+    ]
+    return table.insert_column(1, pl.Series("name", [n[0] for n in names])).insert_column(
+        2, pl.Series("名称", [n[1] for n in names])
+    )
 
 
 # -- what the report needs besides the evidence -------------------------------------------------
@@ -581,9 +598,13 @@ class _Report:
             if not columns:
                 doc.paragraph("This model declares no segment columns.")
             for column in columns:
-                doc.heading(column)
+                feature = BY_NAME.get(column)
+                if feature is None:
+                    doc.heading(column)
+                else:
+                    doc.heading(f"{column}: {feature.description}", feature.description_zh)
                 table = segment_table(ev.test, column, self.p, cut)
-                doc.table(table, highlight="adverse_impact")
+                doc.table(segment_names(table, column), highlight="adverse_impact")
                 for row in table.filter(pl.col("adverse_impact")).iter_rows(named=True):
                     self.flag(
                         f"{column} = {row['segment']}: approval rate "
