@@ -62,6 +62,7 @@ bench-smoke: install
 	KAPOK_HOME=$(SMOKE_HOME) $(BIN)/python bench/batch.py --home $(SMOKE_HOME) --quick
 	KAPOK_HOME=$(SMOKE_HOME) $(BIN)/python bench/online_read.py --reps 1
 	$(BIN)/python bench/features_build.py --raw $(SMOKE_HOME)/data/raw
+	KAPOK_HOME=$(SMOKE_HOME) $(BIN)/python bench/backfill.py --home $(SMOKE_HOME) --naive-rows 50
 	$(BIN)/python bench/decision_log.py --threads 4 --each 20
 	$(BIN)/python bench/serving.py --home $(SMOKE_HOME) --quick
 	rm -rf $(SMOKE_HOME)

@@ -128,8 +128,8 @@ def main() -> None:
     load = os.getloadavg()
     print(
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {load[0]:.2f}, "
-        f"{manifest['enterprises']:,} enterprises × {months} months, {chunks} chunks, "
-        f"{workers()} worker processes, {os.cpu_count()} cores"
+        f"{manifest['enterprises']:,} enterprises × {months} months, {chunks} chunk(s), "
+        f"{min(workers(), chunks)} worker process(es), {os.cpu_count()} cores"
     )
 
     t0 = time.perf_counter()
@@ -168,7 +168,7 @@ def main() -> None:
     print(
         f"naive  previous pipeline, chunk 0:    {one_old:8.1f} s "
         f"(today's, one process: {one_new:.1f} s, {one_old / one_new:.1f}× faster); "
-        f"extrapolated to {chunks} chunks: {one_old * chunks:.0f} s "
+        f"extrapolated to {chunks} chunk(s): {one_old * chunks:.0f} s "
         f"({one_old * chunks / built:.1f}× the build)"
     )
     print(
