@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import threading
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -104,11 +107,24 @@ class Kapok:
         self.keys = KeyStore.demo() if self.demo else KeyStore.load()
         if self.demo:
             print("!!! KAPOK DEMO MODE: no API keys are checked. Never expose this server. !!!")
-        from serving.decision_log import DecisionLog
-        from serving.engine import LendingEngine
+        # The models and the feature store load in the background, so that the worker serves
+        # at once: /readyz answers 503 (and every endpoint 503) until they are loaded, /livez
+        # 200 all along. (BentoML serves a worker only once __init__ has returned: loading here
+        # left every request unanswered, /readyz and /livez too, for the whole load.) A load
+        # that fails ends the worker, as a failed start did.
+        threading.Thread(target=self._load, name="kapok-load", daemon=True).start()
 
-        self.engine = LendingEngine(paths())
-        self.log = DecisionLog()
+    def _load(self) -> None:
+        try:
+            from serving.decision_log import DecisionLog
+            from serving.engine import LendingEngine
+
+            self.engine = LendingEngine(paths())
+            self.log = DecisionLog()
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
         self.ready = True
 
     def __is_ready__(self) -> bool:
@@ -116,6 +132,10 @@ class Kapok:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _caller(self, ctx: bentoml.Context, permission: str) -> str:
+        if not self.ready:
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE, "starting: the models are not loaded yet"
+            )
         try:
             caller = self.keys.authenticate(ctx.request.headers.get("authorization"))
             self.keys.authorize(caller, permission)
@@ -214,10 +234,10 @@ class Kapok:
         """The path every decision takes (/score, /limit, /price): authenticate, validate, assess
         (with the limit search when asked), answer (plus what `extend` adds, and the limit it
         sets), and log before answering."""
+        caller = self._caller(ctx, endpoint)  # first: answers at once while still loading
         from serving.decision_log import new_request_id
         from serving.engine import loan_request
 
-        caller = self._caller(ctx, endpoint)
         eid, product, amount, term = check_request(*request, self.engine)
         a = self._assess(eid, product, amount, term, limit)
         request_id = new_request_id()
@@ -299,10 +319,10 @@ class Kapok:
         term_months: int = 12,
     ) -> Answer:
         """Every feature's value and SHAP contribution in log-odds, with the additivity check."""
+        self._caller(ctx, "explain")
         from serving.decision_log import new_request_id
         from serving.engine import EnterpriseNotFound
 
-        self._caller(ctx, "explain")
         eid, product, amount, term = check_request(
             enterprise_id, product, requested_amount, term_months, self.engine
         )
@@ -326,10 +346,10 @@ class Kapok:
         self, product: str, applicants: list[dict[str, Any]], ctx: bentoml.Context
     ) -> Answer:
         """Rank up to 1,000 applicants by risk with PD, grade, decision, limit and fee."""
+        caller = self._caller(ctx, "screen")
         from serving.decision_log import new_request_id
         from serving.engine import loan_request
 
-        caller = self._caller(ctx, "screen")
         if product not in PRODUCTS:
             raise bad(f"product must be one of {', '.join(PRODUCTS)}, got {product!r}")
         if len(applicants) > MAX_SCREEN:
@@ -377,9 +397,9 @@ class Kapok:
     @bentoml.api(route="/decision")
     def decision(self, request_id: str, ctx: bentoml.Context) -> Answer:
         """A logged decision, for reviewers."""
+        self._caller(ctx, "log")
         from serving.decision_log import json_safe
 
-        self._caller(ctx, "log")
         record = self.log.get(request_id)
         if record is None:
             raise ApiError(

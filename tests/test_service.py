@@ -3,14 +3,17 @@ simulated system, every endpoint, auth and roles, bad input, the decision log an
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -61,28 +64,45 @@ class Api:
                 return e.code, {"error": text}
 
 
-def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    """`bentoml serve` on a free port; returns once /readyz says the models are loaded."""
+def launch_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve` on a free port, not waiting for anything."""
     port = free_port()
     log_file = log.open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", "serving.service:Kapok", "--host", "127.0.0.1", "--port", str(port)],  # noqa: E501
         env=env, stdout=log_file, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    return server, f"http://127.0.0.1:{port}"
+
+
+def get_status(url: str, timeout: float = 2) -> int | None:
+    """The HTTP status of a GET, or None when nothing answered in time."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+def wait_ready(server: subprocess.Popen, base: str, log: Path, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
     while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return server, base
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        if get_status(base + "/readyz") == 200:
+            return
         if server.poll() is not None:
             raise RuntimeError(log.read_text()[-3000:])
         time.sleep(1)
     server.kill()
     raise RuntimeError("server not ready: " + log.read_text()[-3000:])
+
+
+def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve` on a free port; returns once /readyz says the models are loaded."""
+    server, base = launch_server(env, log)
+    wait_ready(server, base, log)
+    return server, base
 
 
 def stop_server(server: subprocess.Popen, log: Path) -> None:
@@ -146,6 +166,7 @@ def request(eid: str, product: str = "microloan", amount: float = 200_000, term:
 def test_score_over_http(served):
     api, home, ids, _ = served
     policy = pol.load_policy(home.home / "policy.toml")
+    reasons_checked = 0
     for eid in ids[:15]:
         status, body = api.call("/score", request(eid), role="lender")
         assert status == 200, body
@@ -169,20 +190,43 @@ def test_score_over_http(served):
         assert low < body["pd"] <= high
         assert body["decision"] in ("approve", "refer", "decline")
         assert len(body["reasons"]) <= 4
+        if body["decision"] != "approve":
+            assert body["reasons"], body  # a refer or a decline always says why
         for r in body["reasons"]:
             assert r["knockout"] or r["impact"] > 0  # a risk-lowering feature is never a reason
             assert r["text_en"] and r["text_zh"]
+            reasons_checked += not r["knockout"]
+    assert reasons_checked >= 15  # the loop above looked at model reasons, not at empty lists
 
 
 def test_explain_is_additive(served):
-    api, _, ids, _ = served
+    """Base value + contributions = the margin LightGBM itself gives for the firm's features as
+    Feast serves them (the engine refuses an explanation off by more than 1e-6: this checks the
+    margin it adds up to is the model's)."""
+    from training.pyfunc import load_scorer
+    from training.tracking import configure
+
+    api, home, ids, _ = served
     status, body = api.call(
         "/explain", {"enterprise_id": ids[3], "product": "guarantee"}, role="reviewer"
     )
     assert status == 200, body
+    configure(home)
+    scorer = load_scorer(f"models:/kapok-guarantee/{body['model_version']}")
+    rows = [{"enterprise_id": ids[3], "requested_amount": 100_000.0, "term_months": 12}]
+    reference = fs.online_features(fs.feature_store(home), rows, "guarantee")
+    margin = float(scorer.booster.predict(scorer.matrix(reference), raw_score=True)[0])
     total = body["base_value"] + sum(c["shap_log_odds"] for c in body["contributions"])
-    assert abs(total - body["margin"]) < 1e-6
+    assert total == pytest.approx(margin, abs=1e-9)
+    assert body["margin"] == pytest.approx(margin, abs=1e-9)
+    assert body["pd"] == pytest.approx(float(scorer.pd(reference)[0]), abs=1e-12)
     assert body["additivity_error"] < 1e-6
+    explained = {c["feature"]: c for c in body["contributions"]}
+    assert set(explained) == set(scorer.features)
+    for name in scorer.features:  # each contribution is for the value Feast serves
+        want = reference[name][0]
+        got = explained[name]["value"]
+        assert got == (pytest.approx(want, rel=1e-12) if isinstance(want, float) else want), name
     assert any(c["missing"] and c["value"] is None for c in body["contributions"])
 
 
@@ -296,7 +340,7 @@ def test_auth_and_roles(served):
 @pytest.mark.parametrize(
     ("body", "raw", "status", "field"),
     [
-        (None, b"{not json", 400, ""),
+        (None, b"{not json", 400, "Invalid JSON"),
         (
             {
                 "enterprise_id": "91440106326110621Q",
@@ -345,46 +389,257 @@ def test_decisions_are_logged_and_replayable(served, monkeypatch):
     assert result.same, result.lines
 
 
+def test_limit_price_and_screen_decisions_are_logged_as_answered(served):
+    """Every decision endpoint's answer is in the decision log, read back through /decision:
+    its endpoint, the request, PD, decision, the limit and the price as answered."""
+    api, _, ids, _ = served
+
+    def logged(body: dict, endpoint: str, product: str, amount: float) -> dict:
+        status, record = api.call("/decision", {"request_id": body["request_id"]}, "reviewer")
+        assert status == 200, record
+        assert record["endpoint"] == endpoint and record["product"] == product
+        assert record["request"]["requested_amount"] == amount
+        assert record["pd"] == pytest.approx(body["pd"], abs=1e-6)
+        assert (record["decision"], record["grade"]) == (body["decision"], body["grade"])
+        assert record["response"] == body  # the answer, as it left
+        return record
+
+    for eid in ids[60:90]:  # a firm with a limit above zero
+        status, limit = api.call("/limit", request(eid, amount=3_000_000), role="lender")
+        assert status == 200, limit
+        if limit["limit"] > 0:
+            break
+    record = logged(limit, "limit", "microloan", 3_000_000)
+    assert limit["limit"] > 0 and record["limit_amount"] == limit["limit"]
+    assert record["response"]["binding_constraint"] == limit["binding_constraint"]
+
+    asked = {"enterprise_id": ids[61], "product": "insurance", "amount": 150_000.0,
+             "term_months": 12}  # fmt: skip
+    status, price = api.call("/price", asked, role="lender")
+    assert status == 200, price
+    record = logged(price, "price", "insurance", 150_000.0)
+    assert record["price"] == price["price"] and record["limit_amount"] is None
+
+    applicants = [
+        {"enterprise_id": e, "requested_amount": 200_000.0 + i, "term_months": 12}
+        for i, e in enumerate(ids[62:67])
+    ]
+    status, screen = api.call(
+        "/screen", {"product": "guarantee", "applicants": applicants}, role="lender"
+    )
+    assert status == 200 and screen["count"] == 5, screen
+    for row in screen["ranked"]:
+        record = logged(row, "screen", "guarantee", row["requested_amount"])
+        assert record["enterprise_id"] == row["enterprise_id"]
+        assert record["limit_amount"] == row["limit"] and record["price"] == row["price"]
+    assert len({row["request_id"] for row in screen["ranked"]}) == 5
+
+
 def test_fast_path_matches_the_feast_reference_path(served):
-    """The engine's cached lookup + Python request features + one-row scoring equals Feast's
-    online features with the on-demand view, scored by the registered model."""
-    from serving.engine import LendingEngine
+    """The engine's online reader, its request features and the core give, for 40 firms, every
+    product and a spread of amounts and terms, Feast's online features (with the on-demand view)
+    and the registered champion's PD; again from the reader's cache, and in bulk (/screen)."""
+    from serving.engine import EnterpriseNotFound, LendingEngine
     from training.pyfunc import load_scorer
 
     _, home, ids, _ = served
-    engine = LendingEngine(home, policy=pol.load_policy(home.home / "policy.toml"))
+    policy = pol.load_policy(home.home / "policy.toml")
+    engine = LendingEngine(home, policy=policy)
     store = fs.feature_store(home)
-    champion = load_scorer("models:/kapok-microloan@champion")
-    for eid in ids[20:30]:
-        fast = engine.assess(eid, "microloan", 250_000, 12)
-        rows = [{"enterprise_id": eid, "requested_amount": 250_000.0, "term_months": 12}]
-        reference = fs.online_features(store, rows, "microloan")
-        for name in ("req_loan_to_sales_12m", "req_installment_to_inflow", "req_term_months"):
-            want = reference[name][0]
-            assert fast["values"][name] == (pytest.approx(want) if want is not None else None)
-        assert fast["pd"] == pytest.approx(float(champion.pd(reference)[0]), abs=1e-12)
+    compared = 0
+    for product in PRODUCTS:
+        rules = policy.product(product)
+        terms = [rules.term_months_min, 12, 24, rules.term_months_max]
+        terms = [t for t in terms if rules.term_months_min <= t <= rules.term_months_max]
+        amounts = [20_000.0, 250_000.0, 1_200_000.0, 4_000_000.0]
+        requests = [(eid, amounts[i % 4], terms[i % len(terms)])
+                    for i, eid in enumerate(ids[20:60])]  # fmt: skip
+        rows = [{"enterprise_id": e, "requested_amount": a, "term_months": t}
+                for e, a, t in requests]  # fmt: skip
+        reference = fs.online_features(store, rows, product)
+        champion = load_scorer(f"models:/kapok-{product}@champion")
+        assert engine.model(product).version == champion_version(home, product)
+        features = champion.features
+        want_pd = champion.pd(reference)
+        known = ~reference.select(pl.all_horizontal(pl.col(features).is_null())).to_series()
+        hits = engine.online.cache_info()["hits"]
+        for attempt in ("cold", "cached"):
+            for i, (eid, amount, term) in enumerate(requests):
+                if not known[i]:
+                    with pytest.raises(EnterpriseNotFound):
+                        engine.assess(eid, product, amount, term)
+                    continue
+                fast = engine.assess(eid, product, amount, term)
+                for name in features:
+                    want = reference[name][i]
+                    got = fast["values"][name]
+                    same = pytest.approx(want, rel=1e-12) if isinstance(want, float) else want
+                    assert got == same, (attempt, product, eid, name)
+                assert fast["pd"] == pytest.approx(float(want_pd[i]), abs=1e-12), (attempt, eid)
+                compared += 1
+        # the second pass read every firm from the cache
+        assert engine.online.cache_info()["hits"] - hits >= int(known.sum())
+        bulk = engine.assess_many(product, requests)
+        for i, got in enumerate(bulk):
+            if known[i]:
+                assert got["pd"] == pytest.approx(float(want_pd[i]), abs=1e-12)
+            else:
+                assert isinstance(got, EnterpriseNotFound)
+    assert compared >= 2 * 3 * 30  # most of the 40 firms are in the online store
 
 
-def test_client_and_unlogged_decisions_are_refused(served, tmp_path):
+def champion_version(home: Paths, product: str) -> str:
+    from training.tracking import CHAMPION, alias_version, configure
+
+    return str(alias_version(configure(home), f"kapok-{product}", CHAMPION))
+
+
+def test_client_scores_and_raises_api_errors(served):
     from serving.client import KapokAPIError, KapokClient
 
-    api, _, ids, env = served
+    api, _, ids, _ = served
     client = KapokClient(api.base, api.keys["lender"])
     assert 0 < client.score(ids[1], "microloan", 100_000, 6)["pd"] < 1
     with pytest.raises(KapokAPIError) as e:
         client.score(ids[1], "microloan", 100_000, 0)
     assert e.value.status == 400
-    # a second server whose decision log cannot be written: no decision leaves unlogged
-    blocker = tmp_path / "not_a_folder"
-    blocker.write_text("a file where the log folder should be")
-    broken = dict(env, KAPOK_DECISION_LOG=f"sqlite:///{blocker}/decisions.db")
-    server, base = start_server(broken, tmp_path / "broken.log")
+
+
+def feed_fifo(fifo: Path, text: str, seconds: float) -> bool:
+    """Write `text` into the named pipe once a reader has opened it; False if none did."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: nobody is reading yet
+                raise
+            time.sleep(0.2)
+            continue
+        try:
+            os.set_blocking(fd, True)
+            data = text.encode()
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
+        return True
+    return False
+
+
+@dataclass
+class Second:
+    api: Api
+    log_db: Path
+    server_log: Path
+    while_loading: dict[str, int | None]
+
+
+@pytest.fixture(scope="module")
+def second(served, tmp_path_factory):
+    """A second server (one worker) whose policy file is a named pipe, so that its models load
+    only once the test writes the policy into it; and whose decision log refuses the records of
+    the firms listed in its table `refused` ('*': every record), as a failing database would."""
+    from serving.decision_log import DecisionLog
+
+    api, _, ids, env = served
+    work = tmp_path_factory.mktemp("second_server")
+    log_db = work / "decisions.db"
+    DecisionLog(f"sqlite:///{log_db}").count()  # the log's own schema first
+    with sqlite3.connect(log_db) as db:
+        db.executescript(
+            """CREATE TABLE refused (enterprise_id TEXT PRIMARY KEY);
+            CREATE TRIGGER refuse BEFORE INSERT ON decisions
+            WHEN EXISTS (SELECT 1 FROM refused WHERE enterprise_id IN (NEW.enterprise_id, '*'))
+            BEGIN SELECT RAISE(ABORT, 'test: this decision log refuses the record'); END;"""
+        )
+    fifo = work / "policy.toml"
+    os.mkfifo(fifo)
+    policy = Path(env["KAPOK_POLICY"]).read_text()
+    env = dict(env, KAPOK_POLICY=str(fifo), KAPOK_WORKERS="1",
+               KAPOK_DECISION_LOG=f"sqlite:///{log_db}")  # fmt: skip
+    server_log = work / "server.log"
+    server, base = launch_server(env, server_log)
+    fed = False
     try:
-        status, body = Api(base, api.keys).call("/score", request(ids[1]), role="lender")
-        assert status == 503, body  # BentoML masks 5xx bodies; the reason is in the server log
+        # while the models cannot load: the first answers of /readyz, /livez and /score
+        seen: dict[str, int | None] = {"readyz": None}
+        deadline = time.time() + 180
+        while seen["readyz"] is None and time.time() < deadline and server.poll() is None:
+            seen["readyz"] = get_status(base + "/readyz", timeout=5)
+            time.sleep(0.5)
+        seen["livez"] = get_status(base + "/livez", timeout=5)
+        body = json.dumps(request(ids[1])).encode()
+        call = urllib.request.Request(
+            base + "/score", data=body, method="POST",
+            headers={"Content-Type": "application/json",
+                     "Authorization": f"Bearer {api.keys['lender']}"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(call, timeout=5) as r:
+                seen["score"] = r.status
+        except urllib.error.HTTPError as e:
+            seen["score"] = e.code
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            seen["score"] = None
+        fed = feed_fifo(fifo, policy, seconds=60)
+        assert fed, "the server never read its policy: " + server_log.read_text()[-3000:]
+        wait_ready(server, base, server_log)
+        yield Second(Api(base, api.keys), log_db, server_log, seen)
     finally:
-        stop_server(server, tmp_path / "broken.log")
-    assert "decision log unavailable, nothing decided" in (tmp_path / "broken.log").read_text()
+        if not fed:
+            feed_fifo(fifo, policy, seconds=5)  # a worker blocked on the pipe cannot stop
+        stop_server(server, server_log)
+
+
+def test_readyz_answers_503_until_the_models_are_loaded(second):
+    """While the models load, /readyz answers 503 (a load balancer keeps traffic away), /livez
+    answers 200 (a liveness probe does not restart a server that is busy starting), and a
+    decision endpoint answers 503; once loaded, /readyz answers 200."""
+    assert second.while_loading["readyz"] == 503, second.while_loading
+    assert second.while_loading["livez"] == 200, second.while_loading
+    assert second.while_loading["score"] == 503, second.while_loading
+    assert get_status(second.api.base + "/readyz") == 200
+
+
+def test_unlogged_decisions_are_refused(second, served):
+    """No decision leaves unlogged: when its record cannot be written /score and /screen answer
+    503, and a /screen writes all of its records or none."""
+    from serving.decision_log import DecisionLog
+
+    ids = served[2]
+    log = DecisionLog(f"sqlite:///{second.log_db}")
+
+    def refuse(*firms: str) -> None:
+        with sqlite3.connect(second.log_db) as db:
+            db.execute("DELETE FROM refused")
+            db.executemany("INSERT INTO refused VALUES (?)", [(f,) for f in firms])
+
+    def screen(firms: list[str]) -> tuple[int, dict]:
+        applicants = [{"enterprise_id": e, "requested_amount": 300_000, "term_months": 12}
+                      for e in firms]  # fmt: skip
+        body = {"product": "guarantee", "applicants": applicants}
+        return second.api.call("/screen", body, role="lender")
+
+    refuse("*")  # the database takes nothing
+    status, body = second.api.call("/score", request(ids[1]), role="lender")
+    assert status == 503, body  # BentoML masks 5xx bodies; the reason is in the server log
+    status, body = screen(ids[:5])
+    assert status == 503, body
+    assert log.count() == 0
+
+    firms = ids[:30]
+    refuse(firms[17])  # one record of the batch cannot be written: none of the 30 is
+    status, body = screen(firms)
+    assert status == 503, body
+    assert log.count() == 0
+    status, body = second.api.call("/score", request(firms[3]), role="lender")
+    assert status == 200, body  # the log works for everything else
+    assert log.count() == 1 and log.get(body["request_id"]) is not None
+    status, body = screen([f for f in firms if f != firms[17]])
+    assert status == 200, body
+    assert log.count() == 1 + body["count"] and body["count"] > 20
+    assert "decision log unavailable, nothing decided" in second.server_log.read_text()
 
 
 def test_bentoml_build_works_offline(tmp_path):
