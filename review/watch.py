@@ -122,13 +122,6 @@ def champion(paths: Paths, product: str) -> tuple[Any, str]:
     return model.scorer, f"{model.name} v{model.version} @champion"
 
 
-def grade_index(pd_values: np.ndarray, policy: Any) -> np.ndarray:
-    """Master-scale position of each PD (0 = best): the first grade whose upper_pd >= PD, the
-    vectorised form of serving.policy.grade."""
-    uppers = np.array([g.upper_pd for g in policy.master_scale])
-    return np.minimum(np.searchsorted(uppers, pd_values, side="left"), len(uppers) - 1)
-
-
 # -- the job -------------------------------------------------------------------------------------
 def watch(
     features_dir: Path,
@@ -145,6 +138,7 @@ def watch(
     step: Callable[[str], None] | None = None,
 ) -> WatchResult:
     """Score `book` at both dates and flag deteriorations (no files written)."""
+    from serving import columnar_policy as cp
     from serving.policy import load_policy
 
     t = thresholds or Thresholds()
@@ -174,7 +168,7 @@ def watch(
     step(f"scoring {now.height:,} borrowers with {model or 'the model'} at both dates")
     x_prev, x_now = scorer.matrix(prev), scorer.matrix(now)
     pd_prev, pd_now = scorer.pd(prev), scorer.pd(now)
-    g_prev, g_now = grade_index(pd_prev, policy), grade_index(pd_now, policy)
+    g_prev, g_now = cp.grade_index(pd_prev, policy), cp.grade_index(pd_now, policy)
     names = policy.grades
     scores = pl.DataFrame(
         {

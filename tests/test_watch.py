@@ -21,11 +21,14 @@ AS_OF = date(2025, 6, 15)  # inside the small system's 2023-01 .. 2025-12 window
 PREVIOUS = pf.months_before(AS_OF)
 
 
-def test_grade_index_is_the_policy_grade() -> None:
+def test_watch_grades_are_the_policy_grade() -> None:
+    """Watch grades PDs with the decision core's master scale, which must be the reference's."""
+    from serving import columnar_policy as cp
+
     policy = load_policy()
     bounds = [g.upper_pd for g in policy.master_scale]
     pds = np.array([0.0, 1e-6, *bounds, *(np.array(bounds[:-1]) + 1e-9), 0.5, 1.0])
-    got = [policy.grades[i] for i in watch.grade_index(pds, policy)]
+    got = [policy.grades[i] for i in cp.grade_index(pds, policy)]
     assert got == [grade(float(p), policy) for p in pds]
 
 
