@@ -35,7 +35,8 @@ def validate(code: object) -> str:
     bad = sorted({c for c in text if c not in _VALUE})
     if bad:
         raise USCCError(
-            f"enterprise_id {code!r} contains characters not allowed in a USCC: {''.join(bad)}"
+            f"enterprise_id {code!r} contains characters not allowed in a USCC: "
+            + ", ".join(c if c.isprintable() and not c.isspace() else repr(c) for c in bad)
         )
     if not text[2:8].isdigit():
         raise USCCError(
