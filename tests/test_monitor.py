@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,14 @@ def test_exit_status_follows_the_verdict(trained_home, tmp_path, monkeypatch):
     result = runner.invoke(app, ["monitor", "--product", "microloan", "--out", str(out)])
     assert result.exit_code == 1, result.output
     assert "ACT" in result.output and out.exists()
+    # and it is the drift that fired: the score PSI (PDs tripled) and the CSI of the sales
+    # (cut to a fifth) act; nothing went missing
+    drifted = {c.name: c for c in monitor(home, "microloan").checks}
+    assert drifted["score PSI"].verdict == "act", drifted["score PSI"]
+    assert drifted["feature CSI"].verdict == "act", drifted["feature CSI"]
+    assert "tax_sales_12m" in drifted["feature CSI"].value
+    assert drifted["missing-rate drift"].verdict == "stable", drifted["missing-rate drift"]
+    assert re.search(r"score PSI\s.*\bact\b", result.output), result.output
 
     # a window without decisions is a usage error, not an empty report
     result = runner.invoke(app, ["monitor", "--product", "microloan", "--since", "2031-01-01"])
@@ -195,6 +204,7 @@ def test_backfill_logs_decisions_and_outcomes_once_then_monitor_backtests(
     trained_home, tmp_path, monkeypatch
 ):
     from kapok.bigdata.generate import scan
+    from review.monitor import monitor
     from serving.decision_log import DecisionLog
     from serving.replay import replay
 
@@ -235,7 +245,10 @@ def test_backfill_logs_decisions_and_outcomes_once_then_monitor_backtests(
 
     out = tmp_path / "monitor.html"
     result = runner.invoke(app, ["monitor", "--product", "microloan", "--out", str(out)])
-    assert result.exit_code in (0, 1), result.output
+    backtested = monitor(home, "microloan")  # the same checks, to know which exit to expect
+    assert backtested.matched_outcomes == matured
+    assert result.exit_code == (1 if backtested.alert else 0), result.output
+    assert ("ACT" in result.output) == backtested.alert
     text = " ".join(result.output.split())
     assert "back-test by grade" in text and "AUC" in text
     html = out.read_text()
