@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from kapok import staging
@@ -156,7 +157,17 @@ def test_report_has_every_section_and_figure(challenger_report: Built) -> None:
     assert "kapok-microloan v2" in html and challenger_report.result.version == "2"
     assert "microloan_v1" in html  # FeatureService
     assert "90+ days past due" in html  # label definition
-    assert 'class="signoff"' in html and "approve with conditions" in html
+    # the sign-off is left to a human: every field blank, no decision ticked
+    signoff = html[html.index('<table class="signoff">') :]
+    signoff = signoff[: signoff.index("</table>")]
+    fields = dict(re.findall(r'<th class="text">([^<]*)</th><td>(.*?)</td>', signoff))
+    assert set(fields) == {"Reviewer 审核人", "Role 职务", "Date 日期", "Decision 结论",
+                           "Conditions 条件", "Signature 签名"}  # fmt: skip
+    assert all(v == "" for k, v in fields.items() if k != "Decision 结论"), fields
+    decision = fields["Decision 结论"]
+    assert decision.count("☐") == 3 and not set("☑☒✓✔✗") & set(decision), decision
+    for choice in ("approve 批准", "approve with conditions", "reject 否决"):
+        assert choice in decision
 
 
 @pytest.mark.slow
@@ -164,8 +175,32 @@ def test_report_compares_champion_and_challenger(challenger_report: Built) -> No
     html = challenger_report.html
     body = section(html, 6)
     assert "champion v1" in body and "challenger v2" in body
-    assert re.search(r"Gate verdict: (PASS|REFUSE)", body)
-    assert "pass auc" in body or "FAIL auc" in body
+    # the gate's verdict recomputed here: both versions on v2's test rows, the challenger's PSI
+    # against its training-window reference, the rules of training/promotion.toml
+    from review.evidence import PD_COLUMN, load_evidence
+    from training.data import LABEL
+    from training.metrics import ece, psi
+    from training.promote import Gate
+
+    paths = challenger_report.trained.paths
+    v1 = load_evidence(paths, "microloan", version="1")
+    v2 = load_evidence(paths, "microloan", version="2")
+    y = v2.test[LABEL].to_numpy().astype(int)
+    p1, p2 = v1.scorer.pd(v2.test), v2.scorer.pd(v2.test)
+    auc1, auc2 = roc_auc_score(y, p1), roc_auc_score(y, p2)
+    ece2, psi2 = ece(y, np.clip(p2, 1e-6, 1 - 1e-6)), psi(v2.train[PD_COLUMN].to_numpy(), p2)
+    gate = Gate.load()
+    auc_ok, ece_ok, psi_ok = (
+        auc1 - auc2 <= gate.auc_tolerance,
+        ece2 <= gate.ece_limit,
+        psi2 < gate.psi_limit,
+    )
+    verdict = "PASS" if auc_ok and ece_ok and psi_ok else "REFUSE"
+    assert f"Gate verdict: {verdict} " in body, (auc1, auc2, ece2, psi2)
+    for rule, ok, shown in (("auc", auc_ok, f"{auc2:.4f}"), ("ece", ece_ok, f"{ece2:.4f}"),
+                            ("psi", psi_ok, f"{psi2:.4f}")):  # fmt: skip
+        assert re.search(rf"{'pass' if ok else 'FAIL'} {rule}: [^<]*{shown}", body), rule
+    assert f"champion {auc1:.4f}" in body
     assert "No promotion run recorded" in body  # the fixture never ran kapok promote
 
 
@@ -204,7 +239,7 @@ def test_cli_errors_leave_the_report_untouched(
     result = runner.invoke(app, ["report", *args, "--out", str(existing)])
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
-    assert message in text and "Traceback" not in text
+    assert message in text  # as a process of its own (one line, no traceback): test_cli.py
     assert existing.read_text() == "an earlier report"
 
 
