@@ -8,9 +8,11 @@ import uuid
 import lightgbm as lgb
 import mlflow
 import numpy as np
+import optuna
 import polars as pl
 import pytest
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
 from features.schema import monotone_constraints
 from features.spec import load_spec
@@ -21,8 +23,9 @@ from training.data import LABEL, product_data, spec_data
 from training.promote import Comparison, Gate, PromotionError, promote, verdict
 from training.pyfunc import load_scorer, model_input
 from training.scorer import Scorer
-from training.tracking import configure
+from training.tracking import alias_version, configure
 from training.train import _log_model, train
+from training.tune import study_storage
 
 pytestmark = pytest.mark.slow
 
@@ -80,10 +83,23 @@ def test_first_version_is_champion_second_is_challenger(home, microloan, first):
 
 
 def test_same_data_seed_and_trials_give_the_same_model(tmp_path, small_system, microloan, first):
-    again = train(microloan, linked_home(tmp_path, small_system), trials=3, seed=7)
+    home = linked_home(tmp_path, small_system)
+    again = train(microloan, home, trials=3, seed=7)
     frame = microloan.frame
     assert np.array_equal(again.scorer.margin(frame), first.scorer.margin(frame))
     assert again.scorer.booster.model_to_string() == first.scorer.booster.model_to_string()
+
+    # a re-run with the same data and seed resumes its Optuna study: asked for 4 trials it runs
+    # one more, and keeps the three it had
+    storage = study_storage(home.mlruns)
+    before = optuna.load_study(study_name=again.study_name, storage=storage).trials
+    ran: list[int] = []
+    resumed = train(microloan, home, trials=4, seed=7, on_trial=lambda _s, t: ran.append(t.number))
+    assert resumed.study_name == again.study_name
+    assert ran == [3]
+    after = optuna.load_study(study_name=again.study_name, storage=storage).trials
+    assert len(after) == 4
+    assert [(t.params, t.value) for t in after[:3]] == [(t.params, t.value) for t in before]
 
 
 def test_predictions_are_monotone_along_constrained_features(microloan, first):
@@ -208,6 +224,44 @@ def test_promotion_gate_promotes_better_and_refuses_worse(tmp_path, microloan, f
         promote(
             data_named, home, gate=gate
         )  # nothing left to compare: the challenger alias moved on
+
+
+def test_a_forced_promotion_moves_the_champion_and_keeps_the_previous_one(
+    tmp_path, small_system, microloan, first, monkeypatch
+):
+    """`kapok promote --force --reason`: a challenger the gate refuses becomes @champion, the
+    old champion @previous-champion, and the override and its reason are recorded."""
+    from kapok.cli import app
+
+    home = linked_home(tmp_path, small_system)
+    weak = _weak_scorer(microloan.frame, first.scorer)
+    champion = _register(home, first.scorer, microloan.frame, "kapok-microloan", "champion")
+    challenger = _register(home, weak, microloan.frame, "kapok-microloan", "challenger")
+    monkeypatch.setenv("KAPOK_HOME", str(home.home))
+    reason = "credit committee 2026-11-27: approved"
+    result = CliRunner().invoke(
+        app, ["promote", "--product", "microloan", "--force", "--reason", reason]
+    )
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "FAIL auc" in output and "PROMOTED (forced)" in output and reason in output
+    client = configure(home)
+    aliases = {
+        alias: alias_version(client, "kapok-microloan", alias)
+        for alias in ("champion", "previous-champion", "challenger")
+    }
+    assert aliases == {"champion": challenger, "previous-champion": champion, "challenger": None}
+    (run,) = mlflow.search_runs(experiment_names=["kapok-promotions"], output_format="list")
+    tags = run.data.tags
+    assert (tags["verdict"], tags["forced"], tags["override_reason"]) == (
+        "promoted",
+        "true",
+        reason,
+    )
+    assert (tags["champion_version"], tags["challenger_version"]) == (champion, challenger)
+    assert client.get_model_version("kapok-microloan", challenger).tags["promotion_verdict"] == (
+        "promoted"
+    )
 
 
 def test_verdict_rules_each_can_refuse():
