@@ -65,6 +65,7 @@ bench-smoke: install
 	KAPOK_HOME=$(SMOKE_HOME) $(BIN)/python bench/backfill.py --home $(SMOKE_HOME) --naive-rows 50
 	$(BIN)/python bench/decision_log.py --threads 4 --each 20
 	$(BIN)/python bench/serving.py --home $(SMOKE_HOME) --quick
+	$(BIN)/python bench/soak.py --home $(SMOKE_HOME) --rate 20 --minutes 0.5 --smoke
 	rm -rf $(SMOKE_HOME)
 
 clean:

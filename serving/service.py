@@ -94,10 +94,20 @@ def check_request(
 # core; the workers share the decision log (group commit within each, WAL between them) and each
 # keeps its own feature cache. The access log is off (the decision log is the record of every
 # decision; BentoML's per-request log line cost ~5% of a /score).
+def _workers() -> int | str:
+    """KAPOK_WORKERS: API worker processes; unset or empty: one per core."""
+    value = os.environ.get("KAPOK_WORKERS", "").strip()
+    if not value:
+        return "cpu_count"
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"KAPOK_WORKERS must be a whole number ≥ 1 (or unset), got {value!r}")
+    return int(value)
+
+
 @bentoml.service(
     name="kapok",
     traffic={"timeout": 60},
-    workers=int(os.environ.get("KAPOK_WORKERS", "0")) or "cpu_count",
+    workers=_workers(),
     logging={"access": {"enabled": False}},
 )
 class Kapok:
