@@ -6,6 +6,9 @@ Feast takes pandas; Kapok works in polars. The conversion happens here, once, at
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
 from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
@@ -94,8 +97,22 @@ def materialize(store: FeatureStore, start: datetime, end: datetime) -> None:
     """
     from features.online import materialization  # features.online imports this module
 
-    with materialization(store):
+    with materialization(store), plain_unless_terminal():
         store.materialize(start_date=start, end_date=end)
+
+
+@contextmanager
+def plain_unless_terminal() -> Iterator[None]:
+    """Feast colours what materialize prints with raw ANSI codes (colorama's constants, written
+    whatever the stream is): where stdout or stderr is not a terminal (a log file, a pipe), the
+    codes are stripped there, so a log reads "Materializing 8 feature views", with no ESC[1m."""
+    from colorama import AnsiToWin32  # Feast's own dependency, the one it colours with
+
+    with ExitStack() as stack:
+        for stream, redirect in ((sys.stdout, redirect_stdout), (sys.stderr, redirect_stderr)):
+            if not stream.isatty():
+                stack.enter_context(redirect(AnsiToWin32(stream, convert=False, strip=True).stream))
+        yield
 
 
 def historical_features(store: FeatureStore, entities: pl.DataFrame, product: str) -> pl.DataFrame:
