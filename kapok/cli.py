@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import kapok  # noqa: F401  (telemetry off before any framework import)
+import kapok  # telemetry off and libraries' warnings hidden, before any framework import
 from kapok.settings import kapok_home, online_store_url, paths
 
 console = Console(stderr=True)
@@ -36,6 +36,26 @@ app.add_typer(data_app, name="data", no_args_is_help=True)
 app.add_typer(features_app, name="features", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of the lending API (stored hashed).")
 app.add_typer(keys_app, name="keys", no_args_is_help=True)
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="Also show the libraries' warnings and logs (MLflow, Feast, SQLAlchemy, "
+            "pydantic, BentoML); by default only Kapok's own messages.",
+        ),
+    ] = False,
+) -> None:
+    if verbose:
+        import logging
+        import os
+
+        os.environ["KAPOK_VERBOSE"] = "1"  # kapok.verbose(); inherited by serve's workers
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -288,6 +308,8 @@ def _quiet_mlflow() -> None:
     import logging
     import warnings
 
+    if kapok.verbose():  # `kapok --verbose`: the user asked for the libraries' messages
+        return
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # e.g. SQLAlchemy's deprecation of a loader MLflow's tracking store uses: not the user's
