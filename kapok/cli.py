@@ -370,8 +370,9 @@ def train_command(
             f"{part:6s} {w['window']}: {int(w['rows']):,} rows, bad rate {w['bad_rate']:.3f}"
         )
     console.print(f"validation: {result.validation}")
-    console.print(f"MLflow run {result.run_id}; to look at it:")
-    console.print(f"  mlflow ui --backend-store-uri {tracking_uri(paths())}")
+    console.print(f"MLflow run {result.run_id} in {tracking_uri(paths())}", soft_wrap=True)
+    console.print("to look at it in the MLflow UI (http://127.0.0.1:5000, Ctrl-C stops it):")
+    console.print(f"  {_kapok_again()} ui", soft_wrap=True, highlight=False)
 
 
 @app.command("promote")
@@ -455,6 +456,157 @@ def serve_command(
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Kapok",
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     raise typer.Exit(subprocess.call(command, env=env))
+
+
+def _kapok_again() -> str:
+    """How to run `kapok` again from the user's shell: `kapok` when that is this script, else
+    its path (`.venv/bin/kapok` from the checkout); with KAPOK_HOME in front when it is set."""
+    import os
+    import shlex
+    import shutil
+    import sys
+
+    script = Path(sys.executable).with_name("kapok")
+    found = shutil.which("kapok")
+    if not script.exists() or (found and Path(found).resolve() == script.resolve()):
+        command = "kapok"
+    else:
+        relative = os.path.relpath(script)
+        command = str(script) if relative.startswith("..") else relative
+    home = os.environ.get("KAPOK_HOME")
+    return f"KAPOK_HOME={shlex.quote(home)} {command}" if home else command
+
+
+def _ui_tracking_uri() -> str:
+    """training.tracking.tracking_uri's rule without importing MLflow (10 s on this machine):
+    MLFLOW_TRACKING_URI when set, else the SQLite store under KAPOK_HOME/mlruns."""
+    import os
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or f"sqlite:///{paths().mlruns / 'mlflow.db'}"
+
+
+@app.command("ui")
+@friendly_errors
+def ui_command(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """The MLflow UI on KAPOK_HOME's tracking store; Ctrl-C stops all of it.
+
+    Runs, metrics, plots, registered models and their champion / challenger aliases on
+    http://127.0.0.1:PORT. The UI runs in a process group of its own: Ctrl-C or SIGTERM stops
+    the server and its workers, nothing is left running. Its log goes to
+    KAPOK_HOME/mlruns/ui.log (with --verbose, to this terminal).
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    p = paths()
+    uri = _ui_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise FileNotFoundError(f"no MLflow store at {uri}: train a model first (kapok run)")
+    with socket.socket() as probe:  # a port in use is one line, not the server's traceback
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise ValueError(f"port {port} on 127.0.0.1 is not free: {e.strerror}") from None
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--artifacts-destination", (p.mlruns / "artifacts").resolve().as_uri(),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    # no MLflow job runners (a huey_consumer process per job type, which outlived the UI after
+    # Ctrl-C): Kapok submits no MLflow jobs
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = None if kapok.verbose() else p.mlruns / "ui.log"
+    console.print(f"MLflow UI for {uri}: starting on http://127.0.0.1:{port}", soft_wrap=True)
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log or os.devnull, "wb") as out:
+        ui = subprocess.Popen(command, env=env, start_new_session=True,
+                              stdout=out if log else None,
+                              stderr=subprocess.STDOUT if log else None)  # fmt: skip
+
+    def ready() -> None:
+        console.print(f"MLflow UI ready: http://127.0.0.1:{port} (Ctrl-C stops it)")
+
+    code = _run_process_group(ui, is_ready=lambda: _answers_http(port), on_ready=ready)
+    if code is not None:
+        where = f"; its log: {log}" if log else ""
+        raise ValueError(f"the MLflow UI stopped by itself (exit code {code}){where}")
+    console.print("MLflow UI stopped")
+
+
+def _answers_http(port: int) -> bool:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+def _run_process_group(
+    leader: Any, is_ready: Callable[[], bool], on_ready: Callable[[], None]
+) -> int | None:
+    """Wait for `leader`, a subprocess.Popen started with start_new_session=True (the first
+    process of a process group of its own), calling `on_ready` once `is_ready()` holds. On
+    Ctrl-C or SIGTERM, or when the leader exits by itself, stop every process left in the group.
+    Returns the leader's exit code if it exited by itself, None if it was stopped."""
+    import signal
+    import subprocess
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, interrupt)
+    code: int | None = None
+    try:
+        announced = False
+        while code is None:
+            try:
+                code = leader.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if not announced and is_ready():
+                    on_ready()
+                    announced = True
+    except KeyboardInterrupt:
+        code = None
+    finally:
+        for s in handlers:  # a second Ctrl-C must not cut the stop short
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            _stop_process_group(leader)
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+    return code
+
+
+def _stop_process_group(leader: Any, grace: float = 10.0) -> None:
+    """SIGTERM to every process of the leader's group, SIGKILL to any left after `grace` s."""
+    import os
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(leader.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            leader.poll()  # reap the leader: a zombie still counts as a member of its group
+            try:
+                os.killpg(leader.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+    leader.poll()
 
 
 @app.command("replay")

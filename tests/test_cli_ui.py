@@ -1,0 +1,98 @@
+"""`kapok ui`: the MLflow UI for KAPOK_HOME's tracking store, stopped whole by Ctrl-C.
+
+MLflow's own `mlflow ui` left huey_consumer processes running after Ctrl-C. `kapok ui` runs the
+UI in a process group of its own and stops the whole group; here it runs as a user runs it (the
+installed script, a process of its own), gets SIGINT as Ctrl-C sends it to the foreground
+process, and no process of the UI may remain.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.cli_processes import kapok_command
+
+START_TIMEOUT = 120  # s; 30-55 s on a busy 2-core machine: two processes import MLflow and
+# MLflow creates the tables of the new store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_ui_answers_on_loopback_and_ctrl_c_stops_its_whole_process_group(tmp_path: Path):
+    home = tmp_path / "home"
+    (home / "mlruns").mkdir(parents=True)
+    (home / "mlruns" / "mlflow.db").touch()  # an empty SQLite store: MLflow creates its tables
+    port = free_port()
+    env = {**os.environ, "KAPOK_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    kapok = subprocess.Popen(
+        [*kapok_command(), "ui", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    groups: set[int] = set()
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not answers(port):
+            assert kapok.poll() is None, kapok.communicate()[0]
+            assert time.monotonic() < deadline, "the MLflow UI did not answer"
+            time.sleep(0.5)
+        ui = psutil.Process(kapok.pid).children(recursive=True)
+        groups = {os.getpgid(p.pid) for p in ui}
+        # the server and its worker, in a group of their own (not kapok's, which a terminal's
+        # Ctrl-C reaches), on loopback only
+        assert len(ui) >= 2, [p.cmdline() for p in ui]
+        assert os.getpgid(kapok.pid) not in groups
+        listening = {
+            c.laddr for p in ui for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+        }
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+
+        kapok.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        output = kapok.communicate(timeout=60)[0]
+        assert kapok.returncode == 0, output
+        assert "Traceback" not in output, output
+        assert f"MLflow UI ready: http://127.0.0.1:{port}" in output, output
+        left = [p for p in ui if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, [p.cmdline() for p in left]
+        assert not any(group_alive(g) for g in groups), groups
+        assert not answers(port)
+    finally:
+        if kapok.poll() is None:
+            kapok.kill()
+            kapok.wait()
+        for g in groups:  # never leave a UI behind, even when the test fails
+            if group_alive(g):
+                os.killpg(g, signal.SIGKILL)
