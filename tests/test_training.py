@@ -25,7 +25,7 @@ from training.pyfunc import load_scorer, model_input
 from training.scorer import Scorer
 from training.tracking import alias_version, configure
 from training.train import _log_model, train
-from training.tune import study_storage
+from training.tune import Matrices, base_params, study_storage, tune
 
 pytestmark = pytest.mark.slow
 
@@ -89,17 +89,35 @@ def test_same_data_seed_and_trials_give_the_same_model(tmp_path, small_system, m
     assert np.array_equal(again.scorer.margin(frame), first.scorer.margin(frame))
     assert again.scorer.booster.model_to_string() == first.scorer.booster.model_to_string()
 
-    # a re-run with the same data and seed resumes its Optuna study: asked for 4 trials it runs
-    # one more, and keeps the three it had
-    storage = study_storage(home.mlruns)
-    before = optuna.load_study(study_name=again.study_name, storage=storage).trials
-    ran: list[int] = []
-    resumed = train(microloan, home, trials=4, seed=7, on_trial=lambda _s, t: ran.append(t.number))
-    assert resumed.study_name == again.study_name
-    assert ran == [3]
-    after = optuna.load_study(study_name=again.study_name, storage=storage).trials
-    assert len(after) == 4
+    # a re-run with the same data and seed finds its Optuna study where training left it (the
+    # resuming itself: test_a_rerun_resumes_its_optuna_study)
+    assert again.study_name == first.study_name
+    stored = optuna.load_study(study_name=again.study_name, storage=study_storage(home.mlruns))
+    assert len(stored.trials) == 3
+
+
+def test_a_rerun_resumes_its_optuna_study(tmp_path):
+    """Asked for 4 trials, a study that holds 3 runs one more and keeps the three; asked again
+    for 4, it runs none."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1200, 4))
+    y = (rng.random(1200) < 1 / (1 + np.exp(-(x[:, 0] - 2)))).astype(int)
+    m = Matrices(x[:800], y[:800], x[800:], y[800:], ["a", "b", "c", "d"])
+    base = base_params(7, [0, 0, 0, 0], []) | {"num_threads": 1}  # no OpenMP spinning
+    storage, name = f"sqlite:///{tmp_path / 'optuna.db'}", "kapok-toy-seed7"
+
+    def run(trials: int) -> list[int]:
+        ran: list[int] = []
+        tune(m, base, seed=7, trials=trials, timeout=None, storage=storage, study_name=name,
+             on_trial=lambda _s, t: ran.append(t.number))  # fmt: skip
+        return ran
+
+    assert run(3) == [0, 1, 2]
+    before = optuna.load_study(study_name=name, storage=storage).trials
+    assert run(4) == [3]
+    after = optuna.load_study(study_name=name, storage=storage).trials
     assert [(t.params, t.value) for t in after[:3]] == [(t.params, t.value) for t in before]
+    assert run(4) == []
 
 
 def test_predictions_are_monotone_along_constrained_features(microloan, first):
