@@ -28,6 +28,7 @@ from features.schema import PRODUCTS
 from kapok import uscc
 from kapok.settings import paths
 from serving.auth import AuthError, KeyStore
+from serving.readiness import WorkerReadiness
 
 if TYPE_CHECKING:
     from serving.decision_log import DecisionRecord
@@ -104,6 +105,16 @@ def _workers() -> int | str:
     return int(value)
 
 
+def _worker_count() -> int:
+    """How many workers BentoML starts for `_workers()` (its own reading of the cores)."""
+    workers = _workers()
+    if isinstance(workers, int):
+        return workers
+    from bentoml._internal.resource import system_resources
+
+    return int(system_resources()["cpu"]) or 1
+
+
 @bentoml.service(
     name="kapok",
     traffic={"timeout": 60},
@@ -122,6 +133,9 @@ class Kapok:
         # 200 all along. (BentoML serves a worker only once __init__ has returned: loading here
         # left every request unanswered, /readyz and /livez too, for the whole load.) A load
         # that fails ends the worker, as a failed start did.
+        self.readiness = WorkerReadiness.for_this_server(
+            _worker_count(), bentoml.server_context.worker_index
+        )
         threading.Thread(target=self._load, name="kapok-load", daemon=True).start()
 
     def _load(self) -> None:
@@ -131,6 +145,7 @@ class Kapok:
 
             self.engine = LendingEngine(paths())
             self.log = DecisionLog()
+            self.readiness.mark_ready()
         except BaseException:
             traceback.print_exc()
             sys.stderr.flush()
@@ -138,7 +153,9 @@ class Kapok:
         self.ready = True
 
     def __is_ready__(self) -> bool:
-        return self.ready
+        """/readyz: this worker has loaded, and so has every other worker of the server (the
+        probe reaches one worker; the next request may reach another)."""
+        return self.ready and self.readiness.all_ready()
 
     # -- helpers ---------------------------------------------------------------------------------
     def _caller(self, ctx: bentoml.Context, permission: str) -> str:

@@ -9,9 +9,11 @@ process, and no process of the UI may remain.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -63,12 +65,23 @@ def test_ui_answers_on_loopback_and_ctrl_c_stops_its_whole_process_group(tmp_pat
         text=True,
     )
     groups: set[int] = set()
+    lines: queue.Queue[str] = queue.Queue()
+    seen: list[str] = []
+    reader = threading.Thread(
+        target=lambda: [lines.put(line) for line in kapok.stdout], daemon=True
+    )
+    reader.start()
     try:
+        # the user waits for the line that says the UI is ready; then it must answer
         deadline = time.monotonic() + START_TIMEOUT
-        while not answers(port):
-            assert kapok.poll() is None, kapok.communicate()[0]
-            assert time.monotonic() < deadline, "the MLflow UI did not answer"
-            time.sleep(0.5)
+        while not any("MLflow UI ready" in line for line in seen):
+            assert time.monotonic() < deadline, "no ready line: " + "".join(seen)
+            try:
+                seen.append(lines.get(timeout=0.5))
+            except queue.Empty:
+                assert kapok.poll() is None, "".join(seen)
+        assert f"MLflow UI ready: http://127.0.0.1:{port}" in "".join(seen), seen
+        assert answers(port)
         ui = psutil.Process(kapok.pid).children(recursive=True)
         groups = {os.getpgid(p.pid) for p in ui}
         # the server and its worker, in a group of their own (not kapok's, which a terminal's
@@ -81,10 +94,14 @@ def test_ui_answers_on_loopback_and_ctrl_c_stops_its_whole_process_group(tmp_pat
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
 
         kapok.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        output = kapok.communicate(timeout=60)[0]
+        kapok.wait(timeout=60)
+        reader.join(timeout=10)
+        while not lines.empty():
+            seen.append(lines.get())
+        output = "".join(seen)
         assert kapok.returncode == 0, output
         assert "Traceback" not in output, output
-        assert f"MLflow UI ready: http://127.0.0.1:{port}" in output, output
+        assert "MLflow UI stopped" in output, output
         left = [p for p in ui if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not left, [p.cmdline() for p in left]
         assert not any(group_alive(g) for g in groups), groups
