@@ -1,11 +1,9 @@
 """`kapok data generate`: simulate the big-data system in chunks and write its raw tables.
 
-Layout under the output folder (one folder per table; monthly tables partitioned by month):
-    raw/<table>/period=YYYY-MM/part-CCCC.parquet   monthly tables
-    raw/<table>/part-CCCC.parquet                  the others
-    raw/_manifest.json                             arguments, chunking, row counts
-Chunk CCCC always holds the same enterprises in every table, so later stages can work chunk by
-chunk in bounded memory.
+What is written (table names, schemas, the layout under the output folder, the manifest) is the
+contract in `features.raw_tables`: every frame is checked against it before it is written, and
+everything that reads the raw tables reads them through it. Chunk CCCC always holds the same
+enterprises in every table, so later stages can work chunk by chunk in bounded memory.
 """
 
 from __future__ import annotations
@@ -16,37 +14,19 @@ from pathlib import Path
 
 import polars as pl
 
+# Re-exported (`x as x`) for callers not yet moved to features.raw_tables: kapok/cli.py,
+# notebooks/01_bigdata_tour.py and tests. New code imports them from features.raw_tables.
+from features.raw_tables import MANIFEST as MANIFEST
+from features.raw_tables import MONTHLY_TABLES as MONTHLY_TABLES
+from features.raw_tables import PARTITION_COLUMN, check_frame, part_path
+from features.raw_tables import TABLES as TABLES
+from features.raw_tables import chunk_name as chunk_name
+from features.raw_tables import read_manifest as read_manifest
+from features.raw_tables import scan as scan
 from kapok.bigdata.simulate import SimulationConfig, simulate_chunk, simulate_macro
 from kapok.staging import staged_folder
 
 CHUNK_SIZE = 20_000  # enterprises per chunk; fixed so that output does not depend on the machine
-MONTHLY_TABLES = (
-    "tax",
-    "electricity",
-    "social_insurance",
-    "payments",
-    "receivables_payables",
-    "credit_history",
-)
-TABLES = (
-    "registration",
-    "registration_events",
-    "tax",
-    "tax_credit_rating",
-    "electricity",
-    "social_insurance",
-    "payments",
-    "receivables_payables",
-    "judicial_events",
-    "credit_history",
-    "applications",
-    "oracle",
-)
-MANIFEST = "_manifest.json"
-
-
-def chunk_name(chunk: int) -> str:
-    return f"part-{chunk:04d}.parquet"
 
 
 def _write(frame: pl.DataFrame, path: Path) -> None:
@@ -55,16 +35,20 @@ def _write(frame: pl.DataFrame, path: Path) -> None:
 
 
 def write_chunk(tables: dict[str, pl.DataFrame], out: Path, chunk: int) -> dict[str, int]:
+    """Write one chunk of every table where the contract puts it, after checking its schema."""
+    if sorted(tables) != sorted(TABLES):
+        raise ValueError(f"chunk {chunk} has tables {sorted(tables)}, expected {sorted(TABLES)}")
     counts = {}
     for name, frame in tables.items():
+        check_frame(name, frame, f"simulated chunk {chunk}")
         counts[name] = frame.height
         if name in MONTHLY_TABLES:
             for (month,), part in frame.partition_by(
-                "month", as_dict=True, maintain_order=True
+                PARTITION_COLUMN, as_dict=True, maintain_order=True
             ).items():
-                _write(part, out / name / f"period={month:%Y-%m}" / chunk_name(chunk))
+                _write(part, part_path(out, name, chunk, month))
         else:
-            _write(frame, out / name / chunk_name(chunk))
+            _write(frame, part_path(out, name, chunk))
     return counts
 
 
@@ -102,19 +86,3 @@ def generate(
                 progress(n)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
-
-
-def read_manifest(raw: Path) -> dict:
-    path = raw / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no simulated data at {raw}: run `kapok data generate` first (missing {MANIFEST})"
-        )
-    return json.loads(path.read_text())
-
-
-def scan(raw: Path, table: str, chunk: int | None = None) -> pl.LazyFrame:
-    """Lazily read one raw table, all chunks or one."""
-    name = "*.parquet" if chunk is None else chunk_name(chunk)
-    pattern = raw / table / ("*/" if table in MONTHLY_TABLES else "") / name
-    return pl.scan_parquet(str(pattern).replace("//", "/"), hive_partitioning=False)
