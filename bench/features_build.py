@@ -44,8 +44,8 @@ sys.path.insert(0, str(REPO))
 import kapok  # noqa: F401  (telemetry off)
 from features.build import INPUT_TABLES, build, raw_chunk, workers
 from features.pipelines import Panel, build_family
+from features.raw_tables import read_manifest
 from features.schema import FAMILIES
-from kapok.bigdata.generate import read_manifest
 
 NAIVE_COMMIT = "b0a5588"  # the last commit with the polars-expression pipeline
 GOAL_SECONDS, GOAL_BYTES, GOAL_ENTERPRISES = 300.0, 8 * 10**9, 1_000_000

@@ -536,7 +536,7 @@ def prepare(home: Paths, enterprises: int, seed: int) -> None:
     from features import store as fs
     from features.build import MANIFEST as FEATURES_MANIFEST
     from features.build import build
-    from kapok.bigdata.generate import MANIFEST as RAW_MANIFEST
+    from features.raw_tables import MANIFEST as RAW_MANIFEST
     from kapok.bigdata.generate import generate
     from kapok.bigdata.simulate import SimulationConfig
 

@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from features.build import build
+from features.raw_tables import MANIFEST, scan
 from features.schema import FAMILIES, FEATURES
 from kapok.bigdata.generate import CHUNK_SIZE, generate
 from kapok.bigdata.simulate import (
@@ -195,12 +196,12 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kapok-realism-"))
     raw, feats = work / "raw", work / "features"
     t0 = time.perf_counter()
-    if not (raw / "_manifest.json").exists():
+    if not (raw / MANIFEST).exists():
         generate(config, raw)
         build(raw, feats)
     print(f"data ready in {time.perf_counter() - t0:.0f} s under {work}")
-    apps = pl.read_parquet(raw / "applications" / "*.parquet").filter(pl.col("matured"))
-    oracle = pl.read_parquet(raw / "oracle" / "*.parquet").select("application_id", "pd_true")
+    apps = scan(raw, "applications").filter(pl.col("matured")).collect()
+    oracle = scan(raw, "oracle").select("application_id", "pd_true").collect()
     data = pit_join(apps.join(oracle, on="application_id"), feats)
     if not args.no_models:
         data = data.join(latent_state(config), on="application_id", how="left")

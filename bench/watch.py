@@ -83,7 +83,7 @@ def _book(home: str, seed: int) -> str:
     import numpy as np
     import polars as pl
 
-    from kapok.bigdata.generate import scan
+    from features.raw_tables import scan
 
     path = Path(home) / "book.parquet"
     if not path.exists():

@@ -17,8 +17,8 @@ from pathlib import Path
 import polars as pl
 
 from features.pipelines import Panel, build_family
+from features.raw_tables import TABLES, chunk_name, read_manifest, scan
 from features.schema import FAMILIES, SCHEMA_VERSION
-from kapok.bigdata.generate import TABLES, chunk_name, read_manifest, scan
 from kapok.staging import staged_folder
 
 INPUT_TABLES = tuple(t for t in TABLES if t not in ("applications", "oracle"))

@@ -97,7 +97,7 @@ def applications(
     paths: Paths, product: str, since: dt.datetime | None, until: dt.datetime | None
 ) -> pl.DataFrame:
     """The simulator's applications of `product` with since <= applied_at < until."""
-    from kapok.bigdata.generate import read_manifest, scan
+    from features.raw_tables import read_manifest, scan
 
     if product not in PRODUCTS:
         raise ValueError(f"--product must be one of {', '.join(PRODUCTS)}, got {product!r}")

@@ -11,9 +11,9 @@ import numpy as np
 import polars as pl
 
 from features import store as feature_store
+from features.raw_tables import read_manifest, scan
 from features.schema import ALL_FEATURES, FEATURE_SERVICE, PRODUCTS, SCHEMA_VERSION
 from features.spec import DatasetSpec, load_dataset
-from kapok.bigdata.generate import read_manifest, scan
 from kapok.settings import Paths
 
 LABEL = "label"
