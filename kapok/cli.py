@@ -953,6 +953,75 @@ def keys_add(
     print(key)
 
 
+def _utc_text(value: Any) -> str:
+    """A UTC timestamp to the second, e.g. 2025-01-31T09:30:00Z."""
+    import datetime as dt
+
+    return value.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@keys_app.command("list")
+@friendly_errors
+def keys_list() -> None:
+    """The API keys: name, role, when created and the caller's last logged decision (never a
+    key or its hash). Reading explanations or decisions is not logged, so it does not count."""
+    from rich.markup import escape
+    from rich.table import Column
+
+    from serving.auth import KeyStore, keys_path
+    from serving.decision_log import DecisionLog
+
+    path = keys_path()
+    if not path.exists():
+        console.print(f"no API keys in {escape(str(path))}: kapok keys add NAME --role ROLE")
+        return
+    store = KeyStore.load(path)
+    with DecisionLog() as log:  # a log that does not exist yet is not created
+        last = log.last_decision_by_caller()
+    table = Table(
+        Column("name", overflow="fold"),
+        Column("role", no_wrap=True),
+        Column("created", no_wrap=True),
+        Column("last decision", no_wrap=True),
+        title=escape(f"API keys in {path}"),
+    )
+    for entry in store.entries:
+        created = _utc_text(entry.created) if entry.created is not None else "unknown"
+        used = _utc_text(last[entry.name]) if entry.name in last else "never"
+        table.add_row(entry.name, entry.role, created, used)
+    console.print(table)
+    if not len(store):
+        console.print("no keys: kapok keys add NAME --role ROLE creates one")
+
+
+@keys_app.command("revoke")
+@friendly_errors
+def keys_revoke(
+    name: Annotated[str, typer.Argument(help="The name the key was added under.")],
+) -> None:
+    """Delete an API key from the key file; requests with it then get 401 "unknown API key".
+    A running `kapok serve` keeps the keys it loaded at start until it is restarted."""
+    from rich.markup import escape
+
+    from serving.auth import KeyStore, keys_path, remove_key
+
+    path = keys_path()
+    removed = remove_key(path, name)
+    console.print(f"revoked {removed.name} ({removed.role}) in {escape(str(path))}")
+    if removed.role == "admin" and not any(e.role == "admin" for e in KeyStore.load(path).entries):
+        console.print(
+            "[bold yellow]warning:[/] that was the last admin key: no key can now read "
+            "every endpoint (kapok keys add NAME --role admin creates one)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
+        "a running kapok serve loaded its keys at start and still accepts this one "
+        "until it is restarted",
+        soft_wrap=True,
+    )
+
+
 # -- the main job --------------------------------------------------------------------------------
 @app.command("run")
 @friendly_errors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -30,6 +31,8 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,99}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _ENTRY_FIELDS = ("name", "role", "sha256")
+_OPTIONAL_FIELDS = ("created",)  # files written before `created` existed load without it
+_KEYS_TABLE = re.compile(r"^\s*\[\[\s*keys\s*\]\]")
 
 
 class AuthError(Exception):
@@ -58,11 +61,13 @@ class Caller:
 
 @dataclass(frozen=True)
 class KeyEntry:
-    """One configured key: name, role and the hex SHA-256 of the key (never the key)."""
+    """One configured key: name, role, the hex SHA-256 of the key (never the key) and when it
+    was created (UTC; None for keys added before add_key recorded it)."""
 
     name: str
     role: str
     sha256: str
+    created: dt.datetime | None = None
 
 
 def hash_key(key: str) -> str:
@@ -100,6 +105,23 @@ def _check_name(name: Any, where: str) -> str:
     return name
 
 
+def _check_created(created: Any, where: str) -> dt.datetime:
+    if isinstance(created, dt.datetime) and created.utcoffset() is not None:
+        return created.astimezone(dt.UTC)
+    if isinstance(created, dt.datetime):
+        got = f"{created.isoformat()}, a date-time without offset"
+    elif isinstance(created, dt.date | dt.time):
+        got = f"{created.isoformat()}, a {type(created).__name__} alone"
+    elif isinstance(created, str):
+        got = f"the string {created!r}"
+    else:
+        got = f"a value of type {type(created).__name__}"
+    raise AuthConfigError(
+        f"{where}.created: expected a TOML date-time with offset, unquoted, "
+        f"e.g. 2025-01-31T09:30:00Z (got {got})"
+    )
+
+
 def _parse(text: str, source: Path | str) -> list[KeyEntry]:
     """Validate the TOML text of a key file; errors name the file and the field."""
     try:
@@ -118,11 +140,10 @@ def _parse(text: str, source: Path | str) -> list[KeyEntry]:
         where = f"{source}: keys[{i}]"
         if not isinstance(item, dict):
             raise AuthConfigError(f"{where}: expected a table ([[keys]])")
-        extra = sorted(set(item) - set(_ENTRY_FIELDS))
+        extra = sorted(set(item) - set(_ENTRY_FIELDS) - set(_OPTIONAL_FIELDS))
         if extra:
-            raise AuthConfigError(
-                f"{where}.{extra[0]}: unknown field (expected {', '.join(_ENTRY_FIELDS)})"
-            )
+            expected = ", ".join((*_ENTRY_FIELDS, *_OPTIONAL_FIELDS))
+            raise AuthConfigError(f"{where}.{extra[0]}: unknown field (expected {expected})")
         for field in _ENTRY_FIELDS:
             if field not in item:
                 raise AuthConfigError(f"{where}.{field}: missing")
@@ -139,8 +160,9 @@ def _parse(text: str, source: Path | str) -> list[KeyEntry]:
             raise AuthConfigError(
                 f"{where}.name: duplicate name {name!r} (also keys[{seen[name]}])"
             )
+        created = _check_created(item["created"], where) if "created" in item else None
         seen[name] = i
-        entries.append(KeyEntry(name, role, digest.lower()))
+        entries.append(KeyEntry(name, role, digest.lower(), created))
     return entries
 
 
@@ -191,6 +213,11 @@ class KeyStore:
     def names(self) -> list[str]:
         return [e.name for e in self._entries]
 
+    @property
+    def entries(self) -> tuple[KeyEntry, ...]:
+        """The configured entries, in file order (hashes, never keys)."""
+        return self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -233,7 +260,8 @@ class KeyStore:
 
 
 def add_key(path: str | os.PathLike[str], name: str, role: str) -> str:
-    """Append a hashed key entry to the TOML file and return the plaintext key (shown once)."""
+    """Append a hashed key entry (with its UTC creation time) to the TOML file and return the
+    plaintext key (shown once)."""
     p = Path(path).expanduser()
     where = f"{p}: new key"
     _check_name(name, where)
@@ -243,26 +271,106 @@ def add_key(path: str | os.PathLike[str], name: str, role: str) -> str:
     if any(e.name == name for e in entries):
         raise AuthConfigError(f"{where}.name: a key named {name!r} already exists")
     key = generate_key()
+    created = dt.datetime.now(dt.UTC).replace(microsecond=0)
     block = (
         "[[keys]]\n"
         f"name = {json.dumps(name)}\n"
         f"role = {json.dumps(role)}\n"
         f"sha256 = {json.dumps(hash_key(key))}\n"
+        f"created = {_toml_datetime(created)}\n"
     )
     new_text = text
     if new_text and not new_text.endswith("\n"):
         new_text += "\n"
     new_text += ("\n" if new_text else "") + block
     _parse(new_text, p)  # never write a file that would not load
+    _write_atomic(p, new_text)
+    return key
+
+
+def remove_key(path: str | os.PathLike[str], name: str) -> KeyEntry:
+    """Remove the key named `name` from the TOML file (atomic rewrite) and return its entry.
+
+    The other entries, and comments outside the removed entry's [[keys]] table, stay as they
+    are. An unknown name is an AuthConfigError naming the file and the known names.
+    """
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise AuthConfigError(f"{p}: API-key file not found (no keys to revoke)") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise AuthConfigError(f"{p}: cannot read the API-key file: {e}") from e
+    entries = _parse(text, p)
+    found = [e for e in entries if e.name == name]
+    if not found:
+        known = ", ".join(repr(e.name) for e in entries) or "none"
+        raise AuthConfigError(f"{p}: no key named {name!r} (keys: {known})")
+    kept = [e for e in entries if e.name != name]
+    cut = _without_table(text, entries.index(found[0]))
+    try:
+        same = cut is not None and _parse(cut, p) == kept
+    except AuthConfigError:
+        same = False
+    # not laid out as one [[keys]] table per entry: write the entries anew
+    new_text = cut if same and cut is not None else _render(kept)
+    if _parse(new_text, p) != kept:  # never write a file that loads differently
+        raise AuthConfigError(f"{p}: cannot remove {name!r} without changing other entries")
+    _write_atomic(p, new_text)
+    return found[0]
+
+
+def _toml_datetime(value: dt.datetime) -> str:
+    """A TOML offset date-time in UTC, e.g. 2025-01-31T09:30:00Z."""
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _without_table(text: str, index: int) -> str | None:
+    """`text` without its index-th [[keys]] table (header to the next table), or None when the
+    file does not have that many [[keys]] headers."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if _KEYS_TABLE.match(line)]
+    if index >= len(starts):
+        return None
+    start = starts[index]
+    if index + 1 < len(starts):
+        end = starts[index + 1]
+        while end - 1 > start and lines[end - 1].lstrip().startswith("#"):
+            end -= 1  # comment lines just above the next table are about that table
+    else:
+        end = len(lines)
+    if start > 0 and end == len(lines) and not lines[start - 1].strip():
+        start -= 1  # the blank line add_key put before the last table
+    return "".join(lines[:start] + lines[end:])
+
+
+def _render(entries: Iterable[KeyEntry]) -> str:
+    blocks = []
+    for e in entries:
+        block = (
+            "[[keys]]\n"
+            f"name = {json.dumps(e.name)}\n"
+            f"role = {json.dumps(e.role)}\n"
+            f"sha256 = {json.dumps(e.sha256)}\n"
+        )
+        if e.created is not None:
+            block += f"created = {_toml_datetime(e.created)}\n"
+        blocks.append(block)
+    return "\n".join(blocks)
+
+
+def _write_atomic(p: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and os.replace it: readers see the
+    old file or the new one, never half of one. A new file is 0600; an existing one keeps its
+    mode."""
     p.parent.mkdir(parents=True, exist_ok=True)
     mode = p.stat().st_mode & 0o777 if p.exists() else 0o600
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(new_text)
+            f.write(text)
         os.chmod(tmp, mode)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return key

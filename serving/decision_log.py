@@ -848,6 +848,30 @@ class DecisionLog:
         rows = self._select(sa.select(sa.func.count()).select_from(decisions), "count")
         return int(rows[0][0])
 
+    def last_decision_by_caller(self) -> dict[str, dt.datetime]:
+        """The latest decided_at (UTC) of each caller's decisions: one GROUP BY query.
+
+        Only reads: a log that does not exist yet (no SQLite file, no decisions table) is {},
+        and neither the file nor the table is created.
+        """
+        query = sa.select(decisions.c.caller, sa.func.max(decisions.c.decided_at)).group_by(
+            decisions.c.caller
+        )
+        if self._backend == "sqlite" and not self._in_memory():
+            database = self._url.database or ""
+            if not database.startswith("file:") and not Path(database).exists():
+                return {}  # connecting would create an empty database file
+        try:
+            with self._serial, self._engine.connect() as conn:
+                if not self._ready and not sa.inspect(conn).has_table(decisions.name):
+                    return {}
+                rows = list(conn.execute(query))
+        except exc.SQLAlchemyError as e:
+            raise DecisionLogError(
+                f"decision log {self.url}: last decision by caller failed: {_reason(e)}"
+            ) from e
+        return {caller: _utc(at) for caller, at in rows if at is not None}
+
     def _select(self, query: sa.Select, what: str) -> list[sa.Row]:
         self._ensure_schema()
         try:

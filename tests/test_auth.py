@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import datetime as dt
+import os
+import re
+import stat
+from dataclasses import replace
 
+import pytest
+from typer.testing import CliRunner
+
+from kapok.cli import app
 from kapok.settings import paths
 from serving.auth import (
     ROLE_PERMISSIONS,
@@ -14,7 +22,10 @@ from serving.auth import (
     add_key,
     generate_key,
     hash_key,
+    remove_key,
 )
+from tests.cli_processes import run_kapok
+from tests.test_decision_log import pg_url  # noqa: F401  (fixture: a PostgreSQL database)
 
 ALL = ("score", "limit", "price", "screen", "explain", "log")
 
@@ -22,6 +33,7 @@ ALL = ("score", "limit", "price", "screen", "explain", "log")
 @pytest.fixture(autouse=True)
 def _no_keys_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KAPOK_API_KEYS", raising=False)
+    monkeypatch.delenv("KAPOK_DECISION_LOG", raising=False)
 
 
 @pytest.fixture
@@ -152,3 +164,208 @@ def test_bad_config_names_file_and_field(tmp_path, content, field):
     with pytest.raises(AuthConfigError) as e:
         KeyStore.load(path)
     assert str(path) in str(e.value) and field in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("created", "shown"),
+    [
+        ('"2025-01-31T09:30:00Z"', "the string '2025-01-31T09:30:00Z'"),  # quoted
+        ("2025-01-31T09:30:00", "2025-01-31T09:30:00, a date-time without offset"),
+        ("2025-01-31", "2025-01-31, a date alone"),
+        ("20250131", "type int"),
+    ],
+)
+def test_bad_created_names_file_and_entry(tmp_path, created, shown):
+    path = tmp_path / "api_keys.toml"
+    path.write_text(
+        f'[[keys]]\nname = "a"\nrole = "lender"\nsha256 = "{GOOD_HASH}"\n\n'
+        f'[[keys]]\nname = "b"\nrole = "admin"\nsha256 = "{hash_key("y")}"\n'
+        f"created = {created}\n"
+    )
+    with pytest.raises(AuthConfigError) as e:
+        KeyStore.load(path)
+    message = str(e.value)
+    assert str(path) in message and "keys[1].created" in message and shown in message
+
+
+def test_old_files_without_created_still_load(tmp_path):
+    path = tmp_path / "api_keys.toml"
+    key = generate_key()
+    path.write_text(f'[[keys]]\nname = "old-co"\nrole = "lender"\nsha256 = "{hash_key(key)}"\n')
+    store = KeyStore.load(path)
+    assert store.authenticate(f"Bearer {key}") == Caller("old-co", "lender")
+    assert store.entries[0].created is None
+    add_key(path, "new-co", "reviewer")  # appending keeps the old entry as it was
+    old, new = KeyStore.load(path).entries
+    assert old.name == "old-co" and old.created is None
+    assert new.created is not None
+    assert abs(dt.datetime.now(dt.UTC) - new.created) < dt.timedelta(minutes=1)
+
+
+# -- kapok keys add / list / revoke ----------------------------------------------------------
+runner = CliRunner()
+STAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+
+
+def rows(output: str) -> dict[str, list[str]]:
+    """The table's rows by name: the cells between the box-drawing bars."""
+    table = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃|]", line)[1:-1]]
+        if len(cells) == 4 and cells[0] and cells[0] != "name":
+            table[cells[0]] = cells[1:]
+    return table
+
+
+def cli(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_keys_list_shows_names_roles_created_never_keys(tmp_path, monkeypatch):
+    path = tmp_path / "keys.toml"
+    monkeypatch.setenv("KAPOK_API_KEYS", str(path))
+    old_key = generate_key()
+    path.write_text(  # written before add_key recorded `created`
+        f'[[keys]]\nname = "old-co"\nrole = "reviewer"\nsha256 = "{hash_key(old_key)}"\n'
+    )
+    added = cli("keys", "add", "acme-microloans", "--role", "lender")
+    key = added.strip().splitlines()[-1]
+    assert key.startswith("kpk_")
+    output = cli("keys", "list")
+    for secret in (key, hash_key(key), old_key, hash_key(old_key)):
+        assert secret not in output
+    table = rows(output)
+    assert set(table) == {"old-co", "acme-microloans"}
+    assert table["old-co"] == ["reviewer", "unknown", "never"]
+    role, created, last = table["acme-microloans"]
+    assert role == "lender" and last == "never" and STAMP.fullmatch(created)
+    assert (paths().home / "decisions").exists() is False  # no empty decision log created
+
+
+def test_keys_list_last_decision_is_the_callers_latest_logged_decision(tmp_path, monkeypatch):
+    from serving.decision_log import DecisionLog
+    from tests.test_decision_log import record
+
+    monkeypatch.setenv("KAPOK_API_KEYS", str(tmp_path / "keys.toml"))
+    db = tmp_path / "log" / "decisions.db"
+    monkeypatch.setenv("KAPOK_DECISION_LOG", f"sqlite:///{db}")
+    cli("keys", "add", "acme-microloans", "--role", "lender")
+    cli("keys", "add", "beta-bank", "--role", "lender")
+    cli("keys", "add", "idle", "--role", "reviewer")
+    assert rows(cli("keys", "list"))["acme-microloans"][2] == "never"
+    assert not db.exists()  # listing did not create the log
+    when = dt.datetime(2025, 3, 1, 9, 30, 5, 123456, tzinfo=dt.UTC)
+    with DecisionLog() as log:
+        log.write(record(decided_at=when))  # caller acme-microloans
+        log.write(record(decided_at=when - dt.timedelta(days=3)))
+        log.write(replace(record(decided_at=when + dt.timedelta(hours=1)), caller="beta-bank"))
+    table = rows(cli("keys", "list"))
+    assert table["acme-microloans"][2] == "2025-03-01T09:30:05Z"
+    assert table["beta-bank"][2] == "2025-03-01T10:30:05Z"
+    assert table["idle"][2] == "never"
+
+
+def test_last_decision_by_caller_does_not_create_a_log(tmp_path):
+    from serving.decision_log import DecisionLog
+
+    db = tmp_path / "absent" / "decisions.db"
+    with DecisionLog(f"sqlite:///{db}") as log:
+        assert log.last_decision_by_caller() == {}
+    assert not db.exists() and not db.parent.exists()
+    empty = tmp_path / "empty.db"
+    empty.touch()  # a database file without the decisions table
+    with DecisionLog(f"sqlite:///{empty}") as log:
+        assert log.last_decision_by_caller() == {}
+
+
+@pytest.mark.postgres
+def test_last_decision_by_caller_on_postgres(pg_url):  # noqa: F811  (the imported fixture)
+    import sqlalchemy as sa
+
+    from serving.decision_log import DecisionLog
+    from tests.test_decision_log import record
+
+    when = dt.datetime(2025, 3, 1, 9, 30, 5, 123456, tzinfo=dt.UTC)
+    with DecisionLog(pg_url) as log:
+        assert log.last_decision_by_caller() == {}
+        engine = sa.create_engine(pg_url)
+        try:
+            assert not sa.inspect(engine).has_table("decisions")  # reading created nothing
+        finally:
+            engine.dispose()
+        log.write(record(decided_at=when))
+        log.write(record(decided_at=when - dt.timedelta(days=1)))
+        log.write(replace(record(decided_at=when - dt.timedelta(hours=2)), caller="beta-bank"))
+        assert log.last_decision_by_caller() == {
+            "acme-microloans": when,
+            "beta-bank": when - dt.timedelta(hours=2),
+        }
+
+
+def test_keys_revoke_removes_the_key_and_it_gets_401(tmp_path, monkeypatch):
+    path = tmp_path / "keys.toml"
+    monkeypatch.setenv("KAPOK_API_KEYS", str(path))
+    path.write_text("# Kapok API keys\n")
+    path.chmod(0o600)
+    keys = {}
+    for name, role in (("a-co", "lender"), ("b-co", "reviewer"), ("c-co", "admin")):
+        keys[name] = cli("keys", "add", name, "--role", role).strip().splitlines()[-1]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    output = cli("keys", "revoke", "b-co")
+    assert "revoked b-co" in output and "restarted" in output and "warning" not in output
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert [f for f in os.listdir(tmp_path) if f != "keys.toml"] == []  # no temporary left
+    assert path.read_text().startswith("# Kapok API keys\n")  # the rest kept as it was
+    store = KeyStore.load(path)
+    assert store.names == ["a-co", "c-co"]
+    with pytest.raises(AuthError) as e:
+        store.authenticate(f"Bearer {keys['b-co']}")
+    assert e.value.status == 401 and e.value.message == "unknown API key"
+    assert store.authenticate(f"Bearer {keys['a-co']}") == Caller("a-co", "lender")
+    assert store.authenticate(f"Bearer {keys['c-co']}") == Caller("c-co", "admin")
+    assert set(rows(cli("keys", "list"))) == {"a-co", "c-co"}
+
+
+def test_revoking_the_last_admin_key_warns(tmp_path, monkeypatch):
+    path = tmp_path / "keys.toml"
+    monkeypatch.setenv("KAPOK_API_KEYS", str(path))
+    cli("keys", "add", "root-1", "--role", "admin")
+    cli("keys", "add", "root-2", "--role", "admin")
+    cli("keys", "add", "lender-co", "--role", "lender")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # a new key file: owner only
+    assert "warning" not in cli("keys", "revoke", "root-1")
+    output = cli("keys", "revoke", "root-2")
+    assert "warning" in output and "last admin key" in output
+    assert KeyStore.load(path).names == ["lender-co"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_remove_key_rewrites_files_not_laid_out_as_tables(tmp_path):
+    path = tmp_path / "keys.toml"
+    path.write_text(
+        f'keys = [{{name = "a", role = "lender", sha256 = "{GOOD_HASH}"}}, '
+        f'{{name = "b", role = "admin", sha256 = "{hash_key("y")}", '
+        "created = 2025-01-31T09:30:00Z}]\n"
+    )
+    assert remove_key(path, "a").name == "a"
+    (entry,) = KeyStore.load(path).entries
+    assert entry.name == "b" and entry.created == dt.datetime(2025, 1, 31, 9, 30, tzinfo=dt.UTC)
+
+
+def test_revoke_unknown_name_is_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "keys.toml"
+    add_key(path, "acme-microloans", "lender")
+    before = path.read_text()
+    ran = run_kapok(
+        ["keys", "revoke", "nobody"],
+        env={"KAPOK_HOME": str(tmp_path / "home"), "KAPOK_API_KEYS": str(path)},
+        cwd=tmp_path,
+    )
+    assert ran.returncode == 2, ran.stderr
+    assert "Traceback" not in ran.stderr + ran.stdout
+    assert len(ran.stderr_lines) == 1, ran.stderr
+    assert ran.stderr_lines[0].startswith("error: ") and "'nobody'" in ran.stderr_lines[0]
+    assert ran.stdout == ""
+    assert path.read_text() == before
