@@ -1,9 +1,11 @@
-"""How honest is the simulator? Prints the DESIGN.md realism figures for one generated system.
+"""How honest is the simulator? Prints its realism figures for one generated system.
 
     python bench/realism.py [--enterprises 100000] [--months 36] [--seed 7]
 
-Targets (DESIGN.md): oracle AUC 0.78-0.86; a WOE + logistic scorecard 0.68-0.78; product default
-rates 3%-12%, higher through the downturn; no single feature with an AUC above 0.72.
+Kapok's targets for the simulator (also listed in docs/ARCHITECTURE.md, "Raw tables"): the
+oracle's true default probabilities rank applications with an AUC of 0.78-0.86, so the outcome
+is predictable but noisy; a WOE + logistic scorecard reaches 0.68-0.78; product default rates are
+3%-12%, higher through the downturn; no single feature has an AUC above 0.72.
 Features are joined point-in-time with polars here (no Feast) to keep the loop fast.
 
 Two more figures put issue 3's quality goals in context, on the same out-of-time split (oldest
