@@ -30,9 +30,18 @@ import logging
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal
 
 import polars as pl
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "LABEL",
@@ -40,6 +49,7 @@ __all__ = [
     "DatasetSpec",
     "FeatureSpec",
     "SpecError",
+    "SpecFile",
     "load_dataset",
     "load_spec",
 ]
@@ -51,10 +61,6 @@ ROW_ID = "row_id"
 LABEL = "label"
 """Name of the 0/1 target column in the frame returned by `load_dataset`."""
 SUPPORTED_SUFFIXES = (".csv", ".parquet")
-
-_TOP_KEYS = {"name", "description", "path", "id", "timestamp", "segments", "label", "features"}
-_LABEL_KEYS = {"column", "bad"}
-_FEATURE_KEYS = {"direction", "categorical", "description"}
 
 
 class SpecError(ValueError):
@@ -98,48 +104,110 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
-def _opt_str(table: dict[str, Any], key: str, field: str, where: str) -> str | None:
-    if key not in table:
-        return None
-    value = table[key]
-    if not isinstance(value, str):
-        raise SpecError(f"{where}: {field} must be a string, got {_type_name(value)} {value!r}")
-    if not value.strip():
-        raise SpecError(f"{where}: {field} must not be empty")
-    return value
+# -- the spec file, as pydantic checks it (`SpecFile.model_json_schema()` is its schema) ----------
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _req_str(table: dict[str, Any], key: str, field: str, where: str) -> str:
-    value = _opt_str(table, key, field, where)
-    if value is None:
-        raise SpecError(f"{where}: missing required key {field}")
-    return value
+_Text = Annotated[str, Field(strict=True, pattern=r"\S")]  # not empty or blank
+_Str = Annotated[str, Field(strict=True)]
 
 
-def _parse_feature(name: str, raw: object, where: str) -> FeatureSpec:
-    field = f"features.{name}"
-    if not isinstance(raw, dict):
-        raise SpecError(f"{where}: {field} must be a table, got {_type_name(raw)} {raw!r}")
-    unknown = sorted(set(raw) - _FEATURE_KEYS)
+class _Label(_Frozen):
+    column: _Text
+    bad: str | int | float | bool  # the value meaning bad
+
+
+class _Feature(_Frozen):
+    categorical: Annotated[bool, Field(strict=True)] = False  # before direction, which reads it
+    direction: Literal[-1, 0, 1] = 0
+    description: _Str = ""
+
+    @field_validator("direction", mode="before")
+    @classmethod
+    def _direction(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, bool | float):  # the Literal would read true and 1.0 as 1
+            raise ValueError(f"must be -1, 0 or 1, got {value!r}")
+        if info.data.get("categorical") and value != 0:
+            raise ValueError(f"must be 0 for a categorical feature, got {value!r}")
+        return value
+
+
+class SpecFile(_Frozen):
+    """A dataset spec as written (see the module docs)."""
+
+    name: _Text
+    description: _Str = ""
+    path: _Text
+    id: _Text | None = None
+    timestamp: _Text | None = None
+    segments: Annotated[list[str], Field(strict=True)] = []
+    label: _Label
+    features: dict[str, _Feature] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _roles(self) -> SpecFile:
+        """Each column has one role, and none takes the name of the 0/1 target."""
+        if len(set(self.segments)) != len(self.segments):
+            raise ValueError(f"segments contains duplicates: {self.segments!r}")
+        id_name = self.id or ROW_ID
+        roles = {"label.column": self.label.column, "id": id_name, "timestamp": self.timestamp}
+        seen: dict[str, str] = {}
+        for field, col in roles.items():
+            if col is not None and seen.setdefault(col, field) != field:
+                raise ValueError(f"{field} and {seen[col]} both name column {col!r}")
+        for name in self.features:
+            if name in seen:
+                raise ValueError(f"features.{name} is also declared as {seen[name]}")
+        outputs = [("id", id_name), ("timestamp", self.timestamp)]
+        outputs += [(f"features.{f}", f) for f in self.features]
+        outputs += [("segments", s) for s in self.segments]
+        for field, col in outputs:
+            if col == LABEL:
+                raise ValueError(f"{field}: {LABEL!r} is reserved for the 0/1 target column")
+            if col == self.label.column and field == "segments":
+                raise ValueError(f"segments: {col!r} is the label column")
+        return self
+
+
+_MUST = {  # pydantic's error type -> what the value must do; otherwise pydantic's own words
+    "string_type": "be a string",
+    "string_pattern_mismatch": "be a non-empty string",
+    "bool_type": "be true or false",
+    "list_type": "be a list of column names",  # segments is the only list
+    "dict_type": "be a table",
+    "model_type": "be a table",
+}
+
+
+def _problem(error: ValidationError) -> str:
+    """The spec's first problem as one line naming the field (no pydantic URL); unknown keys
+    first, all of one table's at once (a misspelt key also leaves a required key missing)."""
+    errors = error.errors()
+    unknown = [e["loc"] for e in errors if e["type"] == "extra_forbidden"]
     if unknown:
-        raise SpecError(
-            f"{where}: unknown key(s) in {field}: {', '.join(unknown)} "
-            f"(allowed: {', '.join(sorted(_FEATURE_KEYS))})"
-        )
-    direction = raw.get("direction", 0)
-    if isinstance(direction, bool) or not isinstance(direction, int) or direction not in (-1, 0, 1):
-        raise SpecError(f"{where}: {field}.direction must be -1, 0 or 1, got {direction!r}")
-    categorical = raw.get("categorical", False)
-    if not isinstance(categorical, bool):
-        raise SpecError(f"{where}: {field}.categorical must be true or false, got {categorical!r}")
-    if categorical and direction != 0:
-        raise SpecError(
-            f"{where}: {field}.direction must be 0 for a categorical feature, got {direction}"
-        )
-    description = raw.get("description", "")
-    if not isinstance(description, str):
-        raise SpecError(f"{where}: {field}.description must be a string, got {description!r}")
-    return FeatureSpec(name, direction, categorical, description)
+        table = unknown[0][:-1]
+        keys = ", ".join(str(loc[-1]) for loc in unknown if loc[:-1] == table)
+        model = (SpecFile, _Label, _Feature)[len(table)]  # top level, [label], [features.<col>]
+        where = f"key(s) in {_path(table)}" if table else "top-level key(s)"
+        return f"unknown {where}: {keys} (allowed: {', '.join(sorted(model.model_fields))})"
+    e = errors[0]
+    loc, kind, path = e["loc"], e["type"], _path(e["loc"])
+    if kind == "missing":
+        table = loc in (("label",), ("features",))
+        return f"missing required table [{path}]" if table else f"missing required key {path}"
+    if kind == "too_short":  # [features] is the only table with a minimum
+        return f"{path} must declare at least one feature"
+    if kind == "value_error":  # a rule of ours: the field validators' words follow the path
+        return f"{path} {e['ctx']['error']}".strip()
+    if loc[:2] == ("label", "bad"):  # every type of the union refused it
+        return f"label.bad must be a string, number or boolean, got {e['input']!r}"
+    must = _MUST.get(kind) or "be " + e["msg"].removeprefix("Input should be ")
+    return f"{path} must {must}, got {e['input']!r}"
+
+
+def _path(loc: tuple[str | int, ...]) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in loc).lstrip(".")
 
 
 def load_spec(path: str | Path) -> DatasetSpec:
@@ -148,110 +216,33 @@ def load_spec(path: str | Path) -> DatasetSpec:
     where = source.name
     try:
         with source.open("rb") as fh:
-            raw = tomllib.load(fh)
+            spec = SpecFile.model_validate(tomllib.load(fh))
     except FileNotFoundError:
         raise SpecError(f"{where}: spec file not found: {source}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{where}: invalid TOML: {exc}") from exc
+    except ValidationError as exc:
+        raise SpecError(f"{where}: {_problem(exc)}") from None
 
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise SpecError(
-            f"{where}: unknown top-level key(s): {', '.join(unknown)} "
-            f"(allowed: {', '.join(sorted(_TOP_KEYS))})"
-        )
-
-    name = _req_str(raw, "name", "name", where)
-    description = raw.get("description", "")
-    if not isinstance(description, str):
-        raise SpecError(f"{where}: description must be a string, got {description!r}")
-    rel_path = _req_str(raw, "path", "path", where)
-    id_column = _opt_str(raw, "id", "id", where)
-    timestamp_column = _opt_str(raw, "timestamp", "timestamp", where)
-
-    # [label]
-    if "label" not in raw:
-        raise SpecError(f"{where}: missing required table [label]")
-    label = raw["label"]
-    if not isinstance(label, dict):
-        raise SpecError(f"{where}: label must be a table, got {_type_name(label)} {label!r}")
-    unknown = sorted(set(label) - _LABEL_KEYS)
-    if unknown:
-        raise SpecError(
-            f"{where}: unknown key(s) in label: {', '.join(unknown)} "
-            f"(allowed: {', '.join(sorted(_LABEL_KEYS))})"
-        )
-    label_column = _req_str(label, "column", "label.column", where)
-    if "bad" not in label:
-        raise SpecError(f"{where}: missing required key label.bad")
-    bad_value = label["bad"]
-    if not isinstance(bad_value, str | int | float | bool):
-        raise SpecError(
-            f"{where}: label.bad must be a string, number or boolean, "
-            f"got {_type_name(bad_value)} {bad_value!r}"
-        )
-
-    # [features.*]
-    if "features" not in raw:
-        raise SpecError(f"{where}: missing required table [features]")
-    features_raw = raw["features"]
-    if not isinstance(features_raw, dict):
-        raise SpecError(f"{where}: features must be a table of [features.<column>] tables")
-    if not features_raw:
-        raise SpecError(f"{where}: features must declare at least one feature")
-    features = tuple(_parse_feature(k, v, where) for k, v in features_raw.items())
-
-    # segments
-    segments_raw = raw.get("segments", [])
-    if not isinstance(segments_raw, list) or not all(isinstance(s, str) for s in segments_raw):
-        raise SpecError(f"{where}: segments must be a list of column names, got {segments_raw!r}")
-    if len(set(segments_raw)) != len(segments_raw):
-        raise SpecError(f"{where}: segments contains duplicates: {segments_raw!r}")
-
-    # column roles must not collide
-    id_name = id_column or ROW_ID
-    roles = {"label.column": label_column, "id": id_name, "timestamp": timestamp_column}
-    roles_seen: dict[str, str] = {}
-    for field, col in roles.items():
-        if col is None:
-            continue
-        if col in roles_seen:
-            raise SpecError(f"{where}: {field} and {roles_seen[col]} both name column {col!r}")
-        roles_seen[col] = field
-    for feat in features:
-        if feat.name in roles_seen:
-            raise SpecError(
-                f"{where}: features.{feat.name} is also declared as {roles_seen[feat.name]}"
-            )
-    outputs = [("id", id_name), ("timestamp", timestamp_column)]
-    outputs += [(f"features.{f.name}", f.name) for f in features]
-    outputs += [("segments", s) for s in segments_raw]
-    for field, col in outputs:
-        if col == LABEL:
-            raise SpecError(f"{where}: {field}: {LABEL!r} is reserved for the 0/1 target column")
-        if col == label_column and field == "segments":
-            raise SpecError(f"{where}: segments: {col!r} is the label column")
-
-    # data file
-    data_path = (source.parent / rel_path).resolve()
+    data_path = (source.parent / spec.path).resolve()
     if data_path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise SpecError(
-            f"{where}: path {rel_path!r} has unsupported extension {data_path.suffix!r} "
+            f"{where}: path {spec.path!r} has unsupported extension {data_path.suffix!r} "
             f"(supported: {', '.join(SUPPORTED_SUFFIXES)})"
         )
     if not data_path.is_file():
-        raise SpecError(f"{where}: path {rel_path!r} does not exist (resolved to {data_path})")
+        raise SpecError(f"{where}: path {spec.path!r} does not exist (resolved to {data_path})")
 
     return DatasetSpec(
-        name=name,
-        description=description,
+        name=spec.name,
+        description=spec.description,
         path=data_path,
-        id_column=id_column,
-        timestamp_column=timestamp_column,
-        label_column=label_column,
-        bad_value=bad_value,
-        features=features,
-        segments=tuple(segments_raw),
+        id_column=spec.id,
+        timestamp_column=spec.timestamp,
+        label_column=spec.label.column,
+        bad_value=spec.label.bad,
+        features=tuple(FeatureSpec(name, **dict(f)) for name, f in spec.features.items()),
+        segments=tuple(spec.segments),
         source=source,
     )
 

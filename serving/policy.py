@@ -1,6 +1,7 @@
 """The lending policy: score scale, grades, knock-outs, cut-offs, IRB capital, pricing, limits.
 
-Pure functions over a validated, frozen `Policy` read from policy.toml (stdlib only, no framework).
+Pure functions over a validated, frozen `Policy` read from policy.toml. pydantic checks the file
+as it loads (the models below); the decision functions are plain Python over their attributes.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ import operator
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 __all__ = [
     "DEFAULT_PATH",
@@ -26,6 +30,7 @@ __all__ = [
     "Limit",
     "Policy",
     "PolicyError",
+    "PolicyFile",
     "Price",
     "ProductPolicy",
     "Scale",
@@ -88,13 +93,54 @@ class PolicyError(ValueError):
 
 
 # -- the policy --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Scale:
-    base_points: float
-    base_odds: float
-    pdo: float
-    min_score: float
-    max_score: float
+# The parts of the policy are frozen pydantic models, checked once as policy.toml loads (every
+# key present, unknown keys rejected, every value in range); `PolicyFile.model_json_schema()` is
+# the file's schema. The decision functions below only read their attributes.
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _number(**bounds: float) -> Any:
+    """A finite TOML number within `bounds` (an integer reads as a float; no strings, booleans)."""
+    return Annotated[float, Field(strict=True, allow_inf_nan=False, **bounds)]
+
+
+_Number = _number()
+_Positive = _number(gt=0)
+_NonNegative = _number(ge=0)
+_Zero = _number(ge=0, le=0)
+_Share = _number(gt=0, le=1)  # (0, 1]
+_Open = _number(gt=0, lt=1)  # (0, 1)
+_Rate = _number(ge=0, lt=1)  # [0, 1)
+_Text = Annotated[str, Field(strict=True, pattern=r"\S")]  # not empty or blank
+_Flag = Annotated[bool, Field(strict=True)]
+
+
+class _Invalid(ValueError):
+    """A rule across fields is broken: `loc` (below the model that checks it) and why."""
+
+    def __init__(self, loc: tuple[str | int, ...], text: str) -> None:
+        super().__init__(text)
+        self.loc = loc
+
+
+class Scale(_Frozen):
+    base_points: _Number
+    base_odds: _Positive
+    pdo: _Positive
+    min_score: _Number
+    max_score: _Number
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Scale:
+        lo, hi = self.min_score, self.max_score
+        if not lo < hi:
+            raise _Invalid(("max_score",), f"must be > min_score ({lo:g}), got {hi:g}")
+        if not lo <= self.base_points <= hi:
+            raise _Invalid(
+                ("base_points",), f"must be in [{lo:g}, {hi:g}], got {self.base_points:g}"
+            )
+        return self
 
     @property
     def factor(self) -> float:
@@ -105,30 +151,58 @@ class Scale:
         return self.base_points - self.factor * math.log(self.base_odds)
 
 
-@dataclass(frozen=True)
-class Grade:
-    name: str
-    upper_pd: float  # inclusive; the lower bound (exclusive) is the previous grade's upper_pd
+class Grade(_Frozen):
+    name: _Text = Field(alias="grade")
+    upper_pd: _Share  # inclusive; the lower bound (exclusive) is the previous grade's upper_pd
 
 
-@dataclass(frozen=True)
-class ProductPolicy:
+class _ProductTable(_Frozen):
+    """The keys every [products.<name>] table has."""
+
+    approve_max_pd: _Open
+    refer_max_pd: _Open  # >= approve_max_pd
+    term_months_min: Annotated[int, Field(strict=True, ge=1)]
+    term_months_max: Annotated[int, Field(strict=True, ge=1)]  # >= term_months_min
+    amount_min: _Positive
+    amount_max: _Positive  # >= amount_min
+    lgd: _Share
+    cost_of_funds: _Rate
+    operating_cost: _Rate
+    capital_hurdle_rate: _Rate
+    margin: _Rate
+    policy_cap: _Positive  # in [amount_min, amount_max]
+    sales_multiple: _Positive
+    debt_service_ratio: _Share
+    expected_loss_budget: _Positive
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _ProductTable:
+        approve, t_min = self.approve_max_pd, self.term_months_min
+        a_min, a_max = self.amount_min, self.amount_max
+        for key, ok, bound in (
+            ("refer_max_pd", approve <= self.refer_max_pd, f">= approve_max_pd ({approve:g})"),
+            ("term_months_max", t_min <= self.term_months_max, f">= term_months_min ({t_min})"),
+            ("amount_max", a_min <= a_max, f">= amount_min ({a_min:g})"),
+            ("policy_cap", a_min <= self.policy_cap <= a_max, f"in [{a_min:g}, {a_max:g}]"),
+        ):
+            if not ok:
+                raise _Invalid((key,), f"must be {bound}, got {getattr(self, key)!r}")
+        return self
+
+
+class _Guarantee(_ProductTable):
+    cost_of_funds: _Zero  # the guarantor (or insurer) does not fund the loan: the lender does
+    assumed_loan_rate: _Rate
+
+
+class _Insurance(_Guarantee):
+    premium_loading: _NonNegative
+
+
+class ProductPolicy(_ProductTable):
+    """A product as the decision functions read it: its table, name and whether a cap applies."""
+
     name: str
-    approve_max_pd: float
-    refer_max_pd: float
-    term_months_min: int
-    term_months_max: int
-    amount_min: float
-    amount_max: float
-    lgd: float
-    cost_of_funds: float
-    operating_cost: float
-    capital_hurdle_rate: float
-    margin: float
-    policy_cap: float
-    sales_multiple: float
-    debt_service_ratio: float
-    expected_loss_budget: float
     premium_loading: float = 0.0  # insurance only
     assumed_loan_rate: float | None = None  # guarantee and insurance: the lender's loan rate
     # whether a legal cap applies to the price (from [caps]: microloans always, guarantees when
@@ -136,17 +210,16 @@ class ProductPolicy:
     price_capped: bool = True
 
 
-@dataclass(frozen=True)
-class Caps:
+class Caps(_Frozen):
     mode: Literal["fixed", "lpr_multiple"]
-    fixed: float
-    lpr_one_year: float
-    lpr_multiple: float
-    guarantee_government_backed: bool
-    guarantee_fee_cap: float
-    guarantee_fee_cap_large: float
-    guarantee_large_amount: float
-    eur_per_cny: float
+    fixed: _Share
+    lpr_one_year: _Open
+    lpr_multiple: _Positive
+    guarantee_government_backed: _Flag
+    guarantee_fee_cap: _Share
+    guarantee_fee_cap_large: _Share
+    guarantee_large_amount: _Positive
+    eur_per_cny: _Positive
 
     @property
     def microloan_all_in(self) -> float:
@@ -164,19 +237,70 @@ class Caps:
         return self.guarantee_fee_cap
 
 
-@dataclass(frozen=True)
-class KnockoutRule:
-    code: str
-    feature: str
-    op: str
-    threshold: float
+class KnockoutRule(_Frozen):
+    code: _Text
+    feature: _Text
+    op: Literal["==", "!=", "<", "<=", ">", ">="]  # the keys of _OPS
+    threshold: _Number
     action: Action
-    text_en: str
-    text_zh: str
+    text_en: _Text
+    text_zh: _Text
     if_missing: Literal["decline", "refer", "ignore"]
-    missing_code: str
-    missing_text_en: str
-    missing_text_zh: str
+    missing_code: _Text
+    missing_text_en: _Text
+    missing_text_zh: _Text
+
+
+class _Products(_Frozen):
+    microloan: _ProductTable
+    guarantee: _Guarantee
+    insurance: _Insurance
+
+
+class _Knockouts(_Frozen):
+    rules: tuple[KnockoutRule, ...]
+
+    @field_validator("rules")
+    @classmethod
+    def _codes_once(cls, rules: tuple[KnockoutRule, ...]) -> tuple[KnockoutRule, ...]:
+        owner: dict[str, int] = {}  # code -> rule index (a rule may use one code for both)
+        for i, rule in enumerate(rules):
+            for key in ("code", "missing_code"):
+                code = getattr(rule, key)
+                if owner.setdefault(code, i) != i:
+                    raise _Invalid(
+                        (i, key), f"{code!r} is already used by knockouts.rules[{owner[code]}]"
+                    )
+        return rules
+
+
+class PolicyFile(_Frozen):
+    """policy.toml as written (its JSON schema: `PolicyFile.model_json_schema()`)."""
+
+    scale: Scale
+    master_scale: tuple[Grade, ...] = Field(min_length=1)
+    products: _Products
+    caps: Caps
+    knockouts: _Knockouts
+
+    @field_validator("master_scale")
+    @classmethod
+    def _increasing(cls, grades: tuple[Grade, ...]) -> tuple[Grade, ...]:
+        for i, g in enumerate(grades):
+            if any(h.name == g.name for h in grades[:i]):
+                raise _Invalid((i, "grade"), f"{g.name!r} appears twice")
+            if i and not g.upper_pd > grades[i - 1].upper_pd:
+                raise _Invalid(
+                    (i, "upper_pd"),
+                    f"must be > {grades[i - 1].upper_pd:g} (bounds strictly increasing), "
+                    f"got {g.upper_pd:g}",
+                )
+        if grades[-1].upper_pd != 1.0:
+            raise _Invalid(
+                (len(grades) - 1, "upper_pd"),
+                f"must be 1.0 (the last grade takes every PD), got {grades[-1].upper_pd:g}",
+            )
+        return grades
 
 
 @dataclass(frozen=True)
@@ -200,7 +324,7 @@ class Policy:
         return tuple(g.name for g in self.master_scale)
 
 
-# -- loading and validation --------------------------------------------------------------------
+# -- loading -----------------------------------------------------------------------------------
 def load_policy(path: Path | None = None) -> Policy:
     """Read and validate the policy: `path`, else $KAPOK_POLICY, else the shipped policy.toml."""
     if path is None:
@@ -217,19 +341,18 @@ def load_policy(path: Path | None = None) -> Policy:
 
 
 def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
-    """Validate a parsed policy document; every error names the offending field."""
-    _keys(data, "", {"scale", "master_scale", "products", "caps", "knockouts"})
-    scale = _scale(_table(data, "scale", ""))
-    master = _master_scale(data.get("master_scale"))
-    products_t = _table(data, "products", "")
-    _keys(products_t, "products", set(PRODUCTS), required=set(PRODUCTS))
-    products = {name: _product(name, _table(products_t, name, "products")) for name in PRODUCTS}
-    caps = _caps(_table(data, "caps", ""))
+    """Validate a parsed policy document; an error names `source` and the offending field."""
+    try:
+        f = PolicyFile.model_validate(data)
+    except ValidationError as e:
+        raise PolicyError(f"{source}: {_problem(e)}") from None
     products = {
-        name: replace(p, price_capped=price_capped(name, caps)) for name, p in products.items()
+        name: ProductPolicy(
+            name=name, price_capped=price_capped(name, f.caps), **dict(getattr(f.products, name))
+        )
+        for name in PRODUCTS
     }
-    rules = _knockout_rules(_table(data, "knockouts", ""))
-    return Policy(scale, master, products, caps, rules, source)
+    return Policy(f.scale, f.master_scale, products, f.caps, f.knockouts.rules, source)
 
 
 def price_capped(product: str, caps: Caps) -> bool:
@@ -237,277 +360,80 @@ def price_capped(product: str, caps: Caps) -> bool:
     return product == "microloan" or (product == "guarantee" and caps.guarantee_government_backed)
 
 
-def _where(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
+def _problem(error: ValidationError) -> str:
+    """The first problem as one line: the field's path and what it must be (no pydantic URL).
+
+    A misspelt key is reported as the unknown key rather than as the key it leaves missing."""
+    e = min(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    loc, kind = e["loc"], e["type"]
+    cause = e.get("ctx", {}).get("error")
+    if isinstance(cause, _Invalid):
+        return f"{_path(loc + cause.loc)} {cause}"
+    path = _path(loc) or "the policy"
+    owner, field = _schema_at(loc)
+    if kind == "missing":
+        return f"{path} is missing"
+    if kind == "extra_forbidden":
+        allowed = ", ".join(sorted(f.alias or n for n, f in owner.model_fields.items()))
+        return f"{path}: unknown key (allowed in {_path(loc[:-1]) or 'the top level'}: {allowed})"
+    if kind == "too_short":
+        return f"{path} must not be empty"
+    if field is None:  # the document, or an item of a [[...]] list
+        return f"{path} must be a table, got {e['input']!r}"
+    return f"{path} must be {_expected(field, kind)}, got {e['input']!r}"
 
 
-def _keys(
-    t: Mapping[str, Any], where: str, allowed: set[str], required: set[str] | None = None
-) -> None:
-    required = allowed if required is None else required
-    for key in t:
-        if key not in allowed:
-            raise PolicyError(
-                f"{_where(where, key)}: unknown key (allowed in {where or 'the top level'}: "
-                f"{', '.join(sorted(allowed))})"
-            )
-    for key in sorted(required):
-        if key not in t:
-            raise PolicyError(f"{_where(where, key)} is missing")
+def _path(loc: tuple[str | int, ...]) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in loc).lstrip(".")
 
 
-def _table(t: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
-    name = _where(where, key)
-    if key not in t:
-        raise PolicyError(f"{name} is missing")
-    value = t[key]
-    if not isinstance(value, Mapping):
-        raise PolicyError(f"{name} must be a table, got {value!r}")
-    return value
+def _schema_at(loc: tuple[str | int, ...]) -> tuple[type[BaseModel], FieldInfo | None]:
+    """The model holding the last key of `loc` in PolicyFile, and that key's field if known."""
+    owner: type[BaseModel] = PolicyFile
+    field: FieldInfo | None = None
+    tp: Any = PolicyFile
+    for key in loc:
+        if isinstance(key, int):  # an item of a tuple[Model, ...]
+            tp, field = get_args(tp)[0], None
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
+            owner = tp
+            field = next((f for n, f in tp.model_fields.items() if (f.alias or n) == key), None)
+            tp = field.annotation if field else None
+    return owner, field
+
+
+def _expected(field: FieldInfo, kind: str) -> str:
+    """What a field must be, in the policy file's words."""
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        b = {
+            k: getattr(m, k)
+            for m in field.metadata
+            for k in ("gt", "ge", "lt", "le")
+            if hasattr(m, k)
+        }
+        lo, hi = b.get("gt", b.get("ge")), b.get("lt", b.get("le"))
+        return _interval(lo, hi, "gt" in b, "lt" in b)
+    if kind == "finite_number":
+        return "finite"
+    tp = field.annotation
+    if get_origin(tp) is Literal:
+        return f"one of {', '.join(map(str, get_args(tp)))}"
+    if get_origin(tp) is tuple:
+        return "a list of tables"
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a table"
+    names = {bool: "true or false", int: "a whole number", float: "a number"}
+    return names.get(tp, "a non-empty string")
 
 
 def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and lo == hi:
+        return f"{lo:g}"
     if hi is None:
         return f"{'>' if lo_open else '>='} {lo:g}"
     if lo is None:
         return f"{'<' if hi_open else '<='} {hi:g}"
     return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-
-
-def _number(
-    t: Mapping[str, Any],
-    key: str,
-    where: str,
-    lo: float | None = None,
-    hi: float | None = None,
-    *,
-    lo_open: bool = False,
-    hi_open: bool = False,
-    integer: bool = False,
-) -> float:
-    name = _where(where, key)
-    if key not in t:
-        raise PolicyError(f"{name} is missing")
-    v = t[key]
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise PolicyError(f"{name} must be a number, got {v!r}")
-    if integer and not (isinstance(v, int) or float(v).is_integer()):
-        raise PolicyError(f"{name} must be a whole number, got {v!r}")
-    x = float(v)
-    if not math.isfinite(x):
-        raise PolicyError(f"{name} must be finite, got {v!r}")
-    bad_lo = lo is not None and (x <= lo if lo_open else x < lo)
-    bad_hi = hi is not None and (x >= hi if hi_open else x > hi)
-    if bad_lo or bad_hi:
-        raise PolicyError(f"{name} must be {_interval(lo, hi, lo_open, hi_open)}, got {v!r}")
-    return x
-
-
-def _text(t: Mapping[str, Any], key: str, where: str, choices: tuple[str, ...] = ()) -> str:
-    name = _where(where, key)
-    if key not in t:
-        raise PolicyError(f"{name} is missing")
-    v = t[key]
-    if not isinstance(v, str) or not v.strip():
-        raise PolicyError(f"{name} must be a non-empty string, got {v!r}")
-    if choices and v not in choices:
-        raise PolicyError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
-    return v
-
-
-def _scale(t: Mapping[str, Any]) -> Scale:
-    _keys(t, "scale", {"base_points", "base_odds", "pdo", "min_score", "max_score"})
-    s = Scale(
-        base_points=_number(t, "base_points", "scale"),
-        base_odds=_number(t, "base_odds", "scale", 0, lo_open=True),
-        pdo=_number(t, "pdo", "scale", 0, lo_open=True),
-        min_score=_number(t, "min_score", "scale"),
-        max_score=_number(t, "max_score", "scale"),
-    )
-    if not s.min_score < s.max_score:
-        raise PolicyError(
-            f"scale.max_score must be > scale.min_score ({s.min_score:g}), got {s.max_score:g}"
-        )
-    if not s.min_score <= s.base_points <= s.max_score:
-        raise PolicyError(
-            f"scale.base_points must be in [{s.min_score:g}, {s.max_score:g}], "
-            f"got {s.base_points:g}"
-        )
-    return s
-
-
-def _master_scale(rows: Any) -> tuple[Grade, ...]:
-    if rows is None:
-        raise PolicyError("master_scale is missing")
-    if not isinstance(rows, list) or not rows:
-        raise PolicyError("master_scale must be a non-empty list of [[master_scale]] tables")
-    grades: list[Grade] = []
-    for i, row in enumerate(rows):
-        where = f"master_scale[{i}]"
-        if not isinstance(row, Mapping):
-            raise PolicyError(f"{where} must be a table, got {row!r}")
-        _keys(row, where, {"grade", "upper_pd"})
-        name = _text(row, "grade", where)
-        upper = _number(row, "upper_pd", where, 0, 1, lo_open=True)
-        if any(g.name == name for g in grades):
-            raise PolicyError(f"{where}.grade {name!r} appears twice")
-        if grades and not upper > grades[-1].upper_pd:
-            raise PolicyError(
-                f"{where}.upper_pd must be > {grades[-1].upper_pd:g} (bounds strictly "
-                f"increasing), got {upper:g}"
-            )
-        grades.append(Grade(name, upper))
-    if grades[-1].upper_pd != 1.0:
-        raise PolicyError(
-            f"master_scale[{len(grades) - 1}].upper_pd must be 1.0 (the last grade takes every "
-            f"PD), got {grades[-1].upper_pd:g}"
-        )
-    return tuple(grades)
-
-
-_PRODUCT_KEYS = {
-    "approve_max_pd",
-    "refer_max_pd",
-    "term_months_min",
-    "term_months_max",
-    "amount_min",
-    "amount_max",
-    "lgd",
-    "cost_of_funds",
-    "operating_cost",
-    "capital_hurdle_rate",
-    "margin",
-    "policy_cap",
-    "sales_multiple",
-    "debt_service_ratio",
-    "expected_loss_budget",
-}
-
-
-def _product(name: str, t: Mapping[str, Any]) -> ProductPolicy:
-    w = f"products.{name}"
-    extra = {"premium_loading"} if name == "insurance" else set()
-    if name in ("guarantee", "insurance"):
-        extra.add("assumed_loan_rate")
-    _keys(t, w, _PRODUCT_KEYS | extra)
-    approve = _number(t, "approve_max_pd", w, 0, 1, lo_open=True, hi_open=True)
-    refer = _number(t, "refer_max_pd", w, approve, 1, hi_open=True)
-    term_min = _number(t, "term_months_min", w, 1, integer=True)
-    term_max = _number(t, "term_months_max", w, term_min, integer=True)
-    amount_min = _number(t, "amount_min", w, 0, lo_open=True)
-    amount_max = _number(t, "amount_max", w, amount_min)
-    cost_of_funds = _number(t, "cost_of_funds", w, 0, 1, hi_open=True)
-    if name != "microloan" and cost_of_funds != 0:
-        raise PolicyError(
-            f"{w}.cost_of_funds must be 0 (the {name} provider does not fund the loan), "
-            f"got {t['cost_of_funds']!r}"
-        )
-    return ProductPolicy(
-        name=name,
-        approve_max_pd=approve,
-        refer_max_pd=refer,
-        term_months_min=int(term_min),
-        term_months_max=int(term_max),
-        amount_min=amount_min,
-        amount_max=amount_max,
-        lgd=_number(t, "lgd", w, 0, 1, lo_open=True),
-        cost_of_funds=cost_of_funds,
-        operating_cost=_number(t, "operating_cost", w, 0, 1, hi_open=True),
-        capital_hurdle_rate=_number(t, "capital_hurdle_rate", w, 0, 1, hi_open=True),
-        margin=_number(t, "margin", w, 0, 1, hi_open=True),
-        policy_cap=_number(t, "policy_cap", w, amount_min, amount_max),
-        sales_multiple=_number(t, "sales_multiple", w, 0, lo_open=True),
-        debt_service_ratio=_number(t, "debt_service_ratio", w, 0, 1, lo_open=True),
-        expected_loss_budget=_number(t, "expected_loss_budget", w, 0, lo_open=True),
-        premium_loading=_number(t, "premium_loading", w, 0) if name == "insurance" else 0.0,
-        assumed_loan_rate=(
-            _number(t, "assumed_loan_rate", w, 0, 1, hi_open=True) if name != "microloan" else None
-        ),
-    )
-
-
-def _caps(t: Mapping[str, Any]) -> Caps:
-    w = "caps"
-    _keys(
-        t,
-        w,
-        {
-            "mode",
-            "fixed",
-            "lpr_one_year",
-            "lpr_multiple",
-            "guarantee_government_backed",
-            "guarantee_fee_cap",
-            "guarantee_fee_cap_large",
-            "guarantee_large_amount",
-            "eur_per_cny",
-        },
-    )
-    mode = _text(t, "mode", w, ("fixed", "lpr_multiple"))
-    backed = t["guarantee_government_backed"]
-    if not isinstance(backed, bool):
-        raise PolicyError(f"caps.guarantee_government_backed must be true or false, got {backed!r}")
-    return Caps(
-        mode=mode,  # type: ignore[arg-type]
-        fixed=_number(t, "fixed", w, 0, 1, lo_open=True),
-        lpr_one_year=_number(t, "lpr_one_year", w, 0, 1, lo_open=True, hi_open=True),
-        lpr_multiple=_number(t, "lpr_multiple", w, 0, lo_open=True),
-        guarantee_government_backed=backed,
-        guarantee_fee_cap=_number(t, "guarantee_fee_cap", w, 0, 1, lo_open=True),
-        guarantee_fee_cap_large=_number(t, "guarantee_fee_cap_large", w, 0, 1, lo_open=True),
-        guarantee_large_amount=_number(t, "guarantee_large_amount", w, 0, lo_open=True),
-        eur_per_cny=_number(t, "eur_per_cny", w, 0, lo_open=True),
-    )
-
-
-_RULE_KEYS = {
-    "code",
-    "feature",
-    "op",
-    "threshold",
-    "action",
-    "text_en",
-    "text_zh",
-    "if_missing",
-    "missing_code",
-    "missing_text_en",
-    "missing_text_zh",
-}
-
-
-def _knockout_rules(t: Mapping[str, Any]) -> tuple[KnockoutRule, ...]:
-    _keys(t, "knockouts", {"rules"})
-    rows = t["rules"]
-    if not isinstance(rows, list):
-        raise PolicyError("knockouts.rules must be a list of [[knockouts.rules]] tables")
-    rules: list[KnockoutRule] = []
-    owner: dict[str, int] = {}  # code -> rule index
-    for i, row in enumerate(rows):
-        w = f"knockouts.rules[{i}]"
-        if not isinstance(row, Mapping):
-            raise PolicyError(f"{w} must be a table, got {row!r}")
-        _keys(row, w, _RULE_KEYS)
-        rule = KnockoutRule(
-            code=_text(row, "code", w),
-            feature=_text(row, "feature", w),
-            op=_text(row, "op", w, tuple(_OPS)),
-            threshold=_number(row, "threshold", w),
-            action=_text(row, "action", w, ("decline", "refer")),  # type: ignore[arg-type]
-            text_en=_text(row, "text_en", w),
-            text_zh=_text(row, "text_zh", w),
-            if_missing=_text(row, "if_missing", w, ("decline", "refer", "ignore")),  # type: ignore[arg-type]
-            missing_code=_text(row, "missing_code", w),
-            missing_text_en=_text(row, "missing_text_en", w),
-            missing_text_zh=_text(row, "missing_text_zh", w),
-        )
-        for key, code in (("code", rule.code), ("missing_code", rule.missing_code)):
-            if owner.get(code, i) != i:
-                raise PolicyError(
-                    f"{w}.{key} {code!r} is already used by knockouts.rules[{owner[code]}]"
-                )
-            owner[code] = i
-        rules.append(rule)
-    return tuple(rules)
 
 
 # -- small helpers -----------------------------------------------------------------------------

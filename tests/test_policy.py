@@ -82,6 +82,7 @@ def test_shipped_policy_loads() -> None:
 
 
 def test_policy_module_imports_no_framework() -> None:
+    """The standard library, and pydantic to check the file as it loads: no server, no model."""
     tree = ast.parse(Path(P.__file__).read_text(encoding="utf-8"))
     roots = set()
     for node in ast.walk(tree):
@@ -90,7 +91,7 @@ def test_policy_module_imports_no_framework() -> None:
         elif isinstance(node, ast.ImportFrom):
             roots.add((node.module or "").split(".")[0])
     allowed = {"__future__", "math", "operator", "tomllib", "collections", "dataclasses"}
-    assert roots <= allowed | {"os", "pathlib", "statistics", "typing"}  # standard library only
+    assert roots <= allowed | {"os", "pathlib", "statistics", "typing", "pydantic"}
 
 
 @pytest.mark.parametrize(
@@ -149,6 +150,39 @@ def test_bad_structure_names_the_field(tmp_path: Path, old: str, new: str, messa
     with pytest.raises(P.PolicyError) as e:
         P.load_policy(write(tmp_path, TEXT.replace(old, new)))
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (  # an unknown key
+            'grade = "A1"\n',
+            'grade = "A1"\ncolour = "green"\n',
+            "master_scale[0].colour: unknown key (allowed in master_scale[0]: grade, upper_pd)",
+        ),
+        ("lgd = 0.65", "lgd = 1.5", "products.microloan.lgd must be in (0, 1], got 1.5"),
+        ("pdo = 20", 'pdo = "20"', "scale.pdo must be a number, got '20'"),  # a wrong type
+        ("pdo = 20", "pdo = true", "scale.pdo must be a number, got True"),
+        ("pdo = 20", "pdo = nan", "scale.pdo must be finite, got nan"),
+    ],
+)
+def test_error_is_one_line_naming_the_file_and_the_field(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    """The whole message: the file, the field's path, what it must be; no pydantic wording."""
+    assert TEXT.count(old) == 1, old
+    path = write(tmp_path, TEXT.replace(old, new))
+    with pytest.raises(P.PolicyError) as e:
+        P.load_policy(path)
+    assert str(e.value) == f"{path}: {message}"
+
+
+def test_json_schema_describes_the_file() -> None:
+    schema = P.PolicyFile.model_json_schema()
+    assert schema["required"] == ["scale", "master_scale", "products", "caps", "knockouts"]
+    assert schema["additionalProperties"] is False  # unknown keys are refused
+    insurance = schema["$defs"]["_Insurance"]
+    assert {"premium_loading", "assumed_loan_rate"} <= set(insurance["required"])
 
 
 def test_unreadable_files_raise_policy_error(tmp_path: Path) -> None:

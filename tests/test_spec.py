@@ -224,6 +224,41 @@ def test_duplicate_id(tmp_path: Path) -> None:
     expect_error(tmp_path, text, "id column 'purpose' must be unique")
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (  # unknown keys
+            "direction = 1",
+            "direction = 1\nmonotone = true\nbins = 5",
+            "unknown key(s) in features.amount: monotone, bins "
+            "(allowed: categorical, description, direction)",
+        ),
+        ("direction = 1", "direction = 5", "features.amount.direction must be -1, 0 or 1, got 5"),
+        (
+            "direction = 1",
+            "direction = true",
+            "features.amount.direction must be -1, 0 or 1, got True",
+        ),
+        (  # wrong types
+            "categorical = true",
+            'categorical = "yes"',
+            "features.purpose.categorical must be true or false, got 'yes'",
+        ),
+        ('id = "cust"', "id = 7", "id must be a string, got 7"),
+        ('bad = "bad"', "bad = [1]", "label.bad must be a string, number or boolean, got [1]"),
+        ('bad = "bad"\n', "", "missing required key label.bad"),
+    ],
+)
+def test_error_is_one_line_naming_the_file_and_the_field(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    """The whole message: the spec file, the field's path, what is wrong; no pydantic wording."""
+    assert GOOD_SPEC.count(old) == 1, old
+    with pytest.raises(SpecError) as info:
+        load_spec(write_spec(tmp_path, GOOD_SPEC.replace(old, new)))
+    assert str(info.value) == f"tiny.toml: {message}"
+
+
 def test_missing_spec_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"^absent\.toml: spec file not found"):
         load_spec(tmp_path / "absent.toml")
