@@ -217,8 +217,8 @@ def data_check_spec(
 def features_build() -> None:
     """Turn the raw tables into point-in-time feature tables, one per source family."""
     from features.build import build
+    from features.raw_tables import read_manifest
     from features.schema import FAMILIES
-    from kapok.bigdata.generate import read_manifest
 
     p = paths()
     chunks = read_manifest(p.raw)["chunks"]
@@ -420,11 +420,11 @@ CURL_EXAMPLE = (
 def _example_enterprise() -> str:
     import polars as pl
 
-    from kapok.bigdata.generate import scan
+    from features.raw_tables import scan
 
     try:
         return scan(paths().raw, "registration").select("enterprise_id").head(1).collect().item()
-    except (FileNotFoundError, pl.exceptions.ComputeError):
+    except (FileNotFoundError, ValueError, pl.exceptions.ComputeError):
         return "91440106326110621P"
 
 

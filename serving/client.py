@@ -9,9 +9,17 @@ from typing import Any
 
 
 class KapokAPIError(RuntimeError):
+    """An error answer: its status, and the error's code, message and field (every error of
+    the API answers {"error": {"code", "message", "field"}})."""
+
     def __init__(self, status: int, body: Any):
-        super().__init__(f"HTTP {status}: {body}")
+        error = body.get("error") if isinstance(body, dict) else None
+        error = error if isinstance(error, dict) else {}
         self.status, self.body = status, body
+        self.code: str | None = error.get("code")
+        self.message: str = error.get("message") or str(body)
+        self.field: str | None = error.get("field")
+        super().__init__(f"HTTP {status} {self.code or ''}: {self.message}".replace(" :", ":"))
 
 
 class KapokClient:

@@ -10,6 +10,7 @@ the engine, so the heavy libraries (mlflow, feast, lightgbm) load in `Kapok.__in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import threading
@@ -20,21 +21,21 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import bentoml
-from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, ConfigDict
+from starlette.responses import JSONResponse
 
 import kapok  # noqa: F401  (telemetry off)
-from features.schema import PRODUCTS
-from kapok import uscc
 from kapok.settings import paths
+from serving import api_models as m
+from serving.api_docs import DocsMiddleware
+from serving.api_errors import ApiError, ErrorShapeMiddleware, quiet_client_error_tracebacks
+from serving.api_errors import validate as check
 from serving.auth import AuthError, KeyStore
 from serving.readiness import WorkerReadiness
 
 if TYPE_CHECKING:
     from serving.decision_log import DecisionRecord
     from serving.engine import LendingEngine
-
-MAX_SCREEN = 1000
 
 
 class Answer(BaseModel):
@@ -45,50 +46,36 @@ class Answer(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class ApiError(BentoMLException):
-    """An error with its HTTP status and a message that names what was wrong."""
-
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message, error_code=status)
-
-
-def bad(message: str) -> ApiError:
-    return ApiError(HTTPStatus.BAD_REQUEST, message)
-
-
 def demo_mode() -> bool:
     return os.environ.get("KAPOK_DEMO", "").lower() in ("1", "true", "yes")
 
 
-def check_request(
-    enterprise_id: Any,
-    product: Any,
-    amount: Any,
-    term: Any,
-    engine: LendingEngine,
-    field_prefix: str = "",
-) -> tuple[str, str, float, int]:
-    try:
-        code = uscc.validate(enterprise_id)
-    except uscc.USCCError as e:
-        raise bad(f"{field_prefix}enterprise_id: {e}") from None
-    if product not in PRODUCTS:
-        raise bad(f"{field_prefix}product must be one of {', '.join(PRODUCTS)}, got {product!r}")
-    if not isinstance(amount, int | float) or isinstance(amount, bool) or not amount > 0:
-        raise bad(
-            f"{field_prefix}requested_amount must be a positive number of CNY, got {amount!r}"
-        )
+def check_term(product: str, term: int, engine: LendingEngine, field: str = "term_months") -> None:
+    """The term within the product's range in the lending policy (the one check the request
+    models cannot make: the range is policy, loaded at start)."""
     rules = engine.policy.product(product)
-    if (
-        not isinstance(term, int)
-        or isinstance(term, bool)
-        or not rules.term_months_min <= term <= rules.term_months_max
-    ):
-        raise bad(
-            f"{field_prefix}term_months must be a whole number of months between "
-            f"{rules.term_months_min} and {rules.term_months_max} for {product}, got {term!r}"
+    if not rules.term_months_min <= term <= rules.term_months_max:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            f"{field} must be a whole number of months between {rules.term_months_min} and "
+            f"{rules.term_months_max} for {product}, got {term!r}",
+            field=field,
         )
-    return code, product, float(amount), int(term)
+
+
+def answers_errors(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """An endpoint whose ApiErrors answer Kapok's error shape with their status (BentoML would
+    hide the message of a 401, 403 or 5xx, and log a traceback for each)."""
+
+    @functools.wraps(endpoint)
+    def answer(self: Kapok, body: Any, /, ctx: bentoml.Context) -> Any:
+        try:
+            return endpoint(self, body, ctx)
+        except ApiError as e:
+            ctx.response.status_code = e.status  # BentoML sets the answer's status from ctx
+            return JSONResponse(e.body(), status_code=e.status)
+
+    return answer
 
 
 # One worker process per core: a worker is one Python interpreter, so its requests share one
@@ -124,6 +111,7 @@ def _worker_count() -> int:
 class Kapok:
     def __init__(self) -> None:
         self.ready = False
+        quiet_client_error_tracebacks()
         self.demo = demo_mode()
         self.keys = KeyStore.demo() if self.demo else KeyStore.load()
         if self.demo:
@@ -161,13 +149,15 @@ class Kapok:
     def _caller(self, ctx: bentoml.Context, permission: str) -> str:
         if not self.ready:
             raise ApiError(
-                HTTPStatus.SERVICE_UNAVAILABLE, "starting: the models are not loaded yet"
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "starting: the models are not loaded yet (GET /readyz answers 200 once they are)",
+                code="starting",
             )
         try:
             caller = self.keys.authenticate(ctx.request.headers.get("authorization"))
             self.keys.authorize(caller, permission)
         except AuthError as e:
-            raise ApiError(HTTPStatus(e.status), str(e)) from None
+            raise ApiError(e.status, str(e)) from None
         return caller.name
 
     def _envelope(self, request_id: str, product: str, model: Any, feats: Any) -> dict[str, Any]:
@@ -187,7 +177,9 @@ class Kapok:
             self.log.write_many(records) if len(records) > 1 else self.log.write(records[0])
         except DecisionLogError as e:
             raise ApiError(
-                HTTPStatus.SERVICE_UNAVAILABLE, f"decision log unavailable, nothing decided: {e}"
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"decision log unavailable, nothing decided: {e}",
+                code="decision_log_unavailable",
             ) from None
 
     def _assess(
@@ -199,7 +191,7 @@ class Kapok:
         try:
             return self.engine.assess(eid, product, amount, term, limit=limit)
         except EnterpriseNotFound as e:
-            raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from None
+            raise not_found(e) from None
         except DecisionInputError as e:  # the feature store holds a value no policy can use
             raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, f"cannot decide: {e}") from None
 
@@ -254,10 +246,11 @@ class Kapok:
         self,
         ctx: bentoml.Context,
         endpoint: str,
-        request: tuple[str, str, float, int],
+        model: type[m.LoanRequest | m.PriceRequest],
+        body: Any,
         extend: Callable[[dict], tuple[dict, float | None]] | None = None,
         limit: bool = False,
-    ) -> dict[str, Any]:
+    ) -> Answer:
         """The path every decision takes (/score, /limit, /price): authenticate, validate, assess
         (with the limit search when asked), answer (plus what `extend` adds, and the limit it
         sets), and log before answering."""
@@ -265,41 +258,31 @@ class Kapok:
         from serving.decision_log import new_request_id
         from serving.engine import loan_request
 
-        eid, product, amount, term = check_request(*request, self.engine)
+        request = check(model, body)
+        eid, product, term = request.enterprise_id, request.product, request.term_months
+        amount = request.amount if isinstance(request, m.PriceRequest) else request.requested_amount
+        check_term(product, term, self.engine)
         a = self._assess(eid, product, amount, term, limit)
         request_id = new_request_id()
-        body = self._score_body(request_id, product, a)
+        answer = self._score_body(request_id, product, a)
         extra, limit_amount = extend(a) if extend else ({}, None)
-        body.update(extra)
+        answer.update(extra)
         logged = loan_request(eid, product, amount, term)
-        record = self._record(request_id, caller, endpoint, logged, a, body, limit=limit_amount)
+        record = self._record(request_id, caller, endpoint, logged, a, answer, limit=limit_amount)
         self._log([record])
-        return body
+        return Answer(**answer)
 
-    # -- endpoints -------------------------------------------------------------------------------
+    # -- endpoints: each takes the whole JSON body and validates it with its model in
+    # serving/api_models.py (the schemas of the docs page at /) -------------------------------
     @bentoml.api(route="/score")
-    def score(
-        self,
-        enterprise_id: str,
-        product: str,
-        requested_amount: float,
-        term_months: int,
-        ctx: bentoml.Context,
-    ) -> Answer:
+    @answers_errors
+    def score(self, body: Any, /, ctx: bentoml.Context) -> Answer:
         """PD (calibrated), score, grade, approve / refer / decline and up to four reasons."""
-        return Answer(
-            **self._decide(ctx, "score", (enterprise_id, product, requested_amount, term_months))
-        )
+        return self._decide(ctx, "score", m.LoanRequest, body)
 
     @bentoml.api(route="/limit")
-    def limit(
-        self,
-        enterprise_id: str,
-        product: str,
-        requested_amount: float,
-        term_months: int,
-        ctx: bentoml.Context,
-    ) -> Answer:
+    @answers_errors
+    def limit(self, body: Any, /, ctx: bentoml.Context) -> Answer:
         """The largest amount the policy approves, the constraint that binds it, and the rate."""
 
         def add_limit(a: dict) -> tuple[dict, float]:
@@ -316,50 +299,38 @@ class Kapok:
             }
             return extra, lim.limit
 
-        request = (enterprise_id, product, requested_amount, term_months)
-        return Answer(**self._decide(ctx, "limit", request, add_limit, limit=True))
+        return self._decide(ctx, "limit", m.LoanRequest, body, add_limit, limit=True)
 
     @bentoml.api(route="/price")
-    def price(
-        self,
-        enterprise_id: str,
-        product: str,
-        amount: float,
-        term_months: int,
-        ctx: bentoml.Context,
-    ) -> Answer:
+    @answers_errors
+    def price(self, body: Any, /, ctx: bentoml.Context) -> Answer:
         """Expected loss and the risk-based rate / fee / premium, part by part, under the caps."""
 
         def add_price(a: dict) -> tuple[dict, None]:
             return {"price": a["price"].as_dict()}, None
 
-        request = (enterprise_id, product, amount, term_months)
-        return Answer(**self._decide(ctx, "price", request, add_price))
+        return self._decide(ctx, "price", m.PriceRequest, body, add_price)
 
     @bentoml.api(route="/explain")
-    def explain(
-        self,
-        enterprise_id: str,
-        product: str,
-        ctx: bentoml.Context,
-        requested_amount: float = 100_000.0,
-        term_months: int = 12,
-    ) -> Answer:
+    @answers_errors
+    def explain(self, body: Any, /, ctx: bentoml.Context) -> Answer:
         """Every feature's value and SHAP contribution in log-odds, with the additivity check."""
         self._caller(ctx, "explain")
         from serving.decision_log import new_request_id
         from serving.engine import EnterpriseNotFound
 
-        eid, product, amount, term = check_request(
-            enterprise_id, product, requested_amount, term_months, self.engine
-        )
+        request = check(m.ExplainRequest, body)
+        check_term(request.product, request.term_months, self.engine)
         try:
-            e = self.engine.explain(eid, product, amount, term)
+            e = self.engine.explain(
+                request.enterprise_id, request.product, request.requested_amount,
+                request.term_months,
+            )  # fmt: skip
         except EnterpriseNotFound as err:
-            raise ApiError(HTTPStatus.NOT_FOUND, str(err)) from None
+            raise not_found(err) from None
         return Answer(
             **{
-                **self._envelope(new_request_id(), product, e["model"], e["features"]),
+                **self._envelope(new_request_id(), request.product, e["model"], e["features"]),
                 "base_value": e["base_value"],
                 "margin": e["margin"],
                 "pd": e["pd"],
@@ -369,40 +340,38 @@ class Kapok:
         )
 
     @bentoml.api(route="/screen")
-    def screen(
-        self, product: str, applicants: list[dict[str, Any]], ctx: bentoml.Context
-    ) -> Answer:
+    @answers_errors
+    def screen(self, body: Any, /, ctx: bentoml.Context) -> Answer:
         """Rank up to 1,000 applicants by risk with PD, grade, decision, limit and fee."""
         caller = self._caller(ctx, "screen")
+        from serving.api_errors import ApiError as RowError
         from serving.decision_log import new_request_id
         from serving.engine import loan_request
 
-        if product not in PRODUCTS:
-            raise bad(f"product must be one of {', '.join(PRODUCTS)}, got {product!r}")
-        if len(applicants) > MAX_SCREEN:
-            raise bad(f"applicants: at most {MAX_SCREEN} per request, got {len(applicants)}")
+        request = check(m.ScreenRequest, body)
+        product = request.product
         results, errors, records = [], [], []
         valid: list[tuple[int, str, float, int]] = []
-        for i, row in enumerate(applicants):
+        for i, row in enumerate(request.applicants):
+            where = f"applicants[{i}]"
             try:
-                if not isinstance(row, dict):
-                    raise bad(f"applicants[{i}] must be an object")
-                eid, _, amount, term = check_request(
-                    row.get("enterprise_id"), product, row.get("requested_amount"),
-                    row.get("term_months"), self.engine, field_prefix=f"applicants[{i}].",
-                )  # fmt: skip
-                valid.append((i, eid, amount, term))
-            except ApiError as e:
+                applicant = check(m.Applicant, row, prefix=where)
+                check_term(product, applicant.term_months, self.engine, f"{where}.term_months")
+                valid.append((i, applicant.enterprise_id, applicant.requested_amount,
+                              applicant.term_months))  # fmt: skip
+            except RowError as e:
                 eid_given = row.get("enterprise_id") if isinstance(row, dict) else None
-                errors.append({"index": i, "enterprise_id": eid_given, "error": str(e)})
+                errors.append({"index": i, "enterprise_id": eid_given, **e.body()})
         assessed = self.engine.assess_many(product, [v[1:] for v in valid], limit=True)
         for (i, eid, amount, term), a in zip(valid, assessed, strict=True):
             if isinstance(a, Exception):
-                errors.append({"index": i, "enterprise_id": eid, "error": str(a)})
+                code = "enterprise_not_found" if "enterprise_not_found" in str(a) else None
+                error = RowError(HTTPStatus.UNPROCESSABLE_ENTITY, str(a), code=code)
+                errors.append({"index": i, "enterprise_id": eid, **error.body()})
                 continue
             lim = a["limit"]
             request_id = new_request_id()
-            body = {
+            answer = {
                 **self._score_body(request_id, product, a),
                 "enterprise_id": eid,
                 "requested_amount": amount,
@@ -410,11 +379,11 @@ class Kapok:
                 "binding_constraint": lim.binding,
                 "price": a["price"].as_dict(),
             }
-            request = loan_request(eid, product, amount, term)
+            logged = loan_request(eid, product, amount, term)
             records.append(
-                self._record(request_id, caller, "screen", request, a, body, limit=lim.limit)
+                self._record(request_id, caller, "screen", logged, a, answer, limit=lim.limit)
             )
-            results.append(body)
+            results.append(answer)
         errors.sort(key=lambda e: e["index"])
         if records:
             self._log(records)
@@ -422,14 +391,33 @@ class Kapok:
         return Answer(product=product, ranked=results, errors=errors, count=len(results))
 
     @bentoml.api(route="/decision")
-    def decision(self, request_id: str, ctx: bentoml.Context) -> Answer:
+    @answers_errors
+    def decision(self, body: Any, /, ctx: bentoml.Context) -> Answer:
         """A logged decision, for reviewers."""
         self._caller(ctx, "log")
         from serving.decision_log import json_safe
 
+        request_id = check(m.DecisionRequest, body).request_id
         record = self.log.get(request_id)
         if record is None:
             raise ApiError(
-                HTTPStatus.NOT_FOUND, f"request_id: no decision {request_id!r} in the log"
+                HTTPStatus.NOT_FOUND,
+                f"request_id: no decision {request_id!r} in the log",
+                code="decision_not_found",
+                field="request_id",
             )
         return Answer(**json_safe(dataclasses.asdict(record)))
+
+
+def not_found(e: Exception) -> ApiError:
+    return ApiError(
+        HTTPStatus.NOT_FOUND,
+        "enterprise_id: " + str(e).removeprefix("enterprise_not_found: "),
+        code="enterprise_not_found",
+        field="enterprise_id",
+    )
+
+
+# Kapok's docs page at / (BentoML's own page loads external scripts) and one error shape
+Kapok.add_asgi_middleware(ErrorShapeMiddleware)
+Kapok.add_asgi_middleware(DocsMiddleware)

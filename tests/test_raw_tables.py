@@ -192,10 +192,6 @@ RUNS_SIMULATOR = {
 MAKES_DATA = {("kapok/cli.py", "data_generate")}
 # Still reading through the simulator, in a file this change could not edit: kapok/cli.py should
 # import these from features.raw_tables. Remove an entry once it does.
-PENDING = {
-    ("kapok/cli.py", "features_build", "read_manifest"),
-    ("kapok/cli.py", "_example_enterprise", "scan"),
-}
 
 
 @functools.cache
@@ -241,17 +237,10 @@ def test_nothing_outside_the_simulator_imports_it_to_read_raw_tables():
     wrong = [
         (file, where, name)
         for file, where, name in imports
-        if (file, where, name) not in PENDING
-        and not (
+        if not (
             name in RUNS_SIMULATOR and (file.startswith("bench/") or (file, where) in MAKES_DATA)
         )
     ]
     assert not wrong, (
         f"read raw tables through features.raw_tables, not the simulator (kapok.bigdata): {wrong}"
     )
-
-
-def test_pending_cli_imports_are_still_pending():
-    """Once kapok/cli.py imports these from features.raw_tables, drop them from PENDING."""
-    imports = set(_simulator_imports())
-    assert imports >= PENDING, f"no longer imported from kapok.bigdata: {PENDING - imports}"

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -25,6 +26,15 @@ from features.schema import PRODUCTS
 from kapok import uscc
 from kapok.settings import Paths
 from serving import policy as pol
+from serving.api_models import (
+    DecisionLogEntry,
+    ErrorBody,
+    ExplainAnswer,
+    LimitAnswer,
+    PriceAnswer,
+    ScoreAnswer,
+    ScreenAnswer,
+)
 from serving.auth import add_key
 from serving.replay import replay
 from training.data import product_data
@@ -183,6 +193,7 @@ def test_score_over_http(served):
             "reasons",
         ):
             assert key in body, key
+        ScoreAnswer.model_validate(body)  # the answer is what the docs page documents
         assert 0 < body["pd"] < 1
         assert body["model_name"] == "kapok-microloan"
         assert body["grade"] == pol.grade(body["pd"], policy)
@@ -211,6 +222,7 @@ def test_explain_is_additive(served):
         "/explain", {"enterprise_id": ids[3], "product": "guarantee"}, role="reviewer"
     )
     assert status == 200, body
+    ExplainAnswer.model_validate(body)
     configure(home)
     scorer = load_scorer(f"models:/kapok-guarantee/{body['model_version']}")
     rows = [{"enterprise_id": ids[3], "requested_amount": 100_000.0, "term_months": 12}]
@@ -311,36 +323,59 @@ def test_screen_ranks_and_reports_bad_rows(served):
         "/screen", {"product": "guarantee", "applicants": applicants}, role="lender"
     )
     assert status == 200, body
+    ScreenAnswer.model_validate(body)
     assert body["count"] == 30 and len(body["errors"]) == 2
     pds = [r["pd"] for r in body["ranked"]]
     assert pds == sorted(pds, reverse=True)
-    assert (
-        "check" in body["errors"][0]["error"] and "requested_amount" in body["errors"][1]["error"]
-    )
+    bad_code, negative = (e["error"] for e in body["errors"])
+    assert [e["index"] for e in body["errors"]] == [30, 31]
+    assert bad_code["code"] == "invalid_request", bad_code
+    assert bad_code["field"] == "applicants[30].enterprise_id", bad_code
+    assert "fails the GB 32100 check" in bad_code["message"], bad_code
+    assert negative == {
+        "code": "invalid_request",
+        "message": "applicants[31].requested_amount: should be greater than 0, got -5",
+        "field": "applicants[31].requested_amount",
+    }
     too_many = [applicants[0]] * 1001
     status, body = api.call(
         "/screen", {"product": "guarantee", "applicants": too_many}, role="lender"
     )
-    assert status == 400 and "1000" in json.dumps(body)
+    assert status == 400, body
+    assert body["error"]["field"] == "applicants" and "1000" in body["error"]["message"], body
 
 
 def test_auth_and_roles(served):
+    """401 (no key, malformed header, unknown key) and 403 (role) each say which, in Kapok's
+    error shape, without saying anything about other keys."""
     api, *_ = served
     eid = served[2][0]
-    assert api.call("/score", request(eid), role=None)[0] == 401
-    assert (
-        api.call("/explain", {"enterprise_id": eid, "product": "microloan"}, role="lender")[0]
-        == 403
-    )
-    assert api.call("/score", request(eid), role="reviewer")[0] == 403
+
+    def error(status_body: tuple[int, dict]) -> tuple[int, str, str]:
+        status, body = status_body
+        ErrorBody.model_validate(body)
+        return status, body["error"]["code"], body["error"]["message"]
+
+    assert error(api.call("/score", request(eid), role=None)) == (
+        401, "unauthenticated", "missing Authorization header (expected 'Bearer <api key>')"
+    )  # fmt: skip
     bad = Api(api.base, {"admin": "kpk_not_a_real_key"})
-    assert bad.call("/score", request(eid))[0] == 401
+    assert error(bad.call("/score", request(eid))) == (401, "unauthenticated", "unknown API key")
+    status, code, message = error(
+        api.call("/explain", {"enterprise_id": eid, "product": "microloan"}, role="lender")
+    )
+    assert (status, code) == (403, "forbidden")
+    assert message == "role 'lender' (caller 'test-lender') does not have permission 'explain'"
+    status, code, message = error(api.call("/score", request(eid), role="reviewer"))
+    assert (status, code) == (403, "forbidden") and "'reviewer'" in message
+    assert "test-admin" not in message and "test-lender" not in message
 
 
 @pytest.mark.parametrize(
-    ("body", "raw", "status", "field"),
+    ("body", "raw", "status", "code", "field"),
     [
-        (None, b"{not json", 400, "Invalid JSON"),
+        (None, b"{not json", 400, "invalid_json", None),
+        (None, b"[1, 2]", 400, "invalid_request", None),
         (
             {
                 "enterprise_id": "91440106326110621Q",
@@ -350,15 +385,18 @@ def test_auth_and_roles(served):
             },
             None,
             400,
+            "invalid_request",
             "enterprise_id",
         ),
-        ("UNKNOWN_PRODUCT", None, 400, "product"),
-        ("NEG_AMOUNT", None, 400, "requested_amount"),
-        ("BAD_TERM", None, 400, "term_months"),
-        ("NOT_FOUND", None, 404, "enterprise_not_found"),
+        ("UNKNOWN_PRODUCT", None, 400, "invalid_request", "product"),
+        ("NEG_AMOUNT", None, 400, "invalid_request", "requested_amount"),
+        ("BAD_TERM", None, 400, "invalid_request", "term_months"),
+        ("MISSING_TERM", None, 400, "invalid_request", "term_months"),
+        ("UNKNOWN_FIELD", None, 400, "invalid_request", "requested_amt"),
+        ("NOT_FOUND", None, 404, "enterprise_not_found", "enterprise_id"),
     ],
 )
-def test_bad_input_is_a_4xx_naming_the_field(served, body, raw, status, field):
+def test_bad_input_is_a_4xx_naming_the_field(served, body, raw, status, code, field):
     api, _, ids, _ = served
     if body == "UNKNOWN_PRODUCT":
         body = request(ids[0], product="mortgage")
@@ -366,12 +404,60 @@ def test_bad_input_is_a_4xx_naming_the_field(served, body, raw, status, field):
         body = request(ids[0], amount=-1)
     elif body == "BAD_TERM":
         body = request(ids[0], term=600)
+    elif body == "MISSING_TERM":
+        body = request(ids[0])
+        del body["term_months"]
+    elif body == "UNKNOWN_FIELD":
+        body = {**request(ids[0]), "requested_amt": 5}
     elif body == "NOT_FOUND":
         unknown = "91440106000000000"  # a valid code that no simulated enterprise has
         body = request(unknown + uscc.check_character(unknown))
     got, answer = api.call("/score", body, raw=raw)
     assert got == status, answer
-    assert field in json.dumps(answer)
+    ErrorBody.model_validate(answer)  # one shape for every error
+    assert answer["error"]["code"] == code, answer
+    assert answer["error"]["field"] == field, answer
+    message = answer["error"]["message"]
+    assert "\n" not in message and "pydantic" not in message and "http" not in message, message
+    if field:
+        assert message.startswith(field), message  # the message names the field first
+
+
+def test_client_errors_are_one_log_line_and_server_pages_are_kapoks(served):
+    """A 4xx writes one line to the server log (status, path, code, message), no traceback;
+    unknown paths and methods answer the same error shape; the docs page is Kapok's own."""
+    api, home, ids, _ = served
+    log = home.home / "server.log"
+    before = log.read_text()
+    marker = "91440106000000000"
+    status, _ = api.call("/score", request(ids[0], amount=-12345.5))
+    assert status == 400
+    status, _ = api.call("/score", None, raw=b"{not json " + marker.encode())
+    assert status == 400
+    deadline = time.time() + 10
+    while "-12345.5" not in log.read_text()[len(before) :] and time.time() < deadline:
+        time.sleep(0.2)
+    new = log.read_text()[len(before) :]
+    lines = [line for line in new.splitlines() if "POST /score" in line]
+    assert len(lines) == 2, new
+    assert "400 POST /score invalid_request: requested_amount" in lines[0], lines
+    assert "400 POST /score invalid_json" in lines[1], lines
+    assert "Traceback" not in new, new
+    for path, method in (("/nothing-here", "GET"), ("/score", "GET")):
+        call = urllib.request.Request(api.base + path, method=method)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(call, timeout=10)
+        ErrorBody.model_validate(json.loads(e.value.read()))
+        assert e.value.code in (404, 405)
+    with urllib.request.urlopen(api.base + "/openapi.json", timeout=10) as r:
+        spec = json.loads(r.read())
+    assert spec["info"]["title"] == "Kapok lending API"
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert set(spec["paths"]) >= {"/score", "/limit", "/price", "/screen", "/explain", "/decision"}
+    with urllib.request.urlopen(api.base + "/", timeout=10) as r:
+        page = r.read().decode()
+        assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+    assert "Kapok lending API" in page and "BentoML" not in page
 
 
 def test_decisions_are_logged_and_replayable(served, monkeypatch):
@@ -397,6 +483,7 @@ def test_limit_price_and_screen_decisions_are_logged_as_answered(served):
     def logged(body: dict, endpoint: str, product: str, amount: float) -> dict:
         status, record = api.call("/decision", {"request_id": body["request_id"]}, "reviewer")
         assert status == 200, record
+        DecisionLogEntry.model_validate(record)
         assert record["endpoint"] == endpoint and record["product"] == product
         assert record["request"]["requested_amount"] == amount
         assert record["pd"] == pytest.approx(body["pd"], abs=1e-6)
@@ -409,6 +496,7 @@ def test_limit_price_and_screen_decisions_are_logged_as_answered(served):
         assert status == 200, limit
         if limit["limit"] > 0:
             break
+    LimitAnswer.model_validate(limit)
     record = logged(limit, "limit", "microloan", 3_000_000)
     assert limit["limit"] > 0 and record["limit_amount"] == limit["limit"]
     assert record["response"]["binding_constraint"] == limit["binding_constraint"]
@@ -417,6 +505,7 @@ def test_limit_price_and_screen_decisions_are_logged_as_answered(served):
              "term_months": 12}  # fmt: skip
     status, price = api.call("/price", asked, role="lender")
     assert status == 200, price
+    PriceAnswer.model_validate(price)
     record = logged(price, "price", "insurance", 150_000.0)
     assert record["price"] == price["price"] and record["limit_amount"] is None
 
@@ -502,7 +591,8 @@ def test_client_scores_and_raises_api_errors(served):
     assert 0 < client.score(ids[1], "microloan", 100_000, 6)["pd"] < 1
     with pytest.raises(KapokAPIError) as e:
         client.score(ids[1], "microloan", 100_000, 0)
-    assert e.value.status == 400
+    assert (e.value.status, e.value.code, e.value.field) == (400, "invalid_request", "term_months")
+    assert "term_months" in str(e.value)
 
 
 def feed_fifo(fifo: Path, text: str, seconds: float) -> bool:
@@ -532,7 +622,7 @@ class Second:
     api: Api
     log_db: Path
     server_log: Path
-    while_loading: dict[str, int | None]
+    while_loading: dict[str, Any]
 
 
 @pytest.fixture(scope="module")
@@ -563,7 +653,7 @@ def second(served, tmp_path_factory):
     fed = False
     try:
         # while the models cannot load: the first answers of /readyz, /livez and /score
-        seen: dict[str, int | None] = {"readyz": None}
+        seen: dict[str, Any] = {"readyz": None}
         deadline = time.time() + 180
         while seen["readyz"] is None and time.time() < deadline and server.poll() is None:
             seen["readyz"] = get_status(base + "/readyz", timeout=5)
@@ -580,6 +670,7 @@ def second(served, tmp_path_factory):
                 seen["score"] = r.status
         except urllib.error.HTTPError as e:
             seen["score"] = e.code
+            seen["score_error"] = json.loads(e.read())["error"]  # type: ignore[assignment]
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             seen["score"] = None
         fed = feed_fifo(fifo, policy, seconds=60)
@@ -599,6 +690,8 @@ def test_readyz_answers_503_until_the_models_are_loaded(second):
     assert second.while_loading["readyz"] == 503, second.while_loading
     assert second.while_loading["livez"] == 200, second.while_loading
     assert second.while_loading["score"] == 503, second.while_loading
+    error = second.while_loading["score_error"]
+    assert error["code"] == "starting" and "not loaded yet" in error["message"], error
     assert get_status(second.api.base + "/readyz") == 200
 
 
@@ -623,9 +716,11 @@ def test_unlogged_decisions_are_refused(second, served):
 
     refuse("*")  # the database takes nothing
     status, body = second.api.call("/score", request(ids[1]), role="lender")
-    assert status == 503, body  # BentoML masks 5xx bodies; the reason is in the server log
-    status, body = screen(ids[:5])
     assert status == 503, body
+    assert body["error"]["code"] == "decision_log_unavailable", body
+    assert body["error"]["message"].startswith("decision log unavailable, nothing decided"), body
+    status, body = screen(ids[:5])
+    assert status == 503 and body["error"]["code"] == "decision_log_unavailable", body
     assert log.count() == 0
 
     firms = ids[:30]
@@ -652,3 +747,50 @@ def test_bentoml_build_works_offline(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert list((tmp_path / "bentoml" / "bentos" / "kapok").glob("*/bento.yaml"))
+
+
+def test_docs_page_renders_offline_in_headless_chromium(served, tmp_path):
+    """The docs page at / renders in Chromium with every network but loopback blocked, and
+    neither references nor requests anything off this server (BentoML's page loaded a Google Tag
+    Manager script and badge images)."""
+    import re
+    import shutil
+
+    api, *_ = served
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("chromium is not installed (CI=true: the docs page test must run)")
+        pytest.skip("chromium is not installed")
+    netlog = tmp_path / "net.json"
+    done = subprocess.run(
+        [
+            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update",
+            # the network: a dead proxy for everything, no name resolution; loopback direct
+            "--proxy-server=http://127.0.0.1:9",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            f"--user-data-dir={tmp_path / 'profile'}", f"--log-net-log={netlog}",
+            "--dump-dom", api.base + "/",
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    dom = done.stdout
+    assert "<h1>Kapok lending API</h1>" in dom, done.stderr[-2000:]
+    for path in ("/score", "/limit", "/price", "/screen", "/explain", "/decision"):
+        assert f"POST</span> {path}" in dom, path
+    assert "Authorization: Bearer" in dom and '"error": {"code"' in dom.replace("&quot;", '"')
+    assert "<script" not in dom.lower()
+    external = re.findall(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//[^"'\s>]+""", dom, re.I)
+    external += re.findall(r"url\(\s*['\"]?\s*(?:https?:)?//[^)]+\)|@import", dom, re.I)
+    assert not external, external
+    log = json.loads(netlog.read_text())
+    kinds = {v: k for k, v in log["constants"]["logEventTypes"].items()}
+    origin = api.base.rstrip("/")
+    by_page = [
+        e["params"]["url"]
+        for e in log["events"]
+        if kinds.get(e["type"]) == "URL_REQUEST_START_JOB"
+        and e.get("params", {}).get("initiator") == origin
+    ]
+    assert all(url.startswith(origin + "/") for url in by_page), by_page

@@ -1,0 +1,351 @@
+"""Kapok's own API documentation: an OpenAPI 3.1 document and a docs page rendered from it.
+
+Both are built from the pydantic models that validate every request (serving/api_models.py), so
+the page documents what the server checks. The page is one self-contained HTML document: no
+script, no external stylesheet, font, image or tracker, and a Content-Security-Policy that
+forbids loading any — it works offline and tells no one it was opened. `DocsMiddleware` serves
+it at `/` (in place of BentoML's generic page) and the document at `/openapi.json` (and at
+BentoML's `/docs.json`).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+
+import kapok
+from serving import api_models as m
+from serving.api_errors import CODES, Receive, Scope, Send
+
+TITLE = "Kapok lending API"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    summary: str
+    permission: str  # what a key's role must allow (serving/auth.py)
+    request: type[BaseModel]
+    answer: type[BaseModel]
+    errors: tuple[int, ...]
+    logged: bool  # a decision written to the decision log before the answer leaves
+
+
+_DECISION_ERRORS = (400, 401, 403, 404, 422, 503)
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        "/score",
+        "PD (calibrated), score, grade, approve / refer / decline and up to four reasons.",
+        "score", m.LoanRequest, m.ScoreAnswer, _DECISION_ERRORS, True,
+    ),
+    Endpoint(
+        "/limit",
+        "The largest amount the policy approves, the constraint that binds it, and the rate.",
+        "limit", m.LoanRequest, m.LimitAnswer, _DECISION_ERRORS, True,
+    ),
+    Endpoint(
+        "/price",
+        "Expected loss and the risk-based rate / fee / premium, part by part, under the caps.",
+        "price", m.PriceRequest, m.PriceAnswer, _DECISION_ERRORS, True,
+    ),
+    Endpoint(
+        "/screen",
+        "Rank up to 1,000 applicants by risk with PD, grade, decision, limit and price.",
+        "screen", m.ScreenRequest, m.ScreenAnswer, (400, 401, 403, 503), True,
+    ),
+    Endpoint(
+        "/explain",
+        "Every feature's value and its SHAP contribution in log-odds, with the additivity check.",
+        "explain", m.ExplainRequest, m.ExplainAnswer, (400, 401, 403, 404, 503), False,
+    ),
+    Endpoint(
+        "/decision",
+        "A logged decision as the log keeps it (for model-risk reviewers).",
+        "log", m.DecisionRequest, m.DecisionLogEntry, (400, 401, 403, 404, 503), False,
+    ),
+)  # fmt: skip
+
+_ERROR_MEANING = {
+    400: "The request is malformed or a field is invalid; `field` names it.",
+    401: "No API key, a malformed Authorization header, or an unknown key.",
+    403: "The key is valid but its role may not call this endpoint.",
+    404: "The enterprise is not in the feature store (or the decision is not in the log).",
+    422: "The feature store holds a value no policy can decide on.",
+    503: "Starting (models not loaded yet), or the decision log or feature store is "
+    "unavailable: nothing was decided.",
+}
+
+
+def _roles_for(permission: str) -> list[str]:
+    from serving.auth import ROLE_PERMISSIONS
+
+    return sorted(r for r, allowed in ROLE_PERMISSIONS.items() if permission in allowed)
+
+
+@cache
+def openapi() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the lending API."""
+    models: list[type[BaseModel]] = [m.ErrorBody]
+    for e in ENDPOINTS:
+        models += [e.request, e.answer]
+    schemas: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    ref = "#/components/schemas/{}".format
+    paths: dict[str, Any] = {}
+    for e in ENDPOINTS:
+        roles = _roles_for(e.permission)
+        description = f"Roles: {', '.join(roles)}." + (
+            " The decision is written to the decision log before the answer leaves; "
+            "when it cannot be, the answer is 503 and nothing is decided."
+            if e.logged
+            else ""
+        )
+        responses: dict[str, Any] = {
+            "200": {
+                "description": e.answer.__doc__.strip() if e.answer.__doc__ else "OK",
+                "content": {"application/json": {"schema": {"$ref": ref(e.answer.__name__)}}},
+            }
+        }
+        for status in e.errors:
+            responses[str(status)] = {
+                "description": f"`{CODES[status]}`: {_ERROR_MEANING[status]}",
+                "content": {"application/json": {"schema": {"$ref": ref("ErrorBody")}}},
+            }
+        paths[e.path] = {
+            "post": {
+                "operationId": e.path.strip("/"),
+                "summary": e.summary,
+                "description": description,
+                "security": [{"bearer": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": ref(e.request.__name__)}}},
+                },
+                "responses": responses,
+            }
+        }
+    for probe, meaning in (
+        ("/livez", "200 while the process is alive (also while the models load)."),
+        ("/readyz", "200 once every worker has loaded its models; 503 until then."),
+    ):
+        paths[probe] = {
+            "get": {
+                "operationId": probe.strip("/"),
+                "summary": meaning,
+                "security": [],
+                "responses": {"200": {"description": "alive / ready"}},
+            }
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": TITLE,
+            "version": kapok.__version__,
+            "description": "Credit scoring, limits, pricing, screening and SHAP explanations "
+            "for small-business lending (microloans, guarantees, credit insurance). Every "
+            'error answers {"error": {"code", "message", "field"}}.',
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key from `kapok keys add NAME --role ROLE` "
+                    "(roles: lender, reviewer, admin), sent as "
+                    "`Authorization: Bearer kpk_…`.",
+                }
+            },
+            "schemas": schemas,
+        },
+        "paths": paths,
+    }
+
+
+# -- the page -----------------------------------------------------------------------------------
+_CSS = """
+body{font:15px/1.5 system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#1b1f24}
+h1{margin-bottom:.2em}h2{border-top:1px solid #d0d7de;padding-top:1em;margin-top:2em}
+code,pre{font:13px ui-monospace,monospace;background:#f3f5f7;border-radius:4px}
+pre{padding:.8em;overflow-x:auto}code{padding:0 .25em}
+table{border-collapse:collapse;width:100%;margin:.5em 0}
+th,td{border:1px solid #d0d7de;padding:.3em .5em;text-align:left;vertical-align:top}
+th{background:#f6f8fa}.method{font-weight:bold;color:#0a6b3d}.muted{color:#57606a}
+nav a{margin-right:1em}
+"""
+
+
+def _type(schema: dict[str, Any], schemas: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        return schema["$ref"].rsplit("/", 1)[-1]
+    if "anyOf" in schema:
+        return " | ".join(_type(s, schemas) for s in schema["anyOf"])
+    if "enum" in schema:
+        return " | ".join(json.dumps(v) for v in schema["enum"])
+    if "const" in schema:
+        return json.dumps(schema["const"])
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return f"array of {_type(schema.get('items', {}), schemas)}"
+    if kind == "object" and "additionalProperties" in schema:
+        extra = schema["additionalProperties"]
+        if isinstance(extra, dict):
+            return f"object of {_type(extra, schemas)}"
+    return str(kind)
+
+
+def _constraints(schema: dict[str, Any]) -> str:
+    said = []
+    for key, text in (
+        ("exclusiveMinimum", "> {}"),
+        ("minimum", "≥ {}"),
+        ("maximum", "≤ {}"),
+        ("minLength", "length ≥ {}"),
+        ("maxLength", "length ≤ {}"),
+        ("maxItems", "at most {} items"),
+    ):
+        if key in schema:
+            said.append(text.format(schema[key]))
+    return ", ".join(said)
+
+
+def _fields_table(model_schema: dict[str, Any], schemas: dict[str, Any]) -> str:
+    required = set(model_schema.get("required", []))
+    rows = []
+    for name, field in model_schema.get("properties", {}).items():
+        example = field.get("examples", [field["default"]] if "default" in field else [])
+        rows.append(
+            "<tr><td><code>{}</code>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
+                html.escape(name),
+                "" if name in required else ' <span class="muted">(optional)</span>',
+                html.escape(_type(field, schemas)),
+                html.escape(_constraints(field)),
+                html.escape(field.get("description", "")),
+                html.escape(json.dumps(example[0], ensure_ascii=False)) if example else "",
+            )
+        )
+    head = "<tr><th>field</th><th>type</th><th>range</th><th>meaning</th><th>example</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _example(model: type[BaseModel]) -> dict[str, Any]:
+    example: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if info.examples:
+            example[name] = info.examples[0]
+    return example
+
+
+@cache
+def docs_html() -> str:
+    """The docs page: one self-contained HTML document."""
+    spec = openapi()
+    schemas = spec["components"]["schemas"]
+    esc = html.escape
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{esc(TITLE)} {esc(spec['info']['version'])}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{esc(TITLE)}</h1><p class='muted'>version {esc(spec['info']['version'])} · "
+        "<a href='/openapi.json'>OpenAPI 3.1 document</a></p>",
+        f"<p>{esc(spec['info']['description'])}</p>",
+        "<nav>" + "".join(f"<a href='#{e.path.strip('/')}'>{e.path}</a>" for e in ENDPOINTS),
+        "<a href='#errors'>errors</a></nav>",
+        "<h2 id='auth'>Authentication</h2>",
+        f"<p>{esc(spec['components']['securitySchemes']['bearer']['description'])} "
+        "Each endpoint lists the roles that may call it. <code>/livez</code> and "
+        "<code>/readyz</code> need no key.</p>",
+    ]
+    for e in ENDPOINTS:
+        op = spec["paths"][e.path]["post"]
+        body = json.dumps(_example(e.request), ensure_ascii=False)
+        parts += [
+            f"<h2 id='{e.path.strip('/')}'><span class='method'>POST</span> {e.path}</h2>",
+            f"<p>{esc(e.summary)}</p><p>{esc(op['description'])}</p>",
+            "<h3>Request</h3>",
+            _fields_table(schemas[e.request.__name__], schemas),
+            f"<pre>curl -s http://127.0.0.1:3000{e.path} \\\n"
+            '  -H "Authorization: Bearer $KAPOK_KEY" \\\n'
+            f"  -H 'Content-Type: application/json' \\\n  -d '{esc(body)}'</pre>",
+            f"<h3>Answer (200): {esc(e.answer.__name__)}</h3>",
+            _fields_table(schemas[e.answer.__name__], schemas),
+            "<h3>Errors</h3><table><tr><th>status</th><th>code</th><th>when</th></tr>",
+            "".join(
+                f"<tr><td>{s}</td><td><code>{CODES[s]}</code></td><td>"
+                f"{esc(_ERROR_MEANING[s])}</td></tr>"
+                for s in e.errors
+            ),
+            "</table>",
+        ]
+    nested = sorted(
+        name
+        for name in schemas
+        if name not in {e.request.__name__ for e in ENDPOINTS}
+        and name not in {e.answer.__name__ for e in ENDPOINTS}
+    )
+    parts.append("<h2 id='types'>Types</h2>")
+    for name in nested:
+        parts.append(f"<h3 id='type-{esc(name)}'>{esc(name)}</h3>")
+        parts.append(_fields_table(schemas[name], schemas))
+    parts += [
+        "<h2 id='errors'>Errors</h2>",
+        "<p>Every error, whatever its status, answers one shape:</p>",
+        '<pre>{"error": {"code": "invalid_request", '
+        '"message": "requested_amount: should be greater than 0, got -5", '
+        '"field": "requested_amount"}}</pre>',
+        "<table><tr><th>status</th><th>code</th></tr>",
+        "".join(f"<tr><td>{s}</td><td><code>{c}</code></td></tr>" for s, c in CODES.items()),
+        "</table><p>A body that is not JSON answers <code>invalid_json</code>.</p>",
+        "</body></html>",
+    ]
+    return "".join(parts)
+
+
+# no script, and nothing loaded from anywhere (not even this server): styles are inline
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'none'; base-uri 'none'"
+
+
+class DocsMiddleware:
+    """ASGI: GET / → the docs page; GET /openapi.json and /docs.json → the OpenAPI document."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            path = scope["path"]
+            if path == "/":
+                await self._send(send, docs_html().encode(), b"text/html; charset=utf-8", scope)
+                return
+            if path in ("/openapi.json", "/docs.json"):
+                data = json.dumps(openapi(), ensure_ascii=False).encode()
+                await self._send(send, data, b"application/json", scope)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _send(send: Send, data: bytes, content_type: bytes, scope: Scope) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"content-length", str(len(data)).encode()),
+                    (b"content-security-policy", CSP.encode()),
+                    (b"cache-control", b"no-cache"),
+                ],
+            }
+        )
+        body = b"" if scope["method"] == "HEAD" else data
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,300 @@
+"""The lending API's typed requests, answers and error: one pydantic model each.
+
+They validate every request (serving/service.py) and they are the schemas of Kapok's OpenAPI
+document and docs page (serving/api_docs.py), so what the page promises is what the server
+checks. Answers are built as plain dicts on the hot path; tests validate real answers against
+these models, so the documented shape is the served one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+
+from features.schema import PRODUCTS
+from kapok import uscc
+
+Product = Literal[PRODUCTS]  # type: ignore[valid-type]  # microloan, guarantee, insurance
+
+EXAMPLE_ID = "91440112554351777N"
+MAX_SCREEN = 1000
+
+
+def _uscc(value: str) -> str:
+    try:
+        return uscc.validate(value)
+    except uscc.USCCError as e:
+        raise ValueError(str(e)) from None
+
+
+ProductName = Annotated[Product, Field(description="The lending product.", examples=["microloan"])]
+EnterpriseId = Annotated[
+    str,
+    AfterValidator(_uscc),
+    Field(
+        description="The enterprise's unified social credit code (统一社会信用代码, "
+        "GB 32100-2015): "
+        "18 characters, the last a check character.",
+        examples=[EXAMPLE_ID],
+    ),
+]
+Amount = Annotated[
+    float,
+    Field(
+        gt=0,
+        allow_inf_nan=False,
+        strict=True,
+        description="Loan, guarantee or insured amount in CNY.",
+        examples=[300_000],
+    ),
+]
+Term = Annotated[
+    int,
+    Field(
+        ge=1,
+        strict=True,
+        description="Term in whole months, within the product's range in the lending policy "
+        "(an out-of-range term is a 400 that names the range).",
+        examples=[12],
+    ),
+]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoanRequest(_Request):
+    """One application: which enterprise, which product, how much, how long."""
+
+    enterprise_id: EnterpriseId
+    product: ProductName
+    requested_amount: Amount
+    term_months: Term
+
+
+class PriceRequest(_Request):
+    """The exposure to price."""
+
+    enterprise_id: EnterpriseId
+    product: ProductName
+    amount: Amount
+    term_months: Term
+
+
+class ExplainRequest(_Request):
+    """The decision to explain (amount and term only matter for the request-level features)."""
+
+    enterprise_id: EnterpriseId
+    product: ProductName
+    requested_amount: Amount = 100_000.0
+    term_months: Term = 12
+
+
+class Applicant(_Request):
+    """One applicant of a screened list (its product is the list's)."""
+
+    enterprise_id: EnterpriseId
+    requested_amount: Amount
+    term_months: Term
+
+
+class ScreenRequest(_Request):
+    """A list of applicants for one product. Each applicant is checked on its own: a bad row is
+    reported in `errors` (its field named as applicants[i].field) and the others are decided."""
+
+    product: ProductName
+    applicants: Annotated[
+        list[Annotated[Any, WithJsonSchema(Applicant.model_json_schema())]],
+        Field(
+            max_length=MAX_SCREEN,
+            description=f"Up to {MAX_SCREEN:,} applicants.",
+            examples=[
+                [{"enterprise_id": EXAMPLE_ID, "requested_amount": 300_000, "term_months": 12}]
+            ],
+        ),
+    ]
+
+
+class DecisionRequest(_Request):
+    """A logged decision to read back."""
+
+    request_id: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=100,
+            description="The request_id of an answered /score, /limit, /price or /screen.",
+            examples=["req_d905f440373c45eaba39caa7b2ddb28a"],
+        ),
+    ]
+
+
+# -- answers ------------------------------------------------------------------------------------
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Reason(_Answer):
+    """A reason code: a feature that raised the risk most, or a knock-out rule that fired."""
+
+    code: str = Field(description="Stable reason code, e.g. R_TAX_PAID_TO_SALES_12M, KO_*.")
+    feature: str | None = Field(description="The feature (None for a rule without one).")
+    value: Any = Field(description="The feature's value for this enterprise.")
+    impact: float | None = Field(description="Its SHAP contribution to the risk, in log-odds.")
+    knockout: bool
+    text_en: str = Field(description="The reason as a lender reads it, in English.")
+    text_zh: str = Field(description="The reason in Chinese.")
+
+
+class Decision(_Answer):
+    """What every decision answers."""
+
+    request_id: str = Field(description="The decision's id in the decision log.")
+    product: Product
+    model_name: str
+    model_version: str = Field(description="The registered model version that decided.")
+    features_as_of: str | None = Field(description="Time of the newest feature value used.")
+    decided_at: str = Field(description="ISO 8601, UTC.")
+    pd: float = Field(ge=0, le=1, description="Calibrated probability of default, 12 months.")
+    score: float = Field(description="Points on the score scale (higher is safer).")
+    grade: str = Field(description="Master-scale grade.")
+    decision: Literal["approve", "refer", "decline"]
+    policy_path: list[str] = Field(description="Each policy step taken, in words.")
+    reasons: list[Reason] = Field(description="Up to four reasons, knock-outs first.")
+
+
+class Price(_Answer):
+    """A risk-based price, part by part (rates are annual fractions unless named otherwise)."""
+
+    product: Product
+    pd: float
+    amount: float
+    term_months: int
+    lgd: float
+    expected_loss: float
+    expected_loss_lifetime: float
+    expected_loss_rate: float
+    expected_loss_loading: float
+    cost_of_funds: float
+    operating_cost: float
+    capital_k: float
+    capital_charge: float
+    margin: float
+    rate_name: Literal["annual_rate", "fee_rate", "premium_rate"]
+    rate: float
+    annual_rate: float | None
+    fee_rate: float | None
+    premium_rate: float | None
+    extra_annual_cost: float
+    all_in_rate: float
+    cap: float | None = Field(description="The legal cap that applies, or None.")
+    within_cap: bool
+
+
+class ScoreAnswer(Decision):
+    """/score."""
+
+
+class LimitAnswer(Decision):
+    """/limit: the largest approvable amount and what binds it."""
+
+    limit: float = Field(ge=0, description="CNY; 0 when nothing can be approved.")
+    binding_constraint: str = Field(description="The constraint (or knock-out) that binds.")
+    constraints: dict[str, float | None] = Field(description="Every constraint's amount, CNY.")
+    pd_at_limit: float | None
+    annual_rate: float | None
+    rate_parts: dict[str, float]
+
+
+class PriceAnswer(Decision):
+    """/price."""
+
+    price: Price
+
+
+class Contribution(_Answer):
+    feature: str
+    value: Any
+    missing: bool
+    shap_log_odds: float
+
+
+class ExplainAnswer(_Answer):
+    """/explain: base value + contributions = the model's margin (log-odds)."""
+
+    request_id: str
+    product: Product
+    model_name: str
+    model_version: str
+    features_as_of: str | None
+    decided_at: str
+    base_value: float
+    margin: float
+    pd: float = Field(ge=0, le=1)
+    additivity_error: float = Field(ge=0)
+    contributions: list[Contribution]
+
+
+class ScreenRow(Decision):
+    enterprise_id: str
+    requested_amount: float
+    limit: float = Field(ge=0)
+    binding_constraint: str
+    price: Price
+
+
+class ErrorDetail(_Answer):
+    """What went wrong."""
+
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_request.")
+    message: str = Field(description="One line that says what was wrong.")
+    field: str | None = Field(
+        default=None, description="The request field at fault, e.g. applicants[3].term_months."
+    )
+
+
+class ScreenError(_Answer):
+    index: int = Field(description="The applicant's position in the request.")
+    enterprise_id: Any
+    error: ErrorDetail
+
+
+class ScreenAnswer(_Answer):
+    """/screen: decided applicants ranked riskiest first, and the rows that could not be."""
+
+    product: Product
+    ranked: list[ScreenRow]
+    errors: list[ScreenError]
+    count: int
+
+
+class DecisionLogEntry(_Answer):
+    """/decision: a decision as the log keeps it."""
+
+    request_id: str
+    decided_at: str
+    caller: str
+    endpoint: Literal["score", "limit", "price", "screen"]
+    enterprise_id: str
+    product: Product
+    request: dict[str, Any]
+    model_name: str
+    model_version: str
+    features: dict[str, Any]
+    feature_timestamps: dict[str, Any]
+    pd: float
+    score: float
+    grade: str
+    decision: str
+    limit_amount: float | None
+    price: dict[str, Any] | None
+    reasons: list[Any]
+    response: dict[str, Any]
+
+
+class ErrorBody(_Answer):
+    """Every error answers this shape, whatever its status."""
+
+    error: ErrorDetail
