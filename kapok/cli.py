@@ -438,8 +438,10 @@ def serve_command(
 ) -> None:
     """Serve the lending API (BentoML) with the champion model of each product.
 
-    Endpoints: POST /score /limit /price /explain /screen /decision; BentoML's /healthz,
-    /livez, /readyz, /metrics and the OpenAPI page at /. API keys: `kapok keys add`.
+    Endpoints: POST /score /limit /price /explain /screen /decision; the API's docs page at /
+    and its OpenAPI document at /openapi.json; /livez, /readyz (200 once every worker has
+    loaded), /metrics. API keys: `kapok keys add`. Ctrl-C or SIGTERM stops the server and its
+    workers.
     """
     import os
     import subprocess
@@ -455,7 +457,22 @@ def serve_command(
     console.print("try:\n  " + example, soft_wrap=True, highlight=False)  # one pasteable line
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Kapok",
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    raise typer.Exit(subprocess.call(command, env=env))
+    # in a process group of its own, stopped whole (server and workers) by Ctrl-C or by a
+    # SIGTERM sent to this process (a service manager stopping `kapok serve` by its pid)
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def ready() -> None:
+        console.print(
+            f"Kapok API ready: http://127.0.0.1:{port}/ (its docs page; Ctrl-C stops it)",
+            soft_wrap=True,
+        )
+
+    code = _run_process_group(
+        server, is_ready=lambda: _answers_http(port, "/readyz"), on_ready=ready
+    )
+    if code is not None:
+        raise typer.Exit(code)
+    console.print("Kapok API stopped")
 
 
 def _kapok_again() -> str:
@@ -537,12 +554,12 @@ def ui_command(
     console.print("MLflow UI stopped")
 
 
-def _answers_http(port: int) -> bool:
+def _answers_http(port: int, path: str = "/health") -> bool:
     import http.client
 
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
-        connection.request("GET", "/health")
+        connection.request("GET", path)
         return connection.getresponse().status == 200
     except OSError:
         return False
