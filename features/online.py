@@ -420,6 +420,23 @@ class _RowCache:
 
 
 # -- the reader ----------------------------------------------------------------------------------
+class OnlineStoreUnavailable(RuntimeError):
+    """The online store cannot be read (Redis down, the SQLite file gone or unreadable): a fault
+    of the store, not of the request. The message names the store."""
+
+
+def _store_faults() -> tuple[type[BaseException], ...]:
+    faults: tuple[type[BaseException], ...] = (sqlite3.OperationalError, sqlite3.DatabaseError)
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        faults += (RedisConnectionError, RedisTimeoutError)
+    except ImportError:  # pragma: no cover - redis comes with feast[redis]
+        pass
+    return faults
+
+
 class OnlineFeatures:
     """Reads the stored features of N enterprises at once from Feast's online store.
 
@@ -463,6 +480,7 @@ class OnlineFeatures:
         self.hits = 0
         self.misses = 0
         self._feature_index = {f.name: j for j, f in enumerate(FEATURES)}
+        self._faults = _store_faults()
         if self.backend == "sqlite":
             from feast.infra.online_stores.sqlite import SqliteOnlineStore
 
@@ -489,11 +507,33 @@ class OnlineFeatures:
             return _empty()
         unique = list(dict.fromkeys(ids))
         with self._lock:
-            rows = self._read_unique(unique)
+            try:
+                rows = self._read_unique(unique)
+            except (*self._faults, FileNotFoundError) as e:
+                raise OnlineStoreUnavailable(f"{self.describe()} unavailable: {e}") from e
         if len(unique) == len(ids):
             return rows
         where = {e: i for i, e in enumerate(unique)}
         return rows[[where[e] for e in ids]]
+
+    def describe(self) -> str:
+        """Which store: 'the Redis online store at redis://…' or 'the SQLite online store at …'."""
+        if self.backend == "redis":
+            conn = getattr(self.config.online_store, "connection_string", "") or ""
+            return f"the Redis online feature store ({conn.split(',')[0]})"
+        return f"the SQLite online feature store ({self._db_path})"
+
+    def ping(self) -> None:
+        """OnlineStoreUnavailable unless the store answers now (a readiness probe's check:
+        one Redis PING, or one SQLite query)."""
+        try:
+            if self.backend == "redis":
+                self._redis.ping()
+            else:
+                with self._lock:
+                    self._connection().execute("SELECT 1").fetchone()
+        except (*self._faults, FileNotFoundError) as e:
+            raise OnlineStoreUnavailable(f"{self.describe()} unavailable: {e}") from e
 
     def clear_cache(self) -> None:
         with self._lock:

@@ -9,13 +9,14 @@ the engine, so the heavy libraries (mlflow, feast, lightgbm) load in `Kapok.__in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -141,9 +142,19 @@ class Kapok:
         self.ready = True
 
     def __is_ready__(self) -> bool:
-        """/readyz: this worker has loaded, and so has every other worker of the server (the
-        probe reaches one worker; the next request may reach another)."""
-        return self.ready and self.readiness.all_ready()
+        """/readyz: this worker has loaded, so has every other worker of the server (the probe
+        reaches one worker; the next request may reach another), and the online feature store
+        answers (a Redis that stopped turns the server unready until it is back)."""
+        if not (self.ready and self.readiness.all_ready()):
+            return False
+        from features.online import OnlineStoreUnavailable
+
+        try:
+            self.engine.online.ping()
+        except OnlineStoreUnavailable as e:
+            print(f"not ready: {e}", file=sys.stderr, flush=True)
+            return False
+        return True
 
     # -- helpers ---------------------------------------------------------------------------------
     def _caller(self, ctx: bentoml.Context, permission: str) -> str:
@@ -189,7 +200,8 @@ class Kapok:
         from serving.engine import EnterpriseNotFound
 
         try:
-            return self.engine.assess(eid, product, amount, term, limit=limit)
+            with store_faults():
+                return self.engine.assess(eid, product, amount, term, limit=limit)
         except EnterpriseNotFound as e:
             raise not_found(e) from None
         except DecisionInputError as e:  # the feature store holds a value no policy can use
@@ -322,10 +334,11 @@ class Kapok:
         request = check(m.ExplainRequest, body)
         check_term(request.product, request.term_months, self.engine)
         try:
-            e = self.engine.explain(
-                request.enterprise_id, request.product, request.requested_amount,
-                request.term_months,
-            )  # fmt: skip
+            with store_faults():
+                e = self.engine.explain(
+                    request.enterprise_id, request.product, request.requested_amount,
+                    request.term_months,
+                )  # fmt: skip
         except EnterpriseNotFound as err:
             raise not_found(err) from None
         return Answer(
@@ -362,7 +375,8 @@ class Kapok:
             except RowError as e:
                 eid_given = row.get("enterprise_id") if isinstance(row, dict) else None
                 errors.append({"index": i, "enterprise_id": eid_given, **e.body()})
-        assessed = self.engine.assess_many(product, [v[1:] for v in valid], limit=True)
+        with store_faults():
+            assessed = self.engine.assess_many(product, [v[1:] for v in valid], limit=True)
         for (i, eid, amount, term), a in zip(valid, assessed, strict=True):
             if isinstance(a, Exception):
                 code = "enterprise_not_found" if "enterprise_not_found" in str(a) else None
@@ -407,6 +421,21 @@ class Kapok:
                 field="request_id",
             )
         return Answer(**json_safe(dataclasses.asdict(record)))
+
+
+@contextlib.contextmanager
+def store_faults() -> Iterator[None]:
+    """The online feature store failing (Redis down): a 503 that names the store, not a 500."""
+    from features.online import OnlineStoreUnavailable
+
+    try:
+        yield
+    except OnlineStoreUnavailable as e:
+        raise ApiError(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            f"{str(e).rstrip('.')}; nothing decided",
+            code="feature_store_unavailable",
+        ) from None
 
 
 def not_found(e: Exception) -> ApiError:

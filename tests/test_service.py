@@ -794,3 +794,114 @@ def test_docs_page_renders_offline_in_headless_chromium(served, tmp_path):
         and e.get("params", {}).get("initiator") == origin
     ]
     assert all(url.startswith(origin + "/") for url in by_page), by_page
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free loopback port, appending every write to its
+    AOF (fsync always), so that a SIGKILL loses nothing and a restart brings the data back."""
+
+    def __init__(self, work: Path):
+        import shutil
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+                pytest.fail("redis-server is not installed (CI=true: the fault test must run)")
+            pytest.skip("redis-server is not installed")
+        self.exe, self.work, self.port = exe, work, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import redis
+
+        self.process = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.work),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port)
+        deadline = time.time() + 30
+        while True:
+            try:
+                if client.ping():
+                    return
+            except redis.exceptions.ConnectionError:
+                assert time.time() < deadline, "the private redis-server did not start"
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+
+def test_redis_down_is_a_503_naming_the_store_and_the_server_recovers_by_itself(
+    served, tmp_path_factory, monkeypatch
+):
+    """The Redis online store stops under a running server: decisions answer 503
+    feature_store_unavailable naming the store, /readyz turns 503, /livez stays 200, nothing
+    is logged and nothing crashes; when Redis is back the same server answers again, with no
+    restart."""
+    from serving.decision_log import DecisionLog
+
+    api, home, ids, env = served
+    redis_server = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    redis_server.start()
+    second = Paths(tmp_path_factory.mktemp("redis_home"))
+    second.data.mkdir(parents=True)
+    for family in ("raw", "features"):
+        (second.data / family).symlink_to((home.data / family).resolve())
+    monkeypatch.setenv("KAPOK_ONLINE_STORE", redis_server.url)
+    store = fs.feature_store(second)
+    fs.apply(store, second)
+    start, end = fs.materialize_window(read_summary(second.features), full=False)
+    fs.materialize(store, start, end)
+    log_db = second.home / "decisions.db"
+    env = dict(env, KAPOK_HOME=str(second.home), KAPOK_ONLINE_STORE=redis_server.url,
+               KAPOK_WORKERS="1", KAPOK_DECISION_LOG=f"sqlite:///{log_db}",
+               MLFLOW_TRACKING_URI=f"sqlite:///{home.home / 'mlruns' / 'mlflow.db'}")  # fmt: skip
+    server_log = second.home / "server.log"
+    server, base = start_server(env, server_log)
+    try:
+        on_redis = Api(base, api.keys)
+        status, body = on_redis.call("/score", request(ids[0]), role="lender")
+        assert status == 200, body
+        log = DecisionLog(f"sqlite:///{log_db}")
+        assert log.count() == 1
+
+        redis_server.kill()
+        for eid in (ids[1], ids[0]):  # a firm never read, and one in the cache
+            status, body = on_redis.call("/score", request(eid), role="lender")
+            assert status == 503, body
+            error = body["error"]
+            assert error["code"] == "feature_store_unavailable", error
+            assert (
+                f"Redis online feature store (127.0.0.1:{redis_server.port})" in (error["message"])
+            ), error
+        status, body = on_redis.call(
+            "/screen",
+            {"product": "guarantee", "applicants": [
+                {"enterprise_id": e, "requested_amount": 100_000, "term_months": 12}
+                for e in ids[2:5]]},
+            role="lender",
+        )  # fmt: skip
+        assert status == 503 and body["error"]["code"] == "feature_store_unavailable", body
+        assert get_status(base + "/readyz", timeout=10) == 503
+        assert get_status(base + "/livez", timeout=10) == 200
+        assert log.count() == 1  # nothing decided, nothing logged
+        assert server.poll() is None
+
+        redis_server.start()  # back, with its data (AOF)
+        deadline = time.time() + 60
+        while get_status(base + "/readyz", timeout=10) != 200:
+            assert time.time() < deadline, "/readyz did not recover: " + server_log.read_text()
+            time.sleep(0.5)
+        status, body = on_redis.call("/score", request(ids[1]), role="lender")
+        assert status == 200, body
+        assert log.count() == 2 and server.poll() is None  # the same server, no restart
+        assert "Traceback" not in server_log.read_text()
+    finally:
+        stop_server(server, server_log)
+        if redis_server.process is not None and redis_server.process.poll() is None:
+            redis_server.kill()
