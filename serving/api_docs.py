@@ -311,6 +311,11 @@ def docs_html() -> str:
     return "".join(parts)
 
 
+@cache
+def _openapi_bytes() -> bytes:
+    return json.dumps(openapi(), ensure_ascii=False).encode()
+
+
 # no script, and nothing loaded from anywhere (not even this server): styles are inline
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'none'; base-uri 'none'"
 
@@ -328,8 +333,7 @@ class DocsMiddleware:
                 await self._send(send, docs_html().encode(), b"text/html; charset=utf-8", scope)
                 return
             if path in ("/openapi.json", "/docs.json"):
-                data = json.dumps(openapi(), ensure_ascii=False).encode()
-                await self._send(send, data, b"application/json", scope)
+                await self._send(send, _openapi_bytes(), b"application/json", scope)
                 return
         await self.app(scope, receive, send)
 

@@ -357,7 +357,6 @@ class Kapok:
     def screen(self, body: Any, /, ctx: bentoml.Context) -> Answer:
         """Rank up to 1,000 applicants by risk with PD, grade, decision, limit and fee."""
         caller = self._caller(ctx, "screen")
-        from serving.api_errors import ApiError as RowError
         from serving.decision_log import new_request_id
         from serving.engine import loan_request
 
@@ -372,7 +371,7 @@ class Kapok:
                 check_term(product, applicant.term_months, self.engine, f"{where}.term_months")
                 valid.append((i, applicant.enterprise_id, applicant.requested_amount,
                               applicant.term_months))  # fmt: skip
-            except RowError as e:
+            except ApiError as e:
                 eid_given = row.get("enterprise_id") if isinstance(row, dict) else None
                 errors.append({"index": i, "enterprise_id": eid_given, **e.body()})
         with store_faults():
@@ -380,7 +379,7 @@ class Kapok:
         for (i, eid, amount, term), a in zip(valid, assessed, strict=True):
             if isinstance(a, Exception):
                 code = "enterprise_not_found" if "enterprise_not_found" in str(a) else None
-                error = RowError(HTTPStatus.UNPROCESSABLE_ENTITY, str(a), code=code)
+                error = ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(a), code=code)
                 errors.append({"index": i, "enterprise_id": eid, **error.body()})
                 continue
             lim = a["limit"]

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from tests.cli_processes import kapok_command
-from tests.test_cli_ui import free_port, group_alive
+from tests.test_cli_ui import answers, free_port, group_alive, stop_everything
 
 START_TIMEOUT = 120  # s: BentoML imports and starts its worker (2-core machine, busy)
 
@@ -36,7 +36,7 @@ def test_serve_stops_its_server_and_workers_on_sigterm_and_ctrl_c(tmp_path: Path
     try:
         deadline = time.monotonic() + START_TIMEOUT
         server: list[psutil.Process] = []
-        while not server or not answers_livez(port):
+        while not server or not answers(port, "/livez"):
             assert kapok.poll() is None, kapok.communicate()[0]
             assert time.monotonic() < deadline, "the server never answered /livez"
             server = psutil.Process(kapok.pid).children(recursive=True)
@@ -50,21 +50,6 @@ def test_serve_stops_its_server_and_workers_on_sigterm_and_ctrl_c(tmp_path: Path
         left = [p for p in server if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not left, [p.cmdline() for p in left]
         assert not any(group_alive(g) for g in groups), groups
-        assert not answers_livez(port)
+        assert not answers(port, "/livez")
     finally:
-        if kapok.poll() is None:
-            kapok.kill()
-            kapok.wait()
-        for g in groups - {os.getpgrp()}:  # never this test's own group
-            if group_alive(g):
-                os.killpg(g, signal.SIGKILL)
-
-
-def answers_livez(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+        stop_everything(kapok, groups)

@@ -33,9 +33,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def answers(port: int) -> bool:
+def answers(port: int, path: str = "/health") -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
             return response.status == 200
     except OSError:
         return False
@@ -107,11 +107,14 @@ def test_ui_answers_on_loopback_and_ctrl_c_stops_its_whole_process_group(tmp_pat
         assert not any(group_alive(g) for g in groups), groups
         assert not answers(port)
     finally:
-        if kapok.poll() is None:
-            kapok.kill()
-            kapok.wait()
-        for g in groups - {
-            os.getpgrp()
-        }:  # never this test's own group  # never leave a UI behind, even when the test fails
-            if group_alive(g):
-                os.killpg(g, signal.SIGKILL)
+        stop_everything(kapok, groups)
+
+
+def stop_everything(kapok: subprocess.Popen, groups: set[int]) -> None:
+    """Never leave kapok or a server behind, even when the test failed."""
+    if kapok.poll() is None:
+        kapok.kill()
+        kapok.wait()
+    for g in groups - {os.getpgrp()}:  # never this test's own group
+        if group_alive(g):
+            os.killpg(g, signal.SIGKILL)
