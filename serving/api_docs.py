@@ -135,7 +135,11 @@ def openapi() -> dict[str, Any]:
         }
     for probe, meaning in (
         ("/livez", "200 while the process is alive (also while the models load)."),
-        ("/readyz", "200 once every worker has loaded its models; 503 until then."),
+        (
+            "/readyz",
+            "200 once every worker has loaded its models; 503 until then, and while "
+            "the feature store or the decision log does not answer.",
+        ),
     ):
         paths[probe] = {
             "get": {

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import math
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -452,9 +453,45 @@ def _reason(error: BaseException) -> str:
 
 def _is_connection_error(error: BaseException) -> bool:
     """Errors of the database or the connection, not of one caller's rows (locked, down, full)."""
+    if isinstance(error, _InDoubt):
+        return True
     if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
         return True
     return isinstance(error, exc.OperationalError | exc.InterfaceError | exc.TimeoutError)
+
+
+_FULL_TEXTS = ("database or disk is full", "no space left on device", "disk quota exceeded")
+
+
+def _store_state(error: BaseException) -> str | None:
+    """What a store-wide failure says about the store: 'full' (SQLITE_FULL, PostgreSQL's
+    disk_full 53100, ENOSPC), 'unreachable' (no connection, or the connection was lost),
+    'unavailable' (it answered with an error of its own: starting up, shutting down, locked,
+    too many connections); None for an error of the rows themselves."""
+    cause = getattr(error, "orig", None) or error
+    text = str(cause).lower()
+    if getattr(cause, "pgcode", None) == "53100" or any(t in text for t in _FULL_TEXTS):
+        return "full"
+    if isinstance(error, _InDoubt) or (
+        isinstance(error, exc.DBAPIError) and error.connection_invalidated
+    ):
+        return "unreachable"
+    if isinstance(error, exc.OperationalError | exc.InterfaceError | exc.TimeoutError):
+        # psycopg2 gives the server's errors a SQLSTATE; a failed or lost connection has none
+        has_code = getattr(cause, "pgcode", None) is not None
+        return "unavailable" if has_code or isinstance(cause, sqlite3.Error) else "unreachable"
+    if isinstance(error, OSError):
+        return "unavailable"
+    return None
+
+
+class _InDoubt(Exception):
+    """The connection to a database server was lost while it committed: the transaction may or
+    may not have committed, and nothing can tell until the server answers again."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.orig = getattr(error, "orig", None) or error
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -551,6 +588,42 @@ class DecisionLog:
         """The database URL with any password masked."""
         return self._url.render_as_string(hide_password=True)
 
+    def describe(self) -> str:
+        """Which store the log is in, for messages: 'the decision log (PostgreSQL at
+        127.0.0.1:5432, database kapok)' or '… (SQLite at /path/decisions.db)'; no password."""
+        if self._backend == "sqlite":
+            return f"the decision log (SQLite at {self._url.database or ':memory:'})"
+        host = self._url.host or self._url.query.get("host") or "the local socket"
+        where = f"{host}:{self._url.port or 5432}" if self._url.host else str(host)
+        return f"the decision log (PostgreSQL at {where}, database {self._url.database})"
+
+    def _error(self, error: BaseException, what: str) -> DecisionLogError:
+        """The DecisionLogError for a failure of the store while doing `what` ('decision req_…
+        not written'): names the store and says what state it is in; never the password."""
+        reason = _reason(error)
+        if isinstance(error, _InDoubt):
+            return DecisionLogError(
+                f"{self.describe()} stopped answering while it committed: {what} "
+                f"({reason}); it may or may not be in the log"
+            )
+        state = _store_state(error)
+        if state is None:
+            return DecisionLogError(f"decision log {self.url}: {what} ({reason})")
+        return DecisionLogError(f"{self.describe()} is {state}: {what} ({reason})")
+
+    def ping(self) -> None:
+        """DecisionLogError unless the store answers now (a readiness probe's check): one
+        SELECT 1. A SQLite log that does not exist yet is not created (its first write does)."""
+        if self._backend == "sqlite" and not self._in_memory():
+            database = self._url.database or ""
+            if not database.startswith("file:") and not Path(database).exists():
+                return
+        try:
+            with self._serial, self._engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1")).all()
+        except (OSError, exc.SQLAlchemyError) as e:
+            raise self._error(e, "readiness check failed") from e
+
     def _in_memory(self) -> bool:
         database = self._url.database or ""
         mode = str(self._url.query.get("mode", ""))
@@ -597,9 +670,7 @@ class DecisionLog:
                 else:
                     _create_pg_triggers(conn)
         except (OSError, exc.SQLAlchemyError) as e:
-            raise DecisionLogError(
-                f"decision log {self.url}: cannot create the decisions table: {_reason(e)}"
-            ) from e
+            raise self._error(e, "cannot create the decisions table") from e
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -687,7 +758,9 @@ class DecisionLog:
                 f"decision log {self.url}: {what} not written: request_id already logged "
                 f"or invalid row ({_reason(error)}); the log is append-only"
             )
-        return DecisionLogError(f"decision log {self.url}: {what} not written: {_reason(error)}")
+        if isinstance(error, _InDoubt):
+            return self._error(error, what)
+        return self._error(error, f"{what} not written")
 
     def _run_writer(self, writer: _Writer) -> None:
         """The writer thread: take everything queued (up to MAX_BATCH_ROWS), commit it in one
@@ -741,9 +814,17 @@ class DecisionLog:
             p.finish()
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
-        """One transaction (executemany); raises whatever the driver raised."""
-        with self._serial, self._engine.begin() as conn:
+        """One transaction (executemany); raises whatever the driver raised, or _InDoubt when
+        the connection to the PostgreSQL server was lost during the COMMIT itself (SQLite's
+        commit either happened or not: it is this process's own)."""
+        with self._serial, self._engine.connect() as conn:
             conn.execute(decisions.insert(), rows)
+            try:
+                conn.commit()
+            except exc.DBAPIError as e:
+                if self._backend == "postgresql" and _store_state(e) == "unreachable":
+                    raise _InDoubt(e) from e
+                raise
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -867,9 +948,7 @@ class DecisionLog:
                     return {}
                 rows = list(conn.execute(query))
         except exc.SQLAlchemyError as e:
-            raise DecisionLogError(
-                f"decision log {self.url}: last decision by caller failed: {_reason(e)}"
-            ) from e
+            raise self._error(e, "last decision by caller failed") from e
         return {caller: _utc(at) for caller, at in rows if at is not None}
 
     def _select(self, query: sa.Select, what: str) -> list[sa.Row]:
@@ -878,7 +957,7 @@ class DecisionLog:
             with self._serial, self._engine.connect() as conn:
                 return list(conn.execute(query))
         except exc.SQLAlchemyError as e:
-            raise DecisionLogError(f"decision log {self.url}: {what} failed: {_reason(e)}") from e
+            raise self._error(e, f"{what} failed") from e
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -144,14 +144,17 @@ class Kapok:
     def __is_ready__(self) -> bool:
         """/readyz: this worker has loaded, so has every other worker of the server (the probe
         reaches one worker; the next request may reach another), and the online feature store
-        answers (a Redis that stopped turns the server unready until it is back)."""
+        and the decision log answer (a Redis or a PostgreSQL that stopped turns the server
+        unready until it is back)."""
         if not (self.ready and self.readiness.all_ready()):
             return False
         from features.online import OnlineStoreUnavailable
+        from serving.decision_log import DecisionLogError
 
         try:
             self.engine.online.ping()
-        except OnlineStoreUnavailable as e:
+            self.log.ping()
+        except (OnlineStoreUnavailable, DecisionLogError) as e:
             print(f"not ready: {e}", file=sys.stderr, flush=True)
             return False
         return True
@@ -182,16 +185,8 @@ class Kapok:
         }
 
     def _log(self, records: list[DecisionRecord]) -> None:
-        from serving.decision_log import DecisionLogError
-
-        try:
+        with log_faults("nothing decided"):
             self.log.write_many(records) if len(records) > 1 else self.log.write(records[0])
-        except DecisionLogError as e:
-            raise ApiError(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                f"decision log unavailable, nothing decided: {e}",
-                code="decision_log_unavailable",
-            ) from None
 
     def _assess(
         self, eid: str, product: str, amount: float, term: int, limit: bool
@@ -411,7 +406,8 @@ class Kapok:
         from serving.decision_log import json_safe
 
         request_id = check(m.DecisionRequest, body).request_id
-        record = self.log.get(request_id)
+        with log_faults("cannot read it"):
+            record = self.log.get(request_id)
         if record is None:
             raise ApiError(
                 HTTPStatus.NOT_FOUND,
@@ -434,6 +430,22 @@ def store_faults() -> Iterator[None]:
             HTTPStatus.SERVICE_UNAVAILABLE,
             f"{str(e).rstrip('.')}; nothing decided",
             code="feature_store_unavailable",
+        ) from None
+
+
+@contextlib.contextmanager
+def log_faults(consequence: str) -> Iterator[None]:
+    """The decision log failing (its database down, full, or refusing the record): a 503 that
+    names the log's store, not a 500; a decision that is not logged is not answered."""
+    from serving.decision_log import DecisionLogError
+
+    try:
+        yield
+    except DecisionLogError as e:
+        raise ApiError(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            f"decision log unavailable, {consequence}: {e}",
+            code="decision_log_unavailable",
         ) from None
 
 

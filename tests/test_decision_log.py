@@ -640,3 +640,109 @@ def test_a_duplicate_fails_only_its_own_caller_on_postgres(pg_url: str):
         r = realistic()
         log.write(r)
         assert log.get(r.request_id) == r  # compact storage reads back exactly here too
+
+
+@pytest.mark.slow  # initdb and three starts or stops of a PostgreSQL server: 5-20 s
+def test_a_stopped_postgresql_fails_writes_naming_its_store_and_the_log_recovers_by_itself():
+    """PostgreSQL stops under an open log (pg_ctl stop -m immediate): writes, reads and ping
+    raise DecisionLogError naming the store by host:port and database (never the password);
+    once it is back the same DecisionLog writes again (its pool reconnects), and only the
+    records whose write returned are in the log."""
+    from tests.private_stores import PrivatePostgres
+
+    pg = PrivatePostgres()
+    try:
+        pg.create()
+        log = DecisionLog(pg.url)
+        log.write(record("req_before"))
+        log.ping()
+        pg.stop()
+        store = f"the decision log (PostgreSQL at 127.0.0.1:{pg.port}, database kapok)"
+        with pytest.raises(DecisionLogError) as caught:
+            log.write(record("req_down"))
+        message = str(caught.value)
+        assert message.startswith(f"{store} is unreachable: decision req_down not written ("), (
+            message
+        )
+        assert "Connection refused" in message and pg.PASSWORD not in message, message
+        with pytest.raises(DecisionLogError, match=re.escape(f"{store} is unreachable: batch")):
+            log.write_many([record("req_down_1"), record("req_down_2")])
+        with pytest.raises(DecisionLogError, match=re.escape(f"{store} is unreachable")):
+            log.ping()
+        with pytest.raises(DecisionLogError, match=re.escape(f"{store} is unreachable: get")):
+            log.get("req_before")
+        pg.start()
+        log.ping()
+        log.write(record("req_after"))
+        assert log.known(["req_before", "req_down", "req_down_1", "req_after"]) == {
+            "req_before",
+            "req_after",
+        }
+        log.close()
+    finally:
+        pg.remove()
+
+
+def test_a_full_disk_fails_writes_as_full_and_they_succeed_when_space_returns(tmp_path):
+    """The filesystem of a SQLite log fills up (a tiny tmpfs filled with a ballast file): a write
+    raises DecisionLogError saying the log is full and is not in the log; once the space is
+    back the same DecisionLog writes again."""
+    from tests.private_stores import fill, tiny_filesystem
+
+    with tiny_filesystem(tmp_path / "tiny", "4m") as disk:
+        log = DecisionLog(f"sqlite:///{disk / 'decisions.db'}")
+        try:
+            log.write(record("req_before"))
+            ballast = fill(disk)
+            big = {"padding": "x" * 20_000}  # more pages than any slack the WAL file had
+            for n in range(3):
+                with pytest.raises(DecisionLogError) as caught:
+                    log.write(record(f"req_full_{n}", features=big))
+                assert str(caught.value).startswith(
+                    f"the decision log (SQLite at {disk / 'decisions.db'}) is full: "
+                    f"decision req_full_{n} not written (database or disk is full)"
+                ), caught.value
+            ballast.unlink()
+            log.write(record("req_after", features=big))
+            assert log.known(["req_before", "req_full_0", "req_full_2", "req_after"]) == {
+                "req_before",
+                "req_after",
+            }
+            assert log.count() == 2
+        finally:
+            log.close()
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_during_commit_is_reported_as_in_doubt(pg_url: str):
+    """When the connection to PostgreSQL breaks during the COMMIT itself the writer cannot know
+    whether the record was committed: the error says it may or may not be in the log (rather
+    than "not written"), its batch is not retried record by record, and the log goes on."""
+    import psycopg2
+
+    log = DecisionLog(pg_url)
+    log.write(record("req_first"))
+    admin = psycopg2.connect(sa.make_url(pg_url).set(drivername="postgresql").render_as_string())
+    admin.autocommit = True
+    broken = []
+
+    def break_connection(conn: sa.Connection) -> None:  # just before the DBAPI commit
+        if not broken:
+            broken.append(conn.connection.dbapi_connection.get_backend_pid())
+            with admin.cursor() as cur:
+                cur.execute("SELECT pg_terminate_backend(%s)", (broken[0],))
+
+    sa.event.listen(log._engine, "commit", break_connection)
+    try:
+        with pytest.raises(DecisionLogError) as caught:
+            log.write_many([record("req_doubt_1"), record("req_doubt_2")])
+        message = str(caught.value)
+        assert "stopped answering while it committed: batch of 2 decisions" in message, message
+        assert message.endswith("it may or may not be in the log"), message
+        assert "not written" not in message
+        log.write(record("req_next"))  # a new connection
+        assert log.known(["req_first", "req_next"]) == {"req_first", "req_next"}
+    finally:
+        sa.event.remove(log._engine, "commit", break_connection)
+        admin.close()
+        log.close()

@@ -905,3 +905,236 @@ def test_redis_down_is_a_503_naming_the_store_and_the_server_recovers_by_itself(
         stop_server(server, server_log)
         if redis_server.process is not None and redis_server.process.poll() is None:
             redis_server.kill()
+
+
+class KapokServe:
+    """`kapok serve --port N` as a user runs it, its output (and its server's) in `log`."""
+
+    def __init__(self, env: dict[str, str], log: Path):
+        from tests.cli_processes import kapok_command
+
+        self.port, self.log = free_port(), log
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [*kapok_command(), "serve", "--port", str(self.port)],
+            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.groups: set[int] = set()
+
+    def wait_ready(self) -> None:
+        import psutil
+
+        wait_ready(self.process, self.base, self.log)
+        self.groups = {os.getpgid(p.pid) for p in psutil.Process(self.process.pid).children()}
+
+    def stop(self) -> None:
+        import contextlib
+        import signal
+
+        from tests.test_cli_ui import stop_everything
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # stops its server and workers
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=30)
+        stop_everything(self.process, self.groups)
+        print(self.log.read_text()[-5000:])  # shown by pytest when a test failed
+
+
+class Traffic:
+    """Client threads sending /score requests until stopped; every answer kept."""
+
+    def __init__(self, api: Api, ids: list[str], threads: int = 2):
+        import threading
+
+        self.api, self.ids = api, ids
+        self.answers: list[tuple[int, dict]] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(n,)) for n in range(threads)]
+
+    def _run(self, n: int) -> None:
+        i = n
+        while not self.stopping.is_set():
+            answer = self.api.call("/score", request(self.ids[i % len(self.ids)]), role="lender")
+            self.answers.append(answer)
+            i += len(self.threads)
+
+    def __enter__(self) -> Traffic:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(90)
+
+
+def unlogged_id(message: str) -> str | None:
+    """The request id a 503 names as not logged ('… decision req_… not written …')."""
+    import re
+
+    found = re.search(r"decision (req_[0-9a-f]{32})", message)
+    return found.group(1) if found else None
+
+
+def test_decision_log_on_postgresql_stops_503_naming_it_and_the_server_recovers_by_itself(
+    served,
+):
+    """The decision log's PostgreSQL stops (pg_ctl stop -m immediate) under a running `kapok
+    serve` with client traffic: decisions answer 503 decision_log_unavailable naming the store
+    by host:port (never the password) and saying nothing was decided, /decision 503 too,
+    /readyz turns 503 and /livez stays 200, no 500 and no traceback; when PostgreSQL is back the
+    same server answers 200 again by itself. At the end the log holds exactly the decisions
+    that were answered 200: each of them once, and none of those answered 503."""
+    from serving.decision_log import DecisionLog
+    from tests.private_stores import PrivatePostgres
+
+    api, home, ids, env = served
+    pg = PrivatePostgres()
+    serve: KapokServe | None = None
+    try:
+        pg.create()
+        env = dict(env, KAPOK_DECISION_LOG=pg.url, KAPOK_WORKERS="1")
+        serve = KapokServe(env, home.home / "serve_pg.log")
+        serve.wait_ready()
+        on_pg = Api(serve.base, api.keys)
+        answered: list[str] = []  # request ids answered 200
+        refused: list[tuple[int, dict]] = []
+        for eid in ids[:3]:
+            status, body = on_pg.call("/score", request(eid), role="lender")
+            assert status == 200, body
+            answered.append(body["request_id"])
+        store = f"the decision log (PostgreSQL at 127.0.0.1:{pg.port}, database kapok)"
+
+        with Traffic(on_pg, ids[3:40]) as traffic:
+            time.sleep(2)
+            pg.stop("immediate")
+            time.sleep(1)
+            for eid in (ids[0], ids[41]):
+                status, body = on_pg.call("/score", request(eid), role="lender")
+                refused.append((status, body))
+                assert status == 503, body
+                error = body["error"]
+                assert error["code"] == "decision_log_unavailable", error
+                assert error["message"].startswith(
+                    f"decision log unavailable, nothing decided: {store} is unreachable: "
+                    "decision req_"
+                ), error
+                assert "not written" in error["message"], error
+                assert pg.PASSWORD not in json.dumps(body)
+            applicants = [{"enterprise_id": e, "requested_amount": 100_000, "term_months": 12}
+                          for e in ids[42:45]]  # fmt: skip
+            status, body = on_pg.call(
+                "/screen", {"product": "guarantee", "applicants": applicants}, role="lender"
+            )
+            refused.append((status, body))
+            assert status == 503 and body["error"]["code"] == "decision_log_unavailable", body
+            status, body = on_pg.call("/decision", {"request_id": answered[0]}, role="reviewer")
+            assert status == 503 and body["error"]["code"] == "decision_log_unavailable", body
+            assert store in body["error"]["message"], body
+            assert get_status(serve.base + "/readyz", timeout=10) == 503
+            assert get_status(serve.base + "/livez", timeout=10) == 200
+            assert serve.process.poll() is None
+
+            pg.start()  # back, with everything committed before it stopped (WAL replay)
+            deadline = time.time() + 60
+            while get_status(serve.base + "/readyz", timeout=10) != 200:
+                assert time.time() < deadline, "/readyz did not recover"
+                time.sleep(0.5)
+            time.sleep(2)  # traffic on the recovered server
+        status, body = on_pg.call("/score", request(ids[1]), role="lender")
+        assert status == 200, body
+        answered.append(body["request_id"])
+        status, body = on_pg.call("/decision", {"request_id": answered[0]}, role="reviewer")
+        assert status == 200 and body["request_id"] == answered[0], body
+        assert serve.process.poll() is None  # the same server throughout, no restart
+
+        seen = traffic.answers + refused
+        assert {s for s, _ in seen} <= {200, 503}, [b for s, b in seen if s not in (200, 503)]
+        assert all(b["error"]["code"] == "decision_log_unavailable" for s, b in seen if s == 503)
+        answered += [b["request_id"] for s, b in traffic.answers if s == 200]
+        in_doubt = {  # the connection broke during a COMMIT: the 503 says it may be logged
+            unlogged_id(b["error"]["message"])
+            for s, b in seen
+            if s == 503 and "may or may not be in the log" in b["error"]["message"]
+        }
+        statuses = [s for s, _ in traffic.answers]
+        assert statuses.count(503) > 0, statuses  # the traffic met the outage
+        assert statuses[-1] == 200, statuses  # and the recovery
+        log = DecisionLog(pg.url)
+        logged = [r.request_id for r in log.between()]
+        log.close()
+        assert len(logged) == len(set(logged))  # one record per request id
+        assert set(answered) <= set(logged), set(answered) - set(logged)  # each 200 is logged
+        assert set(logged) - set(answered) <= in_doubt  # no 503 that said "not written" is
+        assert "Traceback" not in serve.log.read_text()
+        assert "is unreachable" in serve.log.read_text()  # the outage is in the server's log
+    finally:
+        if serve is not None:
+            serve.stop()
+        pg.remove()
+
+
+def test_decision_log_disk_full_answers_503_and_decisions_resume_when_space_returns(
+    served, tmp_path
+):
+    """The filesystem of the SQLite decision log fills up under a running `kapok serve`:
+    decisions answer 503 decision_log_unavailable saying the decision log is full and nothing
+    was decided, and none of them is in the log; once space is freed the same server decides
+    and logs again. Every 200 has its record, nothing else is in the log."""
+    from serving.decision_log import DecisionLog
+    from tests.private_stores import fill, tiny_filesystem
+
+    api, home, ids, env = served
+    with tiny_filesystem(tmp_path / "tiny", "8m") as disk:
+        log_db = disk / "decisions.db"
+        env = dict(env, KAPOK_DECISION_LOG=f"sqlite:///{log_db}", KAPOK_WORKERS="1")
+        serve = KapokServe(env, home.home / "serve_full.log")
+        try:
+            serve.wait_ready()
+            on_disk = Api(serve.base, api.keys)
+            answered = []
+            for eid in ids[:3]:
+                status, body = on_disk.call("/score", request(eid), role="lender")
+                assert status == 200, body
+                answered.append(body["request_id"])
+            ballast = fill(disk)
+            refused = []
+            for eid in ids[3:8]:
+                status, body = on_disk.call("/limit", request(eid), role="lender")
+                assert status == 503, body
+                error = body["error"]
+                assert error["code"] == "decision_log_unavailable", error
+                assert error["message"].startswith(
+                    "decision log unavailable, nothing decided: "
+                    f"the decision log (SQLite at {log_db}) is full: decision req_"
+                ), error
+                refused.append(unlogged_id(error["message"]))
+            applicants = [{"enterprise_id": e, "requested_amount": 100_000, "term_months": 12}
+                          for e in ids[8:20]]  # fmt: skip
+            status, body = on_disk.call(
+                "/screen", {"product": "guarantee", "applicants": applicants}, role="lender"
+            )
+            assert status == 503 and body["error"]["code"] == "decision_log_unavailable", body
+            assert "is full" in body["error"]["message"], body
+            assert serve.process.poll() is None
+
+            ballast.unlink()  # space is back
+            for eid in ids[3:8]:
+                status, body = on_disk.call("/limit", request(eid), role="lender")
+                assert status == 200, body
+                answered.append(body["request_id"])
+            status, body = on_disk.call(
+                "/screen", {"product": "guarantee", "applicants": applicants}, role="lender"
+            )
+            assert status == 200 and body["count"] == len(applicants), body
+            answered += [r["request_id"] for r in body["ranked"]]
+            log = DecisionLog(f"sqlite:///{log_db}")
+            logged = [r.request_id for r in log.between()]
+            log.close()
+            assert None not in refused and not set(refused) & set(logged)
+            assert sorted(logged) == sorted(answered)
+            assert "Traceback" not in serve.log.read_text()
+        finally:
+            serve.stop()
