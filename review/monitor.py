@@ -306,7 +306,11 @@ def monitor(
     joined = current.join(matured, on="request_id", how="inner")
     result.outcomes_source, result.matched_outcomes = str(source), joined.height
     if joined.height == 0:
-        notes.append(f"no decision in the window has a matured outcome in {source}")
+        notes.append(
+            f"no decision in the window has a matured outcome in {source}: an outcome is known "
+            "only a performance window after its decision; back-test an earlier window "
+            "(--since and --until)"
+        )
         return result
     result.backtest = bt.grade_backtest(joined, policy.grades)
     b = result.backtest
