@@ -66,6 +66,7 @@ bench-smoke: install
 	$(BIN)/python bench/decision_log.py --threads 4 --each 20
 	$(BIN)/python bench/serving.py --home $(SMOKE_HOME) --quick
 	$(BIN)/python bench/soak.py --home $(SMOKE_HOME) --rate 20 --minutes 0.5 --smoke
+	$(BIN)/python bench/crash.py --home $(SMOKE_HOME) --reps 2 --min-load 1 --max-load 3
 	rm -rf $(SMOKE_HOME)
 
 clean:

@@ -46,8 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -71,19 +69,12 @@ MIX = (("score", 0.4), ("limit", 0.2), ("price", 0.2), ("screen", 0.2))  # every
 
 
 # -- the server ----------------------------------------------------------------------------------
-@dataclass
-class Server:
-    env: dict[str, str]
-    log: Path
-    port: int
-    proc: subprocess.Popen | None = None
-    started: float = 0.0
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+class Server(bench_serving.Server):
+    """bench/serving.py's server (ready wait, log tail, stop), started as `kapok serve --demo`
+    on the same port every time, and killed whole."""
 
     def start(self) -> None:
+        self.port = self.port or free_port()
         cmd = [KAPOK, "serve", "--demo", "--port", str(self.port)]
         with self.log.open("a") as out:
             out.write(f"\n--- {time.strftime('%H:%M:%S')} start ---\n")
@@ -93,24 +84,6 @@ class Server:
                 cmd, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 600) -> float:
-        """Seconds from start to the first 200 from /readyz."""
-        assert self.proc is not None
-        while time.monotonic() - self.started < timeout:
-            try:
-                with urllib.request.urlopen(self.base + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return time.monotonic() - self.started
-            except (urllib.error.URLError, OSError):
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kapok serve exited ({self.proc.returncode}):\n{self.tail()}")
-            time.sleep(0.1)
-        raise RuntimeError(f"kapok serve not ready after {timeout:.0f} s:\n{self.tail()}")
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:]
 
     def kill(self) -> int:
         """SIGKILL to every process of the server at once: the process groups of `kapok serve`
@@ -138,14 +111,12 @@ class Server:
         return len(pids)
 
     def stop(self) -> None:
-        """SIGTERM to `kapok serve` (it stops its group), SIGKILL to everything if it hangs."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        """SIGTERM to `kapok serve` (it stops BentoML's group); then SIGKILL to what is left."""
+        pids = process_tree(self.proc.pid) if self.proc is not None else []
+        super().stop()
+        for pid in filter(alive, pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:
@@ -275,8 +246,9 @@ def half_written(record, answered: tuple[float, str] | None) -> str | None:
         return "request enterprise_id differs"
     if answered is not None:
         pd, decision = answered
-        if record.pd != pd or record.decision != decision:
-            return f"client saw pd {pd} {decision}, log has {record.pd} {record.decision}"
+        logged = (record.response.get("pd"), record.response.get("decision"))
+        if logged != (pd, decision) or record.decision != decision:  # the response as answered
+            return f"client saw pd {pd} {decision}, the logged response has {logged}"
     return None
 
 
@@ -359,7 +331,7 @@ def main() -> int:
         f"{args.min_load:g}-{args.max_load:g} s of load each; log {store}",
         flush=True,
     )
-    server = Server(env, work / "serve.log", free_port())
+    server = Server("kapok", "serving.service:Kapok", env, work / "serve.log")
     tally = Tally()
     restarts: list[float] = []
     failure = None
