@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,64 @@ SMALL = SimulationConfig(enterprises=3_000, months=36, seed=11)
 class System:
     config: SimulationConfig
     paths: Paths
+
+
+# What running Python and its tools leave in a checkout; anything else new is a test's doing.
+CHECKOUT_CACHES = frozenset({"__pycache__", ".pytest_cache", ".ruff_cache", ".venv"})
+_UNTRACKED_BEFORE = pytest.StashKey[set[str] | None]()
+_HYPOTHESIS_HOME = pytest.StashKey[Path]()
+
+
+def untracked_paths(root: Path) -> set[str] | None:
+    """The untracked and the ignored paths of the git checkout at `root`, as `git status` names
+    them (a folder that is new as a whole is one entry, e.g. `mlruns/1/`), caches aside; None
+    when `root` is not a git checkout or git is missing."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--ignored", "-z"],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {
+        entry[3:]
+        for entry in out.split("\0")
+        if entry[:3] in ("?? ", "!! ") and not CHECKOUT_CACHES & set(Path(entry[3:]).parts)
+    }
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Before collection: note what the checkout holds, and give Hypothesis a home of its own
+    (it writes .hypothesis/ into the current folder while collecting, even with no database)."""
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    session.config.stash[_UNTRACKED_BEFORE] = untracked_paths(repo_root())
+    home = Path(tempfile.mkdtemp(prefix="kapok-hypothesis-"))
+    session.config.stash[_HYPOTHESIS_HOME] = home
+    set_hypothesis_home_dir(home)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """No test writes into the checkout: the run fails, naming them, when new untracked or
+    ignored paths (gitignored ones too, which `git status` hides) appeared in it since the
+    session started. Limits: a file new inside a folder that was already untracked is not seen,
+    and a file you create in the checkout during the run is taken for a test's."""
+    if (home := session.config.stash.get(_HYPOTHESIS_HOME, None)) is not None:
+        shutil.rmtree(home, ignore_errors=True)
+    before = session.config.stash.get(_UNTRACKED_BEFORE, None)
+    after = untracked_paths(repo_root())
+    if before is None or after is None or not (new := sorted(after - before)):
+        return
+    message = (
+        f"tests wrote into the checkout {repo_root()}: {', '.join(new)} "
+        "(write under tmp_path or the test's KAPOK_HOME instead)"
+    )
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(f"FAILED {message}", red=True, bold=True)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)

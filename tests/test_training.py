@@ -23,7 +23,7 @@ from training.data import LABEL, product_data, spec_data
 from training.promote import Comparison, Gate, PromotionError, promote, verdict
 from training.pyfunc import load_scorer, model_input
 from training.scorer import Scorer
-from training.tracking import alias_version, configure
+from training.tracking import alias_version, configure, experiment
 from training.train import _log_model, train
 from training.tune import Matrices, base_params, study_storage, tune
 
@@ -206,9 +206,10 @@ def _weak_scorer(frame: pl.DataFrame, strong: Scorer) -> Scorer:
 
 
 def _register(home: Paths, scorer: Scorer, frame: pl.DataFrame, name: str, alias: str) -> str:
+    """Log and register `scorer` as `name`@`alias`; its artifacts stay under the home's mlruns
+    (mlflow.set_experiment would put them under ./mlruns, in the checkout)."""
     client = configure(home)
-    mlflow.set_experiment(name)
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment(client, name, home)):
         version = _log_model(scorer, frame, name)
     client.set_registered_model_alias(name, alias, version)
     return version
