@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kapok  # noqa: F401  (telemetry off)
 from features.online import OnlineFeatures
+from features.raw_tables import enterprise_ids
 from features.request import request_features
 from kapok.settings import Paths
 from serving import core
@@ -35,7 +36,7 @@ from serving.engine import policy_outcome
 
 
 def requests(paths: Paths, rows: int, product: str, seed: int) -> pl.DataFrame:
-    ids = pl.read_parquet(paths.raw / "registration" / "*.parquet")["enterprise_id"].head(rows)
+    ids = enterprise_ids(paths.raw).head(rows)
     online = OnlineFeatures(paths, cache=False).read(ids.to_list()).filter(pl.col("found"))
     frame = online.select(*core.STORED_SCHEMA)
     repeat = -(-rows // frame.height)

@@ -32,8 +32,6 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import polars as pl
-
 # run as `python bench/x.py`, sys.path[0] is bench/, where serving.py (the load benchmark)
 # would shadow the serving package: look in the repository instead
 sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -42,6 +40,7 @@ import kapok  # noqa: F401  (telemetry off)
 from features import store as fs
 from features.build import read_summary
 from features.online import OnlineFeatures, redis_generation_key
+from features.raw_tables import enterprise_ids
 from features.schema import FEATURES
 from kapok.settings import Paths, paths
 
@@ -57,8 +56,8 @@ def load() -> str:
 def scratch_home(source: Paths) -> Paths:
     home = Paths(Path(tempfile.mkdtemp(prefix="kapok_online_bench_")))
     home.data.mkdir(parents=True)
-    (home.data / "raw").symlink_to(source.raw)
-    (home.data / "features").symlink_to(source.features)
+    home.raw.symlink_to(source.raw)
+    home.features.symlink_to(source.features)
     return home
 
 
@@ -134,7 +133,7 @@ def main() -> None:
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="'' to skip Redis")
     args = ap.parse_args()
     home = paths()
-    ids = pl.read_parquet(home.raw / "registration" / "*.parquet")["enterprise_id"].unique()
+    ids = enterprise_ids(home.raw).unique()
     ids = sorted(ids.to_list())
     print(f"home {home.home}: {len(ids):,} enterprises; {os.cpu_count()} cpus; {load()}")
     needed = args.reps * 1010 + 20

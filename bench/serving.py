@@ -565,12 +565,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def enterprise_ids(home: Path) -> list[str]:
-    import polars as pl
+    from features import raw_tables
+    from kapok.settings import Paths
 
-    files = sorted((home / "data" / "raw" / "registration").glob("*.parquet"))
-    if not files:
-        sys.exit(f"bench/serving.py: no data/raw/registration/*.parquet under {home}")
-    ids = sorted(pl.read_parquet(files, columns=["enterprise_id"])["enterprise_id"].to_list())
+    try:
+        ids = sorted(raw_tables.enterprise_ids(Paths(home).raw).to_list())
+    except (FileNotFoundError, raw_tables.RawTableError) as e:
+        sys.exit(f"bench/serving.py: {e}")
     random.Random(SEED).shuffle(ids)
     return ids
 

@@ -35,6 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# run as `python bench/watch.py`, sys.path[0] is bench/, where serving.py (the load benchmark)
+# would shadow the serving package that review.watch imports (in the spawned children too)
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import kapok  # noqa: F401  (telemetry off before anything else is imported)
 
 GOAL_ENTERPRISES, GOAL_SECONDS, GOAL_BYTES = 1_000_000, 900.0, 24 * 1024**3
@@ -48,20 +52,21 @@ def _max_rss_bytes() -> int:
 
 def _prepare(home: str, enterprises: int, months: int, seed: int, train: bool) -> dict[str, Any]:
     """Child: simulate and build features (unless already there); train when asked."""
-    from features.build import build
+    from features import build as fb
+    from features import raw_tables as rt
     from kapok.bigdata.generate import generate
     from kapok.bigdata.simulate import SimulationConfig
     from kapok.settings import Paths
 
     p = Paths(Path(home))
     out: dict[str, Any] = {}
-    if not (p.raw / "_manifest.json").exists():
+    if not (p.raw / rt.MANIFEST).exists():
         t0 = time.perf_counter()
         generate(SimulationConfig(enterprises, months, seed), p.raw)
         out["generate_s"] = time.perf_counter() - t0
-    if not (p.features / "_manifest.json").exists():
+    if not (p.features / fb.MANIFEST).exists():
         t0 = time.perf_counter()
-        build(p.raw, p.features)
+        fb.build(p.raw, p.features)
         out["features_s"] = time.perf_counter() - t0
     if train:
         from training.tracking import CHAMPION, alias_version, configure, model_name
@@ -83,11 +88,12 @@ def _book(home: str, seed: int) -> str:
     import numpy as np
     import polars as pl
 
-    from features.raw_tables import scan
+    from features.raw_tables import enterprise_ids
+    from kapok.settings import Paths
 
     path = Path(home) / "book.parquet"
     if not path.exists():
-        ids = scan(Path(home) / "data" / "raw", "registration").select("enterprise_id").collect()
+        ids = enterprise_ids(Paths(Path(home)).raw).to_frame()
         rng = np.random.default_rng(seed)
         ids.with_columns(
             requested_amount=pl.Series(rng.integers(2, 100, ids.height) * 10_000.0),

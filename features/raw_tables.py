@@ -265,3 +265,8 @@ def read_manifest(raw: Path) -> dict:
     if missing:
         raise RawTableError(f"{path} lacks {', '.join(missing)} (see features.raw_tables)")
     return manifest
+
+
+def enterprise_ids(raw: Path) -> pl.Series:
+    """Every enterprise of the raw folder, in file order (registration has one row each)."""
+    return scan(raw, "registration").select("enterprise_id").collect().to_series()
