@@ -23,6 +23,7 @@ from datetime import date, datetime
 import numpy as np
 import polars as pl
 
+from features.raw_tables import TAX_RATINGS
 from features.schema import FAMILIES, family, features_of
 
 UTC = "UTC"
@@ -409,7 +410,7 @@ def _tax(raw: dict[str, pl.LazyFrame], panel: Panel, day: int) -> Columns:
 def _tax_rating(raw: dict[str, pl.LazyFrame], panel: Panel, day: int) -> Array:
     """Rank of the latest tax-credit rating published by each snapshot's cut-off (NaN before the
     first): each rating is placed at the first snapshot that can see it and carried forward."""
-    rank = {"A": 1, "B": 2, "M": 3, "C": 4, "D": 5}
+    rank = {rating: rank for rank, rating in enumerate(TAX_RATINGS, 1)}
     ratings = (
         raw["tax_credit_rating"]
         .select(

@@ -152,6 +152,77 @@ RAW_TABLES: dict[str, RawTable] = {
 TABLES: tuple[str, ...] = tuple(RAW_TABLES)
 MONTHLY_TABLES: tuple[str, ...] = tuple(t.name for t in RAW_TABLES.values() if t.monthly)
 
+# Day of the month after month m on which the big-data system publishes month m of each monthly
+# table (its rows' available_at); feature snapshots of month m are cut on these days.
+PUBLICATION_DAY: dict[str, int] = {
+    "payments": 3,
+    "electricity": 5,
+    "social_insurance": 10,
+    "credit_history": 10,
+    "tax": 15,
+    "receivables_payables": 20,
+}
+
+
+# -- values of the coded columns -----------------------------------------------------------------
+# What the coded columns hold, with each value's name in English and Chinese (features.labels
+# shows them to people; the simulator draws from them).
+Names = tuple[str, str]  # (English, Chinese)
+
+# registration.industry: a section (门类) of GB/T 4754-2017, the national industry classification.
+INDUSTRY_SECTIONS: dict[str, Names] = {
+    "A": ("Agriculture, forestry, animal husbandry, fishery", "农、林、牧、渔业"),
+    "B": ("Mining", "采矿业"),
+    "C": ("Manufacturing", "制造业"),
+    "D": ("Electricity, heat, gas and water production and supply",
+          "电力、热力、燃气及水生产和供应业"),
+    "E": ("Construction", "建筑业"),
+    "F": ("Wholesale and retail trade", "批发和零售业"),
+    "G": ("Transport, storage and postal services", "交通运输、仓储和邮政业"),
+    "H": ("Accommodation and catering", "住宿和餐饮业"),
+    "I": ("Information transmission, software and IT services", "信息传输、软件和信息技术服务业"),
+    "J": ("Finance", "金融业"),
+    "K": ("Real estate", "房地产业"),
+    "L": ("Leasing and business services", "租赁和商务服务业"),
+    "M": ("Scientific research and technical services", "科学研究和技术服务业"),
+    "N": ("Water conservancy, environment and public facilities management",
+          "水利、环境和公共设施管理业"),
+    "O": ("Resident services, repair and other services", "居民服务、修理和其他服务业"),
+    "P": ("Education", "教育"),
+    "Q": ("Health and social work", "卫生和社会工作"),
+    "R": ("Culture, sports and entertainment", "文化、体育和娱乐业"),
+    "S": ("Public administration, social security and social organisations",
+          "公共管理、社会保障和社会组织"),
+    "T": ("International organisations", "国际组织"),
+}  # fmt: skip
+
+# registration.district: a district of Guangzhou (广州市) by its English name, as (administrative
+# division code, i.e. digits 3-8 of a USCC; English name; Chinese name).
+DISTRICTS: tuple[tuple[str, str, str], ...] = (
+    ("440103", "Liwan", "荔湾区"),
+    ("440104", "Yuexiu", "越秀区"),
+    ("440105", "Haizhu", "海珠区"),
+    ("440106", "Tianhe", "天河区"),
+    ("440111", "Baiyun", "白云区"),
+    ("440112", "Huangpu", "黄埔区"),
+    ("440113", "Panyu", "番禺区"),
+    ("440114", "Huadu", "花都区"),
+    ("440115", "Nansha", "南沙区"),
+    ("440117", "Conghua", "从化区"),
+    ("440118", "Zengcheng", "增城区"),
+)
+
+# registration.size_class: the enterprise size class (中小企业划型标准).
+SIZE_CLASSES: dict[str, Names] = {
+    "micro": ("micro", "微型"),
+    "small": ("small", "小型"),
+    "medium": ("medium", "中型"),
+    "large": ("large", "大型"),
+}
+
+# tax_credit_rating.rating, best to worst; M is for newly established firms.
+TAX_RATINGS: tuple[str, ...] = ("A", "B", "M", "C", "D")
+
 
 def raw_table(name: str) -> RawTable:
     try:

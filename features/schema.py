@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
+from features.raw_tables import PUBLICATION_DAY, TAX_RATINGS
+
 SCHEMA_VERSION = "1.0"
 
 DType = Literal["float", "int", "string"]
@@ -48,22 +50,27 @@ class Feature:
             raise ValueError(f"{self.name}: a categorical feature has no risk direction")
 
 
+# the tax-credit rating's code table, 1 = best: "1=A 2=B 3=M 4=C 5=D"
+TAX_RATING_CODES = " ".join(f"{rank}={rating}" for rank, rating in enumerate(TAX_RATINGS, 1))
 _TTL = timedelta(days=92)  # monthly snapshots: a quarter without a new one means stale
 
 FAMILIES: tuple[Family, ...] = (
+    # registration and court records are events, not monthly tables: cut on the first of the month
     Family("registration", "Business registration (工商) and abnormal-operations listings",
            "registration, registration_events", 1, _TTL),
     Family("tax", "Monthly tax filings (税务) and the yearly tax-credit rating",
-           "tax, tax_credit_rating", 15, _TTL),
-    Family("power", "Enterprise electricity use (企业用电)", "electricity", 5, _TTL),
-    Family("social_insurance", "Social-insurance headcount (政务)", "social_insurance", 10, _TTL),
-    Family("payments", "Payment flows (交易支付)", "payments", 3, _TTL),
+           "tax, tax_credit_rating", PUBLICATION_DAY["tax"], _TTL),
+    Family("power", "Enterprise electricity use (企业用电)", "electricity",
+           PUBLICATION_DAY["electricity"], _TTL),
+    Family("social_insurance", "Social-insurance headcount (政务)", "social_insurance",
+           PUBLICATION_DAY["social_insurance"], _TTL),
+    Family("payments", "Payment flows (交易支付)", "payments", PUBLICATION_DAY["payments"], _TTL),
     Family("receivables_payables", "Receivables and payables (应收应付)",
-           "receivables_payables", 20, _TTL),
+           "receivables_payables", PUBLICATION_DAY["receivables_payables"], _TTL),
     Family("judicial", "Court, enforcement and administrative-penalty records (司法与处罚)",
            "judicial_events", 1, _TTL),
     Family("credit_history", "Credit reported by banks, microloan and guarantee companies (征信)",
-           "credit_history", 10, _TTL),
+           "credit_history", PUBLICATION_DAY["credit_history"], _TTL),
 )  # fmt: skip
 
 F = Feature
@@ -109,7 +116,7 @@ FEATURES: tuple[Feature, ...] = (
       "Late tax filings, last 12 months", "近12个月逾期申报次数"),
     F("tax_months_filed_12m", "tax", "int", "months", -1,
       "Months with a tax filing, last 12 months", "近12个月纳税申报月数"),
-    F("tax_credit_rating_rank", "tax", "int", "1=A 2=B 3=M 4=C 5=D", 1,
+    F("tax_credit_rating_rank", "tax", "int", TAX_RATING_CODES, 1,
       "Latest published tax-credit rating (A best, D worst; M = newly established)",
       "最近一次纳税信用等级"),
     # power

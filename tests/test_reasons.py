@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from features import labels
+from features.raw_tables import TAX_RATINGS
 from features.schema import ALL_FEATURES, BY_NAME
 from kapok.bigdata import world
 from review import portfolio as pf
@@ -120,8 +121,8 @@ def test_every_unit_of_the_schema_has_a_way_to_be_shown():
         assert f.unit in _UNITS or f.unit in labels.BY_UNIT or labels.codes(f.unit), f.unit
 
 
-def test_the_labels_agree_with_the_simulated_region():
-    """features.labels is the one home of the names; the simulator's world uses the same."""
+def test_the_labels_know_every_value_the_simulated_region_writes():
+    """The names live with the raw tables' contract; every code the simulator writes has one."""
     for ind in world.INDUSTRIES:
         assert labels.INDUSTRY_SECTIONS[ind.code] == (ind.name, ind.name_zh)
     for d in world.DISTRICTS:
@@ -129,7 +130,8 @@ def test_the_labels_agree_with_the_simulated_region():
         assert labels.DISTRICTS[d.code] == (d.name, d.name_zh)
     assert set(world.SIZE_CLASSES) <= set(labels.SIZE_CLASSES)
     unit = BY_NAME["tax_credit_rating_rank"].unit
-    assert [labels.codes(unit)[i + 1] for i in range(5)] == list(world.TAX_RATINGS)
+    assert unit == "1=A 2=B 3=M 4=C 5=D"
+    assert [labels.codes(unit)[i + 1] for i in range(5)] == list(TAX_RATINGS)
 
 
 # -- the columnar core (/score, /screen, kapok decide) -------------------------------------------

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from features.raw_tables import PUBLICATION_DAY
 from kapok import uscc
 from kapok.bigdata.world import (
     DISTRICTS,
     INDUSTRIES,
     PRODUCTS,
-    PUBLICATION_DAY,
     SIZE_CLASSES,
     SIZE_EMPLOYEES,
     SIZE_REVENUE,
