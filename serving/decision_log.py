@@ -10,11 +10,19 @@ Storage: JSON fields are compact UTF-8 JSON (sorted keys, no spaces, no \\u esca
 `response` column leaves out the keys whose value is exactly what the row's own columns give
 (request_id, reasons, price, rounded pd and score, ...) and lists them under "@derived"; `get`,
 `recent`, `between` and `frame` put them back, so what is read equals what was written.
+
+Tamper evidence: every record carries `seq` (1, 2, 3, ... per log, the chain order), `prev_hash`
+and `hash` = sha256(prev_hash || canonical(record)), where canonical() is a fixed byte encoding of
+the row's stored columns (`canonical`). The head (last seq and hash) is kept in the one-row table
+`decisions_chain`, read and moved inside the very transaction that inserts the records, under a
+lock (PostgreSQL: SELECT ... FOR UPDATE on that row; SQLite: BEGIN IMMEDIATE), so the chain has
+one order even with several processes writing to one log. `serving/audit.py` verifies it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -50,6 +58,8 @@ DEFAULT_TIMEOUT = 45.0  # seconds a write waits for its commit: the API can stil
 # within BentoML's 60 s request timeout
 MAX_BATCH_ROWS = 2_000  # rows per group-commit transaction (one caller's list is never split)
 SQLITE_BUSY_MS = 30_000  # how long a SQLite writer waits for another process's write lock
+GENESIS_HASH = "0" * 64  # prev_hash of a log's first chained record
+CANONICAL_VERSION = b"kapok-decision-v1\n"  # first bytes of every canonical encoding
 
 
 class DecisionLogError(RuntimeError):
@@ -412,12 +422,59 @@ decisions = sa.Table(
     sa.Column("price", sa.Text, nullable=True),
     sa.Column("reasons", sa.Text, nullable=False),
     sa.Column("response", sa.Text, nullable=False),
+    # the hash chain; NULL only in rows written before chaining began (an older Kapok)
+    sa.Column("seq", sa.BigInteger, nullable=True),
+    sa.Column("prev_hash", sa.Text, nullable=True),
+    sa.Column("hash", sa.Text, nullable=True),
     sa.CheckConstraint(
         "endpoint IN ('score', 'limit', 'price', 'screen')", name="decisions_endpoint_check"
     ),
     sa.Index("decisions_decided_at_idx", "decided_at"),
     sa.Index("decisions_enterprise_idx", "enterprise_id", "decided_at"),
 )
+CHAIN_COLUMNS = ("seq", "prev_hash", "hash")
+# what a record is: every stored column but the chain's, in the table's (the canonical) order
+RECORD_COLUMNS = tuple(c.name for c in decisions.columns if c.name not in CHAIN_COLUMNS)
+_FLOAT_COLUMNS = frozenset({"pd", "score", "limit_amount"})
+_SEQ_INDEX = sa.Index("decisions_seq_idx", decisions.c.seq, unique=True)
+
+# the chain's head: one row (id 1), moved in the transaction that appends records
+decisions_chain = sa.Table(
+    "decisions_chain",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),  # the last record's seq, 0 before any
+    sa.Column("hash", sa.Text, nullable=False),  # the last record's hash, GENESIS_HASH before any
+    sa.Column("unchained", sa.BigInteger, nullable=False),  # records already there, not covered
+    sa.Column("started_at", sa.Text, nullable=False),  # when chaining began, ISO 8601 UTC
+)
+
+
+def canonical(row: Mapping[str, Any]) -> bytes:
+    """The bytes a record's hash covers: every stored column of RECORD_COLUMNS in that order, as
+    one JSON array (UTF-8, no spaces), after a version line. Text columns (the JSON fields too)
+    as the exact text stored; pd, score and limit_amount as floats in Python's shortest
+    round-trip form (null for NULL); decided_at as ISO 8601 UTC with microseconds. The same bytes
+    come from the row as written (`_to_row`) and as read back from SQLite or PostgreSQL."""
+    values: list[Any] = []
+    for name in RECORD_COLUMNS:
+        value = row[name]
+        if name == "decided_at":
+            value = _utc(value).isoformat(timespec="microseconds")
+        elif name in _FLOAT_COLUMNS and value is not None:
+            value = float(value)
+        values.append(value)
+    text = _CANONICAL_ENCODER.encode(values)
+    return CANONICAL_VERSION + text.encode("utf-8", "surrogatepass")
+
+
+_CANONICAL_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=True)
+
+
+def chain_hash(prev_hash: str, content: bytes) -> str:
+    """sha256(prev_hash || content) as 64 hex digits: the hash a record carries."""
+    return hashlib.sha256(prev_hash.encode("ascii") + content).hexdigest()
+
 
 _SQLITE_TRIGGERS = [
     f"""CREATE TRIGGER IF NOT EXISTS decisions_no_update BEFORE UPDATE ON decisions
@@ -523,6 +580,7 @@ class _Pending:
     """One caller's records on their way to the database, and how it went."""
 
     rows: list[dict[str, Any]]
+    contents: list[bytes]  # canonical(row) of each row, computed by the caller's thread
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -649,7 +707,8 @@ class DecisionLog:
                 self._create_schema_once()
                 return
             except DecisionLogError as e:
-                if "already exists" not in str(e) or attempt == 2:
+                racing = "already exists" in str(e) or "duplicate column" in str(e)
+                if not racing or attempt == 2:
                     raise
 
     def _create_schema_once(self) -> None:
@@ -664,6 +723,7 @@ class DecisionLog:
                         sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY}
                     )
                 _metadata.create_all(conn, checkfirst=True)
+                _add_chain_columns(conn)
                 if self._backend == "sqlite":
                     for statement in _SQLITE_TRIGGERS:
                         conn.exec_driver_sql(statement)
@@ -705,10 +765,11 @@ class DecisionLog:
             return
         try:
             rows = [_to_row(r) for r in batch]
+            contents = [canonical(row) for row in rows]
         except (TypeError, ValueError) as e:
             raise DecisionLogError(f"decision log {self.url}: cannot encode {what}: {e}") from e
         self._ensure_schema()
-        pending = _Pending(rows)
+        pending = _Pending(rows, contents)
         self._submit(pending)
         self._wait(pending, what)
 
@@ -796,7 +857,9 @@ class DecisionLog:
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
-            self._insert([row for p in batch for row in p.rows])
+            self._insert(
+                [row for p in batch for row in p.rows], [c for p in batch for c in p.contents]
+            )
         except Exception as e:
             if len(batch) == 1 or _is_connection_error(e):
                 for p in batch:
@@ -804,7 +867,7 @@ class DecisionLog:
                 return
             for p in batch:  # find whose rows failed: each caller in a transaction of its own
                 try:
-                    self._insert(p.rows)
+                    self._insert(p.rows, p.contents)
                 except Exception as own:
                     p.finish(own)
                 else:
@@ -813,12 +876,32 @@ class DecisionLog:
         for p in batch:
             p.finish()
 
-    def _insert(self, rows: list[dict[str, Any]]) -> None:
-        """One transaction (executemany); raises whatever the driver raised, or _InDoubt when
-        the connection to the PostgreSQL server was lost during the COMMIT itself (SQLite's
-        commit either happened or not: it is this process's own)."""
+    def _insert(self, rows: list[dict[str, Any]], contents: list[bytes]) -> None:
+        """One transaction (executemany) that chains the rows, in their order, after the head and
+        moves the head; raises whatever the driver raised.
+
+        The head is read under a lock held to the commit, so writers in other processes chain
+        after this transaction, never beside it: on PostgreSQL the head row is locked (SELECT ...
+        FOR UPDATE); on SQLite the transaction takes the database's write lock first (BEGIN
+        IMMEDIATE; a plain BEGIN would read the head before holding it). Raises _InDoubt when the
+        connection to the PostgreSQL server was lost during the COMMIT itself (SQLite's commit
+        either happened or not: it is this process's own)."""
         with self._serial, self._engine.connect() as conn:
+            if self._backend == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            seq, prev = conn.execute(
+                sa.select(decisions_chain.c.seq, decisions_chain.c.hash)
+                .where(decisions_chain.c.id == 1)
+                .with_for_update()
+            ).one()
+            for row, content in zip(rows, contents, strict=True):
+                seq += 1
+                row["seq"], row["prev_hash"] = seq, prev
+                row["hash"] = prev = chain_hash(prev, content)
             conn.execute(decisions.insert(), rows)
+            conn.execute(
+                decisions_chain.update().where(decisions_chain.c.id == 1).values(seq=seq, hash=prev)
+            )
             try:
                 conn.commit()
             except exc.DBAPIError as e:
@@ -875,7 +958,7 @@ class DecisionLog:
         """
         import polars as pl
 
-        names = list(columns) if columns is not None else [c.name for c in decisions.columns]
+        names = list(columns) if columns is not None else list(RECORD_COLUMNS)
         unknown = [n for n in names if n not in decisions.c]
         if unknown:
             raise ValueError(f"decision log has no column(s) {', '.join(unknown)}")
@@ -887,7 +970,7 @@ class DecisionLog:
         ).order_by(decisions.c.decided_at.asc(), decisions.c.request_id.asc())
         rows = self._select(query, "frame")
         types = {"decided_at": pl.Datetime("us", "UTC"), "pd": pl.Float64,
-                 "score": pl.Float64, "limit_amount": pl.Float64}  # fmt: skip
+                 "score": pl.Float64, "limit_amount": pl.Float64, "seq": pl.Int64}  # fmt: skip
         schema = {n: types.get(n, pl.String) for n in names}
         data = {n: [r[i] for r in rows] for i, n in enumerate(names)}
         if "response" in data:
@@ -984,6 +1067,27 @@ class DecisionLog:
         return f"DecisionLog({self.url!r})"
 
 
+def _add_chain_columns(conn: sa.Connection) -> None:
+    """Chain a log written before the hash chain existed: add the seq / prev_hash / hash columns
+    (NULL in the rows already there, which are neither rewritten nor covered) and the head row,
+    which counts those rows as `unchained`; the next record is seq 1 after GENESIS_HASH."""
+    present = {c["name"] for c in sa.inspect(conn).get_columns(decisions.name)}
+    for name in CHAIN_COLUMNS:
+        if name not in present:  # ADD COLUMN without a default rewrites no row, fires no trigger
+            kind = "BIGINT" if name == "seq" else "TEXT"
+            conn.exec_driver_sql(f"ALTER TABLE decisions ADD COLUMN {name} {kind}")
+    _SEQ_INDEX.create(conn, checkfirst=True)
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    conn.execute(
+        sa.text(
+            "INSERT INTO decisions_chain (id, seq, hash, unchained, started_at) "
+            "SELECT 1, 0, :genesis, count(*), :started FROM decisions WHERE seq IS NULL "
+            "ON CONFLICT (id) DO NOTHING"
+        ),
+        {"genesis": GENESIS_HASH, "started": started},
+    )
+
+
 def _create_pg_triggers(conn: sa.Connection) -> None:
     existing = set(
         conn.execute(
@@ -1037,7 +1141,7 @@ def _response_text(row: Mapping[str, Any]) -> str | None:
 
 def _from_row(row: sa.Row) -> DecisionRecord:
     m = row._mapping
-    values = {c.name: m[c.name] for c in decisions.columns}
+    values = {name: m[name] for name in RECORD_COLUMNS}
     values["response"] = _full_response(m)
     for name in _JSON_FIELDS:
         if name != "response":
