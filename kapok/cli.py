@@ -36,6 +36,10 @@ app.add_typer(data_app, name="data", no_args_is_help=True)
 app.add_typer(features_app, name="features", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of the lending API (stored hashed).")
 app.add_typer(keys_app, name="keys", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="Tamper evidence of the decision log: verify its hash chain, print its head to anchor."
+)
+app.add_typer(audit_app, name="audit", no_args_is_help=True)
 
 
 @app.callback()
@@ -1037,6 +1041,83 @@ def keys_revoke(
         "until it is restarted",
         soft_wrap=True,
     )
+
+
+# -- audit: the decision log's hash chain -------------------------------------------------------
+LogOption = Annotated[
+    str | None,
+    typer.Option(
+        "--log",
+        help="The decision log's SQLAlchemy URL (default: KAPOK_DECISION_LOG, else SQLite "
+        "under KAPOK_HOME/decisions).",
+    ),
+]
+
+
+@audit_app.command("verify")
+@friendly_errors
+def audit_verify(
+    log: LogOption = None,
+    anchor: Annotated[
+        str | None,
+        typer.Option(
+            help="SEQ:HASH from an earlier `kapok audit anchor`: that record must "
+            "still have that hash."
+        ),
+    ] = None,
+) -> None:
+    """Walk the decision log's hash chain in order and recompute every record's hash. Exit 0:
+    "N records, chain intact, head HASH"; exit 1 naming the first edited, deleted, reordered or
+    inserted record (its seq and request_id)."""
+    from serving.audit import anchor as anchor_head
+    from serving.audit import verify
+
+    anchored = None
+    if anchor is not None:
+        seq, _, digest = anchor.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            raise ValueError(f"--anchor must be SEQ:HASH (64 hex digits), got {anchor!r}")
+        anchored = (int(seq), digest.lower())
+    total = anchor_head(log).seq  # for the progress bar; the walk reads the head again
+    with progress_bar("verifying the decision log", total) as advance:
+        verdict = verify(log, progress=advance, anchor=anchored)
+    if verdict.unchained:
+        console.print(
+            f"{verdict.unchained:,} records before chaining began (not covered)", highlight=False
+        )
+    if verdict.finding is not None:
+        _error_line(verdict.finding)
+        raise typer.Exit(1)
+    print(f"{verdict.records:,} records, chain intact, head {verdict.head.hash}")
+
+
+@audit_app.command("anchor")
+@friendly_errors
+def audit_anchor(
+    log: LogOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Print the decision log's head (seq, hash, its record and the time now) to keep outside
+    Kapok, e.g. with a lender's records or a notary; `kapok audit verify --anchor SEQ:HASH`
+    later checks the log still holds it. Does not verify the chain."""
+    import datetime as dt
+    import json
+
+    from serving.audit import anchor
+
+    head = anchor(log)
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    if json_out:
+        print(json.dumps({
+            "seq": head.seq,
+            "hash": head.hash,
+            "request_id": head.request_id,
+            "decided_at": None if head.decided_at is None else head.decided_at.isoformat(),
+            "anchored_at": now,
+        }))  # fmt: skip
+        return
+    of = f" ({head.request_id})" if head.request_id else " (no record yet)"
+    print(f"seq {head.seq}{of} head {head.hash} at {now}")
 
 
 # -- the main job --------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ record where the chain no longer holds and says which kind of change explains it
   gone), or the chain ends before the recorded head;
 - reordered: the record is chained after a record stored later;
 - inserted: a record beyond the recorded head, a record chained after an earlier record than the
-  one before it (a fork), or more unchained records than the log had when chaining began.
+  one before it (a fork), or a record without seq that was not in the log when chaining began.
 
 An attacker who rewrites the chain from some record to the end, head included, leaves a
 consistent chain: what catches that is an anchor, the head (seq and hash) printed by
@@ -44,6 +44,7 @@ from serving.decision_log import (
     chain_hash,
     decisions,
     decisions_chain,
+    decisions_unchained,
 )
 
 CHUNK_ROWS = 5_000
@@ -54,8 +55,10 @@ class Finding:
     """The first record where the chain breaks."""
 
     kind: str  # edited | deleted | reordered | inserted | rewritten
-    seq: int | None  # the record's place in the chain (None: an unchained record)
-    request_id: str | None  # None when the record itself is gone
+    # the record: the changed, moved or inserted one; for a deletion the record right after the
+    # missing one(s) (None when the chain's end is missing); seq None: an unchained record
+    seq: int | None
+    request_id: str | None
     reason: str  # one line
 
     def __str__(self) -> str:
@@ -99,18 +102,15 @@ def verify(
     chunk: int = CHUNK_ROWS,
     progress: Callable[[int], None] | None = None,
     anchor: tuple[int, str] | None = None,
-    start: Callable[[int], None] | None = None,
 ) -> Verdict:
     """Walk the chain up to the head read at the start; the first broken record, or None.
 
-    `start(total)` is called once with the number of records to walk, `progress(n)` after each
-    chunk of n records; `anchor` = (seq, hash) from an earlier `anchor()`."""
+    `progress(n)` is called after each chunk of n records walked; `anchor` = (seq, hash) from an
+    earlier `anchor()`."""
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of rows, got {chunk!r}")
     with _reader(url) as (conn, log):
         head = _head(conn, with_record=False)
-        if start is not None:
-            start(head.seq)
         walk = _Walk(conn, head, anchor)
         columns = [decisions.c[n] for n in (*RECORD_COLUMNS, *CHAIN_COLUMNS)]
         last = 0
@@ -132,7 +132,7 @@ def verify(
                 last = page[-1]._mapping["seq"]
                 if progress is not None:
                     progress(len(page))
-            finding = walk.finding or walk.end() or _beyond_head(conn) or _unchained(conn, head)
+            finding = walk.finding or walk.end() or _beyond_head(conn) or _unchained(conn)
         except exc.SQLAlchemyError as e:
             raise DecisionLogError(f"decision log {log.url}: verify failed: {_reason(e)}") from e
         return Verdict(walk.count, head.unchained, head, finding)
@@ -150,7 +150,7 @@ class _Walk:
         if seq != self.seq + 1:
             missing = _span(self.seq + 1, seq - 1)
             self.finding = Finding(
-                "deleted", self.seq + 1, None,
+                "deleted", seq, rid,
                 f"{missing} missing: the chain goes from {self._here()} to seq {seq} ({rid})",
             )  # fmt: skip
             return
@@ -266,28 +266,36 @@ def _beyond_head(conn: sa.Connection) -> Finding | None:
     )  # fmt: skip
 
 
-def _unchained(conn: sa.Connection, head: Head) -> Finding | None:
-    """Records without a seq: only those written before chaining began may be."""
-    count = conn.execute(
-        sa.select(sa.func.count()).select_from(decisions).where(decisions.c.seq.is_(None))
-    ).scalar_one()
-    if count > head.unchained:
-        newest = conn.execute(
-            sa.select(decisions.c.request_id)
-            .where(decisions.c.seq.is_(None))
-            .order_by(decisions.c.decided_at.desc(), decisions.c.request_id.desc())
-            .limit(1)
-        ).scalar()
+def _unchained(conn: sa.Connection) -> Finding | None:
+    """Records without a seq: only those written before chaining began (decisions_unchained)."""
+    listed = sa.select(decisions_unchained.c.request_id).where(
+        decisions_unchained.c.request_id == decisions.c.request_id
+    )
+    added = conn.execute(
+        sa.select(decisions.c.request_id)
+        .where(decisions.c.seq.is_(None), ~listed.exists())
+        .order_by(decisions.c.request_id)
+        .limit(1)
+    ).scalar()
+    if added is not None:
         return Finding(
-            "inserted", None, newest,
-            f"{count - head.unchained} record(s) outside the chain (no seq) were added after "
-            f"chaining began, the newest {newest}",
+            "inserted", None, added,
+            f"record {added} is outside the chain (no seq) and was not in the log when "
+            "chaining began",
         )  # fmt: skip
-    if count < head.unchained:
+    present = sa.select(decisions.c.request_id).where(
+        decisions.c.request_id == decisions_unchained.c.request_id, decisions.c.seq.is_(None)
+    )
+    gone = conn.execute(
+        sa.select(decisions_unchained.c.request_id)
+        .where(~present.exists())
+        .order_by(decisions_unchained.c.request_id)
+        .limit(1)
+    ).scalar()
+    if gone is not None:
         return Finding(
-            "deleted", None, None,
-            f"{head.unchained - count} of the {head.unchained} records written before chaining "
-            "began are missing",
+            "deleted", None, gone,
+            f"record {gone}, written before chaining began, is missing",
         )  # fmt: skip
     return None
 
@@ -328,7 +336,10 @@ class _reader:
             if not inspector.has_table(decisions.name):
                 raise DecisionLogError(f"{where}: no decisions table")
             columns = {c["name"] for c in inspector.get_columns(decisions.name)}
-            if not inspector.has_table(decisions_chain.name) or "seq" not in columns:
+            chained = all(
+                inspector.has_table(t.name) for t in (decisions_chain, decisions_unchained)
+            )
+            if not chained or "seq" not in columns:
                 count = self.conn.execute(
                     sa.select(sa.func.count()).select_from(sa.table(decisions.name))
                 ).scalar_one()
