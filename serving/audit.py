@@ -48,6 +48,7 @@ from serving.decision_log import (
 )
 
 CHUNK_ROWS = 5_000
+HEAD_MISSING = "the chain's head row (decisions_chain) is missing"
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,12 @@ def anchor(url: str | None = None) -> Head:
     """The log's current head: seq, hash and the record it belongs to."""
     with _reader(url) as (conn, log):
         try:
-            return _head(conn, with_record=True)
+            head = _head(conn, with_record=True)
         except exc.SQLAlchemyError as e:
             raise DecisionLogError(f"decision log {log.url}: anchor failed: {_reason(e)}") from e
+        if head is None:
+            raise DecisionLogError(f"decision log {log.url}: {HEAD_MISSING}")
+        return head
 
 
 def verify(
@@ -111,6 +115,9 @@ def verify(
         raise ValueError(f"chunk must be a positive number of rows, got {chunk!r}")
     with _reader(url) as (conn, log):
         head = _head(conn, with_record=False)
+        if head is None:
+            gone = Finding("deleted", None, None, HEAD_MISSING)
+            return Verdict(0, 0, Head(0, GENESIS_HASH, 0, ""), gone)
         walk = _Walk(conn, head, anchor)
         columns = [decisions.c[n] for n in (*RECORD_COLUMNS, *CHAIN_COLUMNS)]
         last = 0
@@ -300,10 +307,10 @@ def _unchained(conn: sa.Connection) -> Finding | None:
     return None
 
 
-def _head(conn: sa.Connection, *, with_record: bool) -> Head:
+def _head(conn: sa.Connection, *, with_record: bool) -> Head | None:
     row = conn.execute(sa.select(decisions_chain).where(decisions_chain.c.id == 1)).first()
     if row is None:
-        raise DecisionLogError("the decision log's chain head (decisions_chain) is empty")
+        return None
     head = Head(row.seq, row.hash, row.unchained, row.started_at)
     if with_record and head.seq:
         record = conn.execute(

@@ -576,6 +576,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+class _ChainHeadMissing(RuntimeError):
+    """The decisions_chain row is gone: nothing can be chained until it is restored."""
+
+
 class _WriterStopped(RuntimeError):
     """The writer thread ended with records still in its hands."""
 
@@ -894,11 +898,16 @@ class DecisionLog:
         with self._serial, self._engine.connect() as conn:
             if self._backend == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
-            seq, prev = conn.execute(
+            head = conn.execute(
                 sa.select(decisions_chain.c.seq, decisions_chain.c.hash)
                 .where(decisions_chain.c.id == 1)
                 .with_for_update()
-            ).one()
+            ).first()
+            if head is None:  # created with the table; gone only if someone deleted it
+                raise _ChainHeadMissing(
+                    "the chain's head row (decisions_chain) is missing: run kapok audit verify"
+                )
+            seq, prev = head
             for row, content in zip(rows, contents, strict=True):
                 seq += 1
                 row["seq"], row["prev_hash"] = seq, prev
@@ -1085,6 +1094,10 @@ def _add_chain_columns(conn: sa.Connection) -> None:
     _SEQ_INDEX.create(conn, checkfirst=True)
     if conn.execute(sa.select(decisions_chain.c.id)).first() is not None:
         return
+    if conn.execute(
+        sa.select(decisions.c.seq).where(decisions.c.seq.is_not(None)).limit(1)
+    ).first():
+        return  # chained records and no head: deleted, and not silently restarted at seq 1
     conn.exec_driver_sql(
         "INSERT INTO decisions_unchained (request_id) "
         "SELECT request_id FROM decisions WHERE seq IS NULL ON CONFLICT (request_id) DO NOTHING"

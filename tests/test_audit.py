@@ -215,6 +215,13 @@ def _delete_last(url, ids):
     return "deleted", 47, None
 
 
+def _delete_head(url, ids):
+    _sql(url, "DELETE FROM decisions_chain")
+    with DecisionLog(url) as log, pytest.raises(DecisionLogError, match=r"head row .* is missing"):
+        log.write(record("req_after"))  # nothing is logged unchained
+    return "deleted", None, None
+
+
 def _swap(url, ids):
     _sql(
         url,
@@ -248,7 +255,7 @@ def _insert_unchained(url, ids):
 
 TAMPERING = [
     *(_edit, _edit_float, _edit_json),
-    *(_delete, _delete_and_renumber, _delete_last),
+    *(_delete, _delete_and_renumber, _delete_last, _delete_head),
     _swap,
     *(_insert_wrong_prev, _insert_after_head, _insert_in_the_middle, _insert_unchained),
 ]
@@ -396,16 +403,21 @@ WRITER = textwrap.dedent(
     log = DecisionLog(url)
     log.count()  # schema set-up before the race
     time.sleep(max(0.0, start - time.time()))
+    errors = []
     def work(t):
-        for i in range(30):
-            if i % 10 == 9:
-                log.write_many([rec(f"{name}_{t}_{i}_{j}", "screen") for j in range(3)])
-            else:
-                log.write(rec(f"{name}_{t}_{i}"))
+        try:
+            for i in range(30):
+                if i % 10 == 9:
+                    log.write_many([rec(f"{name}_{t}_{i}_{j}", "screen") for j in range(3)])
+                else:
+                    log.write(rec(f"{name}_{t}_{i}"))
+        except Exception as e:
+            errors.append(e)
     threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     log.close()
+    sys.exit(f"{len(errors)} writers failed, first: {errors[0]}" if errors else 0)
     """
 )
 

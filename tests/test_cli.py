@@ -24,6 +24,7 @@ def test_help_lists_every_stage():
     groups = {
         "data": ("generate", "check-spec"),
         "features": ("build", "apply", "materialize", "online"),
+        "audit": ("verify", "anchor"),
     }
     for group, commands in groups.items():
         out = runner.invoke(app, [group, "--help"]).output
@@ -139,6 +140,9 @@ FAILURES = {
     "backfill product": Failure(("backfill", "--product", "car"), "--product"),
     "decide reasons": Failure(("decide", "apps.csv", "--reasons", "some"), "--reasons"),
     "decide missing file": Failure(("decide", "nosuch.csv"), "nosuch.csv"),
+    "audit verify no log": Failure(("audit", "verify"), "no such file"),
+    "audit verify anchor": Failure(("audit", "verify", "--anchor", "12"), "--anchor must be"),
+    "audit anchor mysql": Failure(("audit", "anchor"), "unsupported backend 'mysql'", env=MYSQL),
     "watch product": Failure(("watch", "--product", "car", "--as-of", "2025-06-15"), "--product"),
     "watch portfolio": Failure(
         ("watch", "--product", "microloan", "--as-of", "2025-06-15", "--portfolio", "no_id.csv"),
@@ -149,7 +153,7 @@ FAILURES = {
 # what these commands import before they can fail: imported once, then one child per command
 FRAMEWORKS = ["features.store", "training.train", "training.promote", "serving.replay",
               "review.explain", "review.report", "review.monitor", "review.backfill",
-              "serving.batch", "review.watch"]  # fmt: skip
+              "serving.batch", "review.watch", "serving.audit"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
