@@ -1071,6 +1071,7 @@ def audit_verify(
     inserted record (its seq and request_id)."""
     from serving.audit import anchor as anchor_head
     from serving.audit import verify
+    from serving.decision_log import DecisionLogError
 
     anchored = None
     if anchor is not None:
@@ -1078,7 +1079,10 @@ def audit_verify(
         if not seq.isdigit() or len(digest) != 64:
             raise ValueError(f"--anchor must be SEQ:HASH (64 hex digits), got {anchor!r}")
         anchored = (int(seq), digest.lower())
-    total = anchor_head(log).seq  # for the progress bar; the walk reads the head again
+    try:
+        total = anchor_head(log).seq  # for the progress bar; the walk reads the head again
+    except DecisionLogError:
+        total = None  # e.g. no head row: the walk says what it finds, or fails the same way
     with progress_bar("verifying the decision log", total) as advance:
         verdict = verify(log, progress=advance, anchor=anchored)
     if verdict.unchained:
