@@ -47,6 +47,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import kapok  # noqa: F401  (telemetry off before anything else is imported)
 from features.schema import ALL_FEATURES
 from serving.decision_log import (
+    RECORD_COLUMNS,
     DecisionLog,
     DecisionRecord,
     decisions,
@@ -134,7 +135,7 @@ def realistic_record(rng: random.Random) -> DecisionRecord:
 
 def old_row(record: DecisionRecord) -> dict[str, Any]:
     """The row as the old decision log encoded it (spaced JSON, the whole response)."""
-    row = {c.name: getattr(record, c.name) for c in decisions.columns}
+    row = {name: getattr(record, name) for name in RECORD_COLUMNS}  # unchained, as it was
     for name in ("pd", "score"):
         row[name] = float(row[name])
     for name in JSON_FIELDS:
