@@ -37,7 +37,7 @@ class Endpoint:
     logged: bool  # a decision written to the decision log before the answer leaves
 
 
-_DECISION_ERRORS = (400, 401, 403, 404, 422, 503)
+_DECISION_ERRORS = (400, 401, 403, 404, 415, 422, 503)
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "/score",
@@ -57,25 +57,30 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "/screen",
         "Rank up to 1,000 applicants by risk with PD, grade, decision, limit and price.",
-        "screen", m.ScreenRequest, m.ScreenAnswer, (400, 401, 403, 503), True,
+        "screen", m.ScreenRequest, m.ScreenAnswer, (400, 401, 403, 415, 503), True,
     ),
     Endpoint(
         "/explain",
         "Every feature's value and its SHAP contribution in log-odds, with the additivity check.",
-        "explain", m.ExplainRequest, m.ExplainAnswer, (400, 401, 403, 404, 503), False,
+        "explain", m.ExplainRequest, m.ExplainAnswer, (400, 401, 403, 404, 415, 503), False,
     ),
     Endpoint(
         "/decision",
         "A logged decision as the log keeps it (for model-risk reviewers).",
-        "log", m.DecisionRequest, m.DecisionLogEntry, (400, 401, 403, 404, 503), False,
+        "log", m.DecisionRequest, m.DecisionLogEntry, (400, 401, 403, 404, 415, 503), False,
     ),
 )  # fmt: skip
 
 _ERROR_MEANING = {
-    400: "The request is malformed or a field is invalid; `field` names it.",
-    401: "No API key, a malformed Authorization header, or an unknown key.",
-    403: "The key is valid but its role may not call this endpoint.",
+    400: "The body is not JSON (`invalid_json`), or a field is missing, unknown or invalid "
+    "(`invalid_request`; `field` names it).",
+    401: "No API key, a malformed Authorization header, or an unknown key (checked before "
+    "anything about the body).",
+    403: "The key is valid but its role may not call this endpoint (checked before anything "
+    "about the body).",
     404: "The enterprise is not in the feature store (or the decision is not in the log).",
+    415: "The body was sent with a Content-Type other than application/json (send JSON with "
+    "Content-Type: application/json; none at all is read as JSON).",
     422: "The feature store holds a value no policy can decide on.",
     503: "Starting (models not loaded yet), or the decision log or feature store is "
     "unavailable: nothing was decided.",
@@ -309,7 +314,11 @@ def docs_html() -> str:
         '"field": "requested_amount"}}</pre>',
         "<table><tr><th>status</th><th>code</th></tr>",
         "".join(f"<tr><td>{s}</td><td><code>{c}</code></td></tr>" for s, c in CODES.items()),
-        "</table><p>A body that is not JSON answers <code>invalid_json</code>.</p>",
+        "</table><p>The key and its role are checked first (401, 403), whatever the body; "
+        "then the content type: a body sent with a Content-Type other than "
+        "<code>application/json</code> answers 415 <code>unsupported_media_type</code> "
+        "(none at all is read as JSON); then the body: one that is not JSON answers 400 "
+        "<code>invalid_json</code>.</p>",
         "</body></html>",
     ]
     return "".join(parts)

@@ -97,10 +97,29 @@ def _said(error: dict[str, Any], field: str, allowed: Iterable[str] = ()) -> str
         return f"{field} must be one of {error['ctx']['expected'].replace(' or ', ', ')}{got}"
     if kind == "json_invalid":
         return f"the body is not valid JSON: {msg.removeprefix('Invalid JSON: ')}"
-    if kind in ("model_type", "model_attributes_type", "dict_type") and not error["loc"]:
-        return "the body must be a JSON object"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        if not error["loc"]:
+            return "the body must be a JSON object"
+        if "input" in error:
+            return f"{field}: should be an object, got {json_kind(error['input'])}"
     text = msg[0].lower() + msg[1:] if msg else kind
     return f"{field}: {text.replace('input should', 'should')}{got}"
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (null, boolean, number, string, array,
+    object)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    return "object" if isinstance(value, dict) else type(value).__name__
 
 
 def from_validation(

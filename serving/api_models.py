@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
+from pydantic_core import PydanticKnownError
 
 from features.schema import PRODUCTS
 from kapok import uscc
@@ -100,16 +101,33 @@ class Applicant(_Request):
     term_months: Term
 
 
+def _object_row(row: Any) -> dict[str, Any]:
+    """An applicant row must be a JSON object (checked as an Applicant on its own later)."""
+    if not isinstance(row, dict):
+        raise PydanticKnownError("dict_type")  # "applicants[i]: should be an object, got …"
+    return row
+
+
+# A row of /screen: any JSON object (the document: an Applicant, or any object, since an object
+# that is not a valid Applicant is answered in `errors`); anything else fails the whole request.
+ApplicantRow = Annotated[
+    dict[str, Any], PlainValidator(_object_row, json_schema_input_type=Applicant | dict[str, Any])
+]
+
+
 class ScreenRequest(_Request):
-    """A list of applicants for one product. Each applicant is checked on its own: a bad row is
-    reported in `errors` (its field named as applicants[i].field) and the others are decided."""
+    """A list of applicants for one product. Each applicant is checked on its own: an object
+    that is not a valid applicant is reported in `errors` (its field named as
+    applicants[i].field) and the others are decided; a row that is not an object at all makes
+    the whole request a 400 naming it (applicants[i])."""
 
     product: ProductName
     applicants: Annotated[
-        list[Annotated[Any, WithJsonSchema(Applicant.model_json_schema())]],
+        list[ApplicantRow],
         Field(
             max_length=MAX_SCREEN,
-            description=f"Up to {MAX_SCREEN:,} applicants.",
+            description=f"Up to {MAX_SCREEN:,} applicants, each a JSON object; one that is not a "
+            "valid Applicant is answered in `errors`, the others are decided.",
             examples=[
                 [{"enterprise_id": EXAMPLE_ID, "requested_amount": 300_000, "term_months": 12}]
             ],
@@ -251,7 +269,8 @@ class ErrorDetail(_Answer):
     code: str = Field(description="Stable machine-readable code, e.g. invalid_request.")
     message: str = Field(description="One line that says what was wrong.")
     field: str | None = Field(
-        default=None, description="The request field at fault, e.g. applicants[3].term_months."
+        description="The request field at fault, e.g. applicants[3].term_months; null when no "
+        "one field is (always sent)."
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
@@ -257,6 +258,19 @@ class KeyStore:
                 f"role {caller.role!r} (caller {caller.name!r}) "
                 f"does not have permission {permission!r}",
             )
+
+
+def demo_mode() -> bool:
+    """KAPOK_DEMO (set by `kapok serve --demo`): the server checks no keys."""
+    return os.environ.get("KAPOK_DEMO", "").lower() in ("1", "true", "yes")
+
+
+@functools.cache
+def server_keys() -> KeyStore:
+    """The keys a serving process checks, loaded once (a running server keeps the keys it loaded
+    at start): the demo store in demo mode, else the key file. The request gate and the
+    endpoints share this one store."""
+    return KeyStore.demo() if demo_mode() else KeyStore.load()
 
 
 def add_key(path: str | os.PathLike[str], name: str, role: str) -> str:

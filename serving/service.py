@@ -28,10 +28,11 @@ from starlette.responses import JSONResponse
 import kapok  # noqa: F401  (telemetry off)
 from kapok.settings import paths
 from serving import api_models as m
-from serving.api_docs import DocsMiddleware
+from serving.api_docs import ENDPOINTS, DocsMiddleware
 from serving.api_errors import ApiError, ErrorShapeMiddleware, quiet_client_error_tracebacks
 from serving.api_errors import validate as check
-from serving.auth import AuthError, KeyStore
+from serving.auth import AuthError, demo_mode, server_keys
+from serving.gate import RequestGate
 from serving.readiness import WorkerReadiness
 
 if TYPE_CHECKING:
@@ -45,10 +46,6 @@ class Answer(BaseModel):
     of a /score under load)."""
 
     model_config = ConfigDict(extra="allow")
-
-
-def demo_mode() -> bool:
-    return os.environ.get("KAPOK_DEMO", "").lower() in ("1", "true", "yes")
 
 
 def check_term(product: str, term: int, engine: LendingEngine, field: str = "term_months") -> None:
@@ -114,7 +111,7 @@ class Kapok:
         self.ready = False
         quiet_client_error_tracebacks()
         self.demo = demo_mode()
-        self.keys = KeyStore.demo() if self.demo else KeyStore.load()
+        self.keys = server_keys()  # the store RequestGate checks first
         if self.demo:
             print("!!! KAPOK DEMO MODE: no API keys are checked. Never expose this server. !!!")
         # The models and the feature store load in the background, so that the worker serves
@@ -161,6 +158,8 @@ class Kapok:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _caller(self, ctx: bentoml.Context, permission: str) -> str:
+        """The caller's name (the decision log's `caller`). RequestGate has checked the key and
+        the role before BentoML read the body; checked again here, where the name is needed."""
         if not self.ready:
             raise ApiError(
                 HTTPStatus.SERVICE_UNAVAILABLE,
@@ -458,6 +457,9 @@ def not_found(e: Exception) -> ApiError:
     )
 
 
-# Kapok's docs page at / (BentoML's own page loads external scripts) and one error shape
+# One error shape (outermost: it also shapes and logs the gate's answers); the key, the role and
+# the content type checked before BentoML reads a body; Kapok's docs page at / (BentoML's own
+# page loads external scripts). The first added is the outermost.
 Kapok.add_asgi_middleware(ErrorShapeMiddleware)
+Kapok.add_asgi_middleware(RequestGate, permissions={e.path: e.permission for e in ENDPOINTS})
 Kapok.add_asgi_middleware(DocsMiddleware)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import json
 import os
 import re
 import stat
@@ -369,3 +371,109 @@ def test_revoke_unknown_name_is_one_line_and_exit_2(tmp_path):
     assert ran.stderr_lines[0].startswith("error: ") and "'nobody'" in ran.stderr_lines[0]
     assert ran.stdout == ""
     assert path.read_text() == before
+
+
+# -- the request gate: key, role and content type before anything reads the body ---------------
+GATED = {"/score": "score", "/explain": "explain"}
+
+
+def through_gate(
+    store: KeyStore, path: str, headers: dict[str, str], method: str = "POST"
+) -> tuple[int, dict | None, bool]:
+    """A request through RequestGate (before an app that answers 200): the status, the error
+    body when the gate answered, and whether anything read the request body."""
+    from serving.gate import RequestGate
+
+    read = False
+
+    async def app(scope, receive, send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive() -> dict:
+        nonlocal read
+        read = True
+        return {"type": "http.request", "body": b"xx", "more_body": False}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    asyncio.run(RequestGate(app, permissions=GATED, keys=lambda: store)(scope, receive, send))
+    status = sent[0]["status"]
+    return status, (json.loads(sent[1]["body"]) if status != 200 else None), read
+
+
+def test_the_gate_answers_401_403_and_415_before_the_body_is_read(keys):
+    """Without a valid key 401, with a role that may not call the endpoint 403, whatever the
+    content type; a valid key and a body that is not JSON-typed 415 naming application/json.
+    None of them reads the body; a JSON-typed (or untyped) body of an allowed caller passes."""
+    path, plain = keys
+    store = KeyStore.load(path)
+    lender, reviewer = f"Bearer {plain['lender']}", f"Bearer {plain['reviewer']}"
+    for content_type in ("application/json", "multipart/form-data", "text/plain"):
+        typed = {"Content-Type": content_type}
+        status, body, read = through_gate(store, "/score", typed)
+        assert (status, body["error"]["code"], read) == (401, "unauthenticated", False), body
+        assert body["error"]["message"].startswith("missing Authorization header"), body
+        status, body, read = through_gate(store, "/score", typed | {"Authorization": "Bearer x"})
+        assert (status, body["error"]["message"], read) == (401, "unknown API key", False)
+        status, body, read = through_gate(store, "/score", typed | {"Authorization": reviewer})
+        assert (status, body["error"]["code"], read) == (403, "forbidden", False), body
+        assert "'reviewer'" in body["error"]["message"] and "'score'" in body["error"]["message"]
+    for content_type in (
+        "multipart/form-data",
+        "multipart/form-data; boundary=x",
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "application/vnd.bentoml+pickle",
+    ):
+        headers = {"Content-Type": content_type, "Authorization": lender}
+        status, body, read = through_gate(store, "/score", headers)
+        assert (status, read) == (415, False), body
+        assert body["error"] == {
+            "code": "unsupported_media_type",
+            "message": f"Content-Type {content_type.split(';')[0]!r} is not accepted: send the "
+            "body as JSON, with Content-Type: application/json",
+            "field": None,
+        }
+    for headers in (
+        {"Content-Type": "application/json"},
+        {"Content-Type": "Application/JSON; charset=utf-8"},
+        {},  # no Content-Type: read as JSON, as before
+    ):
+        assert through_gate(store, "/score", headers | {"Authorization": lender}) == (
+            200, None, True
+        )  # fmt: skip
+    assert through_gate(store, "/explain", {"Authorization": reviewer})[0] == 200
+    # other methods and paths are not the gate's: BentoML answers them (405, 404, probes)
+    assert through_gate(store, "/score", {}, method="GET")[0] == 200
+    assert through_gate(store, "/livez", {}, method="POST")[0] == 200
+
+
+def test_demo_mode_lets_requests_without_a_key_through_the_gate(monkeypatch, keys):
+    """`kapok serve --demo` checks no key: the gate lets a request without one in, and the
+    serving process's store is the demo store."""
+    from serving.auth import server_keys
+
+    status = through_gate(KeyStore.demo(), "/explain", {"Content-Type": "application/json"})
+    assert status == (200, None, True)
+    assert through_gate(KeyStore.demo(), "/score", {"Content-Type": "text/plain"})[0] == 415
+    server_keys.cache_clear()
+    try:
+        monkeypatch.setenv("KAPOK_DEMO", "1")
+        assert server_keys().demo
+        server_keys.cache_clear()
+        monkeypatch.setenv("KAPOK_DEMO", "")
+        monkeypatch.setenv("KAPOK_API_KEYS", str(keys[0]))
+        assert not server_keys().demo and len(server_keys()) == 3
+    finally:
+        server_keys.cache_clear()

@@ -9,14 +9,19 @@ no key and with an unknown key. Every answer must be no 5xx, a status the docume
 endpoint, and conform to the document's schema for that status (schemathesis's checks, then
 Kapok's models): a 200 validates against the endpoint's answer model, every error against
 `ErrorBody` (`{"error": {"code", "message", "field"}}`); a role not allowed gets 403, no key or an
-unknown key 401, whatever the JSON body; another method than POST gets 405.
+unknown key 401, whatever the body (checked before anything reads it, serving/gate.py); an
+allowed caller's body under another Content-Type than application/json gets 415; another method
+than POST gets 405.
 
 Random enterprise ids hardly ever name an enterprise of the feature store, so a second test draws
 bodies whose ids are the simulated region's (and request ids of logged decisions for /decision),
 with amounts and terms anywhere from the boundaries to absurd: those reach the decision path, and
 the test counts the 200s to make sure some did.
 
-What fuzzing found where the server and its document disagree is at the end, as strict xfails.
+What fuzzing found where the server and its document disagreed is at the end, each a test of
+its own: a body that is not JSON answered 400 before the key was checked, /screen accepted rows
+the document forbids, and a JSON body sent as multipart/form-data was a 500 turned into a
+misleading 400 invalid_json.
 
 Short in CI (KAPOK_FUZZ_EXAMPLES=25 generated examples per endpoint and test, deterministic, plus
 schemathesis's examples and boundary cases); run it longer by hand with e.g.
@@ -27,9 +32,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from typing import Any
 
+import jsonschema
 import pytest
 import requests
 import schemathesis
@@ -40,7 +47,7 @@ from pydantic import BaseModel, ValidationError
 from features.schema import PRODUCTS
 from serving.api_docs import ENDPOINTS, Endpoint, openapi
 from serving.api_errors import CODES
-from serving.api_models import EXAMPLE_ID, Applicant, ErrorBody
+from serving.api_models import EXAMPLE_ID, Applicant, ErrorBody, ScoreAnswer, ScreenAnswer
 from serving.auth import ROLE_PERMISSIONS
 from tests.test_service import Api, request, served  # noqa: F401
 
@@ -89,13 +96,10 @@ def conforms(path: str, status: int, body: Any, said: str) -> None:
 
 
 def settled(case: schemathesis.Case, response: Any, headers: dict[str, str]) -> None:
-    """schemathesis's checks. /screen is the exception to a body that breaks the schema being a
-    4xx: it answers 200 and reports each applicant that is not an Applicant in `errors` (see
-    test_screen_rows_the_document_forbids); `screened` checks that it does."""
-    checks = CHECKS
-    if case.operation.path == "/screen":
-        checks = [c for c in CHECKS if c is not schemathesis.checks.negative_data_rejection]
-    case.validate_response(response, checks=checks, headers=headers)
+    """schemathesis's checks, on every endpoint (/screen's applicants are, in the document, an
+    Applicant or any object: an object that is not a valid Applicant is answered in `errors`,
+    which `screened` checks, and anything else breaks the schema and is a 400)."""
+    case.validate_response(response, checks=CHECKS, headers=headers)
     if case.operation.path == "/screen" and response.status_code == 200:
         screened(case.body, response.json())
 
@@ -150,24 +154,19 @@ def test_served_document(served) -> None:  # noqa: F811
     assert posted == set(BY_PATH)
 
 
-def sent_as_json(response: requests.Response) -> bool:
-    """The request went out as a JSON body (schemathesis also sends bytes that are not JSON, and
-    bodies under another media type)."""
-    sent = response.request
-    if "json" not in str(sent.headers.get("Content-Type", "")):
-        return False
-    try:
-        json.loads(sent.body or b"")
-    except ValueError:
-        return False
-    return True
+def sent_as(response: requests.Response) -> str:
+    """The media type the request went out with ("" without a Content-Type)."""
+    content_type = str(response.request.headers.get("Content-Type", ""))
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 @schema.parametrize()
 def test_generated_requests(case: schemathesis.Case, served) -> None:  # noqa: F811
     """Every generated request, as each role, with no key and with an unknown key: no 5xx, a
     documented status with the documented shape; 403 for a role not allowed and 401 without a
-    valid key, whatever the JSON body; another method than POST is 405, in the error shape."""
+    valid key, whatever the body (JSON or not, under any content type); a body under another
+    Content-Type than application/json is 415 for an allowed caller; another method than POST
+    is 405, in the error shape."""
     api: Api = served[0]
     path = case.operation.path
     calls: list[tuple[str, dict[str, str]]] = [(r, bearer(api.keys[r])) for r in ROLES]
@@ -184,13 +183,11 @@ def test_generated_requests(case: schemathesis.Case, served) -> None:  # noqa: F
             continue
         conforms(path, status, body, said)
         if who in allowed(path):
+            if sent_as(response) not in ("", "application/json"):
+                assert status == 415, f"{said}: {status} {body}"
+                assert body["error"]["code"] == "unsupported_media_type", f"{said}: {body}"
             continue
         expected = 403 if who in ROLES else 401
-        if not sent_as_json(response) and status == 400:
-            # BentoML reads the body before Kapok's endpoint checks the key: see
-            # test_unreadable_body_without_a_valid_key
-            assert body["error"]["code"] == "invalid_json", f"{said}: {body}"
-            continue
         assert status == expected, f"{said}: {status} {body}"
         assert body["error"]["code"] == CODES[expected], f"{said}: {body}"
 
@@ -326,56 +323,110 @@ def test_known_enterprises(path: str, served, request_ids: list[str]) -> None:  
     assert statuses[200] > 0, f"no request reached a decision: {dict(statuses)}"
 
 
-# -- what fuzzing found: the server and its document disagree ------------------------------------
-# Each test below fails today (strict xfail): when the owner fixes the server or the document, it
-# passes, pytest reports XPASS as a failure, and the marker comes off.
+# -- what fuzzing found: the server and its document disagreed -----------------------------------
 def raw_post(api: Api, path: str, data: bytes, headers: dict[str, str]) -> requests.Response:
     return requests.post(api.base + path, data=data, headers=headers, timeout=60)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BentoML parses the body before Kapok's endpoint checks the key: a body that is not "
-    "JSON answers 400 invalid_json to a caller without a valid key (401) or whose role may not "
-    "call the endpoint (403)",
-)
+def new_log(served_home: Any, before: str, marker: str) -> str:
+    """What the server wrote to its log since `before`, once `marker` is in it."""
+    log = served_home.home / "server.log"
+    deadline = time.time() + 10
+    while marker not in log.read_text()[len(before) :] and time.time() < deadline:
+        time.sleep(0.2)
+    return log.read_text()[len(before) :]
+
+
 def test_unreadable_body_without_a_valid_key(served) -> None:  # noqa: F811
+    """The key and the role come before anything about the body (BentoML used to parse it first:
+    400 invalid_json to a caller without a key): a body that is not JSON, under any content
+    type, is 401 without a key or with an unknown one and 403 for a role that may not call the
+    endpoint; the same body from an allowed caller is 400 invalid_json."""
     api: Api = served[0]
-    json_type = {"Content-Type": "application/json"}
     for path in BY_PATH:
-        no_key = raw_post(api, path, b"xx", json_type)
-        assert no_key.status_code == 401, (path, no_key.text)
-        role = not_allowed(path)[0]
-        forbidden = raw_post(api, path, b"xx", json_type | bearer(api.keys[role]))
-        assert forbidden.status_code == 403, (path, role, forbidden.text)
+        for content_type in ("application/json", "multipart/form-data", "text/plain"):
+            typed = {"Content-Type": content_type}
+            for headers in (typed, typed | bearer(UNKNOWN_KEY)):
+                no_key = raw_post(api, path, b"xx", headers)
+                assert no_key.status_code == 401, (path, headers, no_key.text)
+                assert no_key.json()["error"]["code"] == "unauthenticated", no_key.text
+                assert no_key.headers["WWW-Authenticate"] == "Bearer"
+            role = not_allowed(path)[0]
+            forbidden = raw_post(api, path, b"xx", typed | bearer(api.keys[role]))
+            assert forbidden.status_code == 403, (path, role, forbidden.text)
+            assert forbidden.json()["error"]["code"] == "forbidden", forbidden.text
+            assert f"role {role!r}" in forbidden.json()["error"]["message"], forbidden.text
+        key = bearer(api.keys[allowed(path)[0]])
+        unreadable = raw_post(api, path, b"xx", {"Content-Type": "application/json"} | key)
+        assert unreadable.status_code == 400, (path, unreadable.text)
+        assert unreadable.json()["error"]["code"] == "invalid_json", unreadable.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/screen answers 200 (the row in `errors`) for applicants that are not objects, while "
-    "the document's ScreenRequest.applicants items are Applicant objects, so a request the "
-    "document forbids is accepted: the document or the server has to change",
-)
 def test_screen_rows_the_document_forbids(served) -> None:  # noqa: F811
+    """A /screen row that is not a JSON object breaks the document's ScreenRequest and is a 400
+    naming the row; a row that is an object but not a valid applicant is allowed by the document
+    and answered in `errors` while the others are decided (200)."""
     api: Api = served[0]
-    items = DOCUMENT["components"]["schemas"]["ScreenRequest"]["properties"]["applicants"]["items"]
-    assert items["type"] == "object"  # so [null, null] is not an applicant
-    body = {"product": "microloan", "applicants": [[None, None]]}
+    eid = served[2][0]
+    good = {"enterprise_id": eid, "requested_amount": 100_000, "term_months": 12}
+    document = jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/ScreenRequest", "components": DOCUMENT["components"]}
+    )
+    for row, kind in (([None, None], "array"), (None, "null"), ("x", "string"), (3, "number")):
+        body = {"product": "microloan", "applicants": [good, row]}
+        assert not document.is_valid(body), body
+        status, answer = api.call("/screen", body, role="lender")
+        assert status == 400, answer
+        assert answer["error"] == {
+            "code": "invalid_request",
+            "message": f"applicants[1]: should be an object, got {kind}",
+            "field": "applicants[1]",
+        }
+    bad = {"enterprise_id": eid, "requested_amount": -5}
+    body = {"product": "microloan", "applicants": [good, bad]}
+    assert document.is_valid(body)
     status, answer = api.call("/screen", body, role="lender")
-    assert status == 400, answer  # what the document says; the server answers 200
+    assert status == 200, answer
+    ScreenAnswer.model_validate(answer)
+    assert answer["count"] == 1 and answer["ranked"][0]["enterprise_id"] == eid, answer
+    (error,) = answer["errors"]
+    assert error["index"] == 1 and error["enterprise_id"] == eid, error
+    assert error["error"]["field"] == "applicants[1].requested_amount", error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a JSON body sent as multipart/form-data (no boundary) fails in Starlette's form "
-    "parser, which BentoML turns into a 500 (traceback in the log) and the error middleware into "
-    "400 invalid_json 'the body is not valid JSON: Expecting value: line 1 column 1 (char 0)' "
-    "although the body is valid JSON: the content type is what is wrong",
-)
 def test_json_sent_as_multipart(served) -> None:  # noqa: F811
+    """A JSON body sent as multipart/form-data (BentoML's form parser failed on it: a 500 with a
+    traceback, rewritten into 400 invalid_json although the body is JSON), or under any other
+    content type than application/json, is 415 unsupported_media_type saying what to send, one
+    line in the log and no traceback; application/json with a charset, or no Content-Type, is
+    read as JSON."""
+    from serving.client import KapokAPIError
+
     api: Api = served[0]
+    home = served[1]
     body = json.dumps(request(served[2][0])).encode()
-    headers = {"Content-Type": "multipart/form-data"} | bearer(api.keys["lender"])
-    response = raw_post(api, "/score", body, headers)
-    assert response.status_code in (400, 415), response.text
-    assert response.json()["error"]["code"] != "invalid_json", response.text
+    lender = bearer(api.keys["lender"])
+    before = (home.home / "server.log").read_text()
+    for content_type in (
+        "multipart/form-data",
+        "multipart/form-data; boundary=xyz",
+        "application/x-www-form-urlencoded",
+        "text/plain",
+    ):
+        response = raw_post(api, "/score", body, {"Content-Type": content_type} | lender)
+        assert response.status_code == 415, (content_type, response.text)
+        error = KapokAPIError(response.status_code, response.json())
+        assert (error.code, error.field) == ("unsupported_media_type", None), response.text
+        media = content_type.split(";")[0]
+        assert error.message == (
+            f"Content-Type {media!r} is not accepted: send the body as JSON, with "
+            "Content-Type: application/json"
+        ), error.message
+    for headers in ({"Content-Type": "application/json; charset=utf-8"}, {}):
+        response = raw_post(api, "/score", body, headers | lender)
+        assert response.status_code == 200, (headers, response.text)
+        ScoreAnswer.model_validate(response.json())
+    log = new_log(home, before, "'text/plain' is not accepted")
+    lines = [line for line in log.splitlines() if "415 POST /score" in line]
+    assert len(lines) == 4 and "unsupported_media_type" in lines[0], log
+    assert "Traceback" not in log, log
