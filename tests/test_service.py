@@ -673,7 +673,7 @@ def second(served, tmp_path_factory):
             seen["score_error"] = json.loads(e.read())["error"]  # type: ignore[assignment]
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             seen["score"] = None
-        fed = feed_fifo(fifo, policy, seconds=60)
+        fed = feed_fifo(fifo, policy, seconds=300)  # the worker reads it after its imports
         assert fed, "the server never read its policy: " + server_log.read_text()[-3000:]
         wait_ready(server, base, server_log)
         yield Second(Api(base, api.keys), log_db, server_log, seen)
