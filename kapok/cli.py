@@ -87,7 +87,7 @@ def friendly_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _error_line(error: BaseException) -> None:
+def _error_line(error: BaseException | str) -> None:
     """The error as one line on stderr: never wrapped at the console's width (80 columns when
     stderr is not a terminal), line breaks in the message joined, and brackets in it printed
     as they are, not read as rich markup."""
@@ -448,8 +448,10 @@ def serve_command(
     workers.
     """
     import os
+    import shutil
     import subprocess
     import sys
+    import tempfile
 
     env = dict(os.environ)
     env.setdefault("BENTOML_HOME", str(paths().home / "bentoml"))
@@ -461,9 +463,17 @@ def serve_command(
     console.print("try:\n  " + example, soft_wrap=True, highlight=False)  # one pasteable line
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Kapok",
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    # in a process group of its own, stopped whole (server and workers) by Ctrl-C or by a
-    # SIGTERM sent to this process (a service manager stopping `kapok serve` by its pid)
-    server = subprocess.Popen(command, env=env, start_new_session=True)
+    # a worker that cannot load its models or stores (the MLflow store down, a product without
+    # a champion) writes why into this file (serving.service.cannot_start) and ends; BentoML
+    # would start it again and again: `kapok serve` stops the server with that one line instead
+    workdir = Path(tempfile.mkdtemp(prefix="kapok-serve-"))
+    failure = workdir / "cannot-start"
+    env["KAPOK_START_FAILURE"] = str(failure)
+
+    def is_ready() -> bool:
+        if failure.exists():
+            raise ServeRefused(failure.read_text().strip())
+        return _answers_http(port, "/readyz")
 
     def ready() -> None:
         console.print(
@@ -471,12 +481,23 @@ def serve_command(
             soft_wrap=True,
         )
 
-    code = _run_process_group(
-        server, is_ready=lambda: _answers_http(port, "/readyz"), on_ready=ready
-    )
+    try:
+        # in a process group of its own, stopped whole (server and workers) by Ctrl-C or by a
+        # SIGTERM sent to this process (a service manager stopping `kapok serve` by its pid)
+        server = subprocess.Popen(command, env=env, start_new_session=True)
+        code = _run_process_group(server, is_ready=is_ready, on_ready=ready)
+    except ServeRefused as e:
+        _error_line(f"the API cannot start: {e}")
+        raise typer.Exit(1) from None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     if code is not None:
         raise typer.Exit(code)
     console.print("Kapok API stopped")
+
+
+class ServeRefused(RuntimeError):
+    """The API's workers cannot load (why: the message); the server has been stopped."""
 
 
 def _kapok_again() -> str:

@@ -61,15 +61,40 @@ def threads(rows: int) -> int:
 
 
 def load_champion(paths: Paths, product: str) -> ProductModel:
-    """The registered @champion of a product, pinned to the version the alias names now."""
+    """The registered @champion of a product, pinned to the version the alias names now: a
+    later move of the alias changes nothing here (a new champion needs a new load: a restart of
+    `kapok serve`). ModelUnavailable, naming the tracking store and what is missing, when the
+    store cannot be read, has no @champion for the product or cannot load its model."""
     from training.pyfunc import load_scorer
-    from training.tracking import CHAMPION, alias_version, configure, model_name
+    from training.tracking import (
+        CHAMPION,
+        alias_version,
+        configure,
+        model_name,
+        shown_uri,
+        store_problem,
+        tracking_uri,
+    )
 
+    uri = tracking_uri(paths)
+    where = f"the MLflow tracking store {shown_uri(uri)}"
+    problem = store_problem(uri)
+    if problem is not None:
+        raise ModelUnavailable(f"{where} is unavailable: {problem}")
     client = configure(paths)
     name = model_name(product)
     version = alias_version(client, name, CHAMPION)
     if version is None:
         raise ModelUnavailable(
-            f"no @{CHAMPION} model for {name}: train one with `kapok train --product {product}`"
+            f"no @{CHAMPION} model for {name} in {where}: train one with "
+            f"`kapok train --product {product}` (or set MLFLOW_TRACKING_URI to the store that "
+            "has it)"
         )
-    return ProductModel(product, name, version, load_scorer(f"models:/{name}/{version}"))
+    try:
+        scorer = load_scorer(f"models:/{name}/{version}")
+    except Exception as e:  # missing or unreadable artifacts: MlflowException, OSError, ...
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ModelUnavailable(
+            f"cannot load {name} version {version} (@{CHAMPION}) from {where}: {reason}"
+        ) from e
+    return ProductModel(product, name, version, scorer)

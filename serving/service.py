@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import bentoml
 from pydantic import BaseModel, ConfigDict
@@ -132,10 +132,8 @@ class Kapok:
             self.engine = LendingEngine(paths())
             self.log = DecisionLog()
             self.readiness.mark_ready()
-        except BaseException:
-            traceback.print_exc()
-            sys.stderr.flush()
-            os._exit(1)
+        except BaseException as e:
+            cannot_start(e)
         self.ready = True
 
     def __is_ready__(self) -> bool:
@@ -446,6 +444,34 @@ def log_faults(consequence: str) -> Iterator[None]:
             f"decision log unavailable, {consequence}: {e}",
             code="decision_log_unavailable",
         ) from None
+
+
+# the known reasons a worker cannot load (no champion, a tracking store or decision log that
+# cannot be read, a bad setting): one line each; anything else keeps its traceback
+_START_ERRORS = {"ValueError", "FileNotFoundError", "DecisionLogError", "OnlineStoreUnavailable",
+                 "OnlineStoreConfigError", "MlflowException"}  # fmt: skip
+START_FAILURE = "KAPOK_START_FAILURE"  # set by `kapok serve`: the file it watches
+
+
+def cannot_start(error: BaseException) -> NoReturn:
+    """A worker that cannot load its models and stores ends (BentoML then starts it again), so
+    no worker ever serves with a product missing. Under `kapok serve` the reason goes to the
+    file it watches, and it stops the server with that one line."""
+    known = any(c.__name__ in _START_ERRORS for c in type(error).__mro__)
+    if not known:
+        traceback.print_exc()
+    reason = " ".join(str(error).split()) or type(error).__name__
+    report = os.environ.get(START_FAILURE)
+    if report:
+        with contextlib.suppress(OSError):
+            partial = f"{report}.{os.getpid()}.tmp"
+            with open(partial, "w") as f:
+                f.write(reason + "\n")
+            os.replace(partial, report)
+    else:
+        print(f"kapok: the API cannot start: {reason}", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def not_found(e: Exception) -> ApiError:

@@ -22,9 +22,13 @@ START_TIMEOUT = 120  # s: BentoML imports and starts its worker (2-core machine,
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_serve_stops_its_server_and_workers_on_sigterm_and_ctrl_c(tmp_path: Path, stop):
     port = free_port()
-    # an empty home: the worker starts, answers /livez, and fails to load models in the
-    # background (and is restarted): a server that is up but never ready
-    env = {**os.environ, "KAPOK_HOME": str(tmp_path / "home"), "KAPOK_WORKERS": "1"}
+    # a policy file that is a named pipe no one writes: the worker starts, answers /livez, and
+    # waits for its policy in the background: a server that is up but never ready (an empty
+    # home would not do: a worker that cannot load its models ends `kapok serve` by itself)
+    policy = tmp_path / "policy.toml"
+    os.mkfifo(policy)
+    env = {**os.environ, "KAPOK_HOME": str(tmp_path / "home"), "KAPOK_WORKERS": "1",
+           "KAPOK_POLICY": str(policy)}  # fmt: skip
     kapok = subprocess.Popen(
         [*kapok_command(), "serve", "--demo", "--port", str(port)],
         env=env,
