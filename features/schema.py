@@ -7,6 +7,7 @@ risk, -1 less risk, 0 none or unknown (no monotone constraint).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -42,12 +43,33 @@ class Feature:
     description: str
     description_zh: str
     categorical: bool = False
+    signed: bool = (
+        False  # an amount or a number of days that can be negative (a net flow, a change)
+    )
 
     def __post_init__(self) -> None:
         if self.direction not in (-1, 0, 1):
             raise ValueError(f"{self.name}: direction must be -1, 0 or 1")
         if self.categorical and self.direction != 0:
             raise ValueError(f"{self.name}: a categorical feature has no risk direction")
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The values the feature can take at all, from its unit: a value outside (or an
+        infinity) is a fault in the data, not a risk. Amounts, kWh, persons, counts, months and
+        days are never negative (unless `signed`); shares and 0/1 flags lie in [0, 1]; a code
+        table in its codes; a ratio (a growth rate, a coefficient of variation) is any finite
+        number. Missing (NaN, null) is always possible."""
+        if self.unit in ("share", "0/1"):
+            return (0.0, 1.0)
+        if self.unit.startswith("1="):
+            return (1.0, float(self.unit.count("=")))
+        if self.unit in _NON_NEGATIVE_UNITS and not self.signed:
+            return (0.0, math.inf)
+        return (-math.inf, math.inf)
+
+
+_NON_NEGATIVE_UNITS = frozenset({"CNY", "kWh", "persons", "count", "months", "days"})
 
 
 # the tax-credit rating's code table, 1 = best: "1=A 2=B 3=M 4=C 5=D"
@@ -142,7 +164,7 @@ FEATURES: tuple[Feature, ...] = (
     F("pay_inflow_3m", "payments", "float", "CNY", -1,
       "Payment inflow, last 3 months", "近3个月资金流入"),
     F("pay_net_inflow_3m", "payments", "float", "CNY", -1,
-      "Payment inflow minus outflow, last 3 months", "近3个月资金净流入"),
+      "Payment inflow minus outflow, last 3 months", "近3个月资金净流入", signed=True),
     F("pay_inflow_outflow_ratio_6m", "payments", "float", "ratio", -1,
       "Payment inflow / outflow, last 6 months", "近6个月资金流入流出比"),
     F("pay_inflow_growth_3m", "payments", "float", "ratio", -1,
@@ -164,7 +186,8 @@ FEATURES: tuple[Feature, ...] = (
     F("arap_days_payable", "receivables_payables", "float", "days", 1,
       "Days payable outstanding, latest month", "最近一月应付账款周转天数"),
     F("arap_days_payable_change_6m", "receivables_payables", "float", "days", 1,
-      "Change in days payable outstanding vs 6 months earlier", "应付账款周转天数较6个月前变化"),
+      "Change in days payable outstanding vs 6 months earlier", "应付账款周转天数较6个月前变化",
+      signed=True),
     # judicial and penalties
     F("jud_lawsuits_12m", "judicial", "int", "count", 1,
       "Lawsuits as defendant, last 12 months", "近12个月作为被告涉诉次数"),

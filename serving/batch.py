@@ -280,6 +280,7 @@ def _decide_chunk(
     reason_codes: list[list[str | None]] = [[None] * n for _ in range(MAX_REASONS)]
     decision = d.decision.astype(object)
     error = d.error.copy()
+    core.future_snapshots(error, chunk.select(stamps), [fam.name for fam in FAMILIES])
     not_found = ~found.to_numpy()
     error[not_found] = "enterprise_not_found: no features for this enterprise at that date"
     decision[not_found | (error != None)] = None  # noqa: E711  (object array)

@@ -14,6 +14,7 @@ own dataclasses so the API and the decision log show exactly what they always di
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,6 +48,80 @@ _ZERO_ORDER = pol._ZERO_ORDER
 
 class DecisionInputError(ValueError):
     """A request the core cannot decide (a missing column, a negative amount); names the field."""
+
+
+# the stored numeric features and the values each can take at all (features/schema.py)
+_BOUNDED = [(f.name, *f.bounds) for f in FEATURES if f.dtype != "string"]
+
+
+def impossible_values(
+    columns: dict[str, np.ndarray], n: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per row None, or why its stored features cannot be decided on: the first feature whose
+    value no source can report, an infinity or a value outside the feature's bounds (a
+    negative amount or count, a share above 1). NaN is missing, which the model handles.
+    With the columns, where such values are NaN from here on: the row is an error, and no
+    infinity reaches the policy's arithmetic."""
+    error = np.full(n, None, dtype=object)
+    present = [(name, lo, hi) for name, lo, hi in _BOUNDED if name in columns]
+    if not n or not present:
+        return error, columns
+    x = np.stack([columns[name] for name, _, _ in present])
+    lo = np.array([b[1] for b in present])[:, None]
+    hi = np.array([b[2] for b in present])[:, None]
+    with np.errstate(invalid="ignore"):
+        bad = np.isinf(x) | (x < lo) | (x > hi)
+    if not bad.any():
+        return error, columns
+    for r in np.flatnonzero(bad.any(axis=0)).tolist():
+        k = int(np.argmax(bad[:, r]))
+        name, low, high = present[k]
+        error[r] = _fault(name, float(x[k, r]), low, high)
+    cleaned = dict(columns)
+    for k in np.flatnonzero(bad.any(axis=1)).tolist():
+        name = present[k][0]
+        cleaned[name] = np.where(bad[k], np.nan, x[k])
+    return error, cleaned
+
+
+def _fault(name: str, value: float, low: float, high: float) -> str:
+    if math.isinf(value):
+        return f"feature {name} is {'+' if value > 0 else '-'}inf, not a value any source reports"
+    if low == 0 and value < 0:
+        return f"feature {name} is negative ({value:,.2f})"
+    return f"feature {name} is {value:,.2f}, outside the values it can take ({low:g} to {high:g})"
+
+
+def future_snapshots(
+    error: np.ndarray, stamps: pl.DataFrame, families: list[str], now: dt.datetime | None = None
+) -> None:
+    """Mark in `error` (rows without an error yet) the rows whose feature snapshot is stamped
+    after now, with a minute for clock skew: a clock or a load that is wrong, not a risk.
+    `stamps`: one column per family (in `families`' order) of snapshot times, null for none."""
+    if not stamps.height:
+        return
+    now = now or dt.datetime.now(dt.UTC)
+    limit = now + CLOCK_SKEW
+    latest = stamps.select(pl.max_horizontal(pl.all())).to_series()
+    if latest.dtype == pl.Datetime and latest.dtype.time_zone is None:  # type: ignore[union-attr]
+        latest = latest.dt.replace_time_zone("UTC")
+    ahead = (latest > limit).fill_null(False).to_numpy()
+    for r in np.flatnonzero(ahead).tolist():
+        if error[r] is not None:
+            continue
+        for family, stamp in zip(families, stamps.row(r), strict=True):
+            if stamp is None:
+                continue
+            stamp = stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.UTC)
+            if stamp > limit:
+                error[r] = (
+                    f"the {family} snapshot is stamped {stamp:%Y-%m-%dT%H:%M:%SZ}, in the "
+                    f"future (now {now:%Y-%m-%dT%H:%M:%SZ})"
+                )
+                break
+
+
+CLOCK_SKEW = dt.timedelta(minutes=1)
 
 
 def request_features(
@@ -341,15 +416,9 @@ def decide(
         raise DecisionInputError("requested_amount must be a finite number >= 0 on every row")
     if requests.get_column("term_months").null_count() or (n and (term < 1).any()):
         raise DecisionInputError("term_months must be a whole number >= 1 on every row")
-    columns = numeric_columns(requests)
+    error, columns = impossible_values(numeric_columns(requests), n)
     sales = _column(columns, pol.SALES_FEATURE, n)
     inflow = _column(columns, pol.INFLOW_FEATURE, n)
-    error = np.full(n, None, dtype=object)
-    with np.errstate(invalid="ignore"):
-        negative = sales < 0
-    error[negative] = [
-        f"feature {pol.SALES_FEATURE} is negative ({s:,.2f})" for s in sales[negative]
-    ]
     request = request_features(amount, term, sales, inflow)
     matrix = Matrix(model, requests, columns, request)
 

@@ -34,6 +34,7 @@ from serving.reasons import (  # noqa: F401  (re-exported: the reference path an
 )
 
 TS_COLUMNS = [ts_column(fam.name) for fam in FAMILIES]
+FAMILY_NAMES = [fam.name for fam in FAMILIES]
 
 
 class EnterpriseNotFound(LookupError):
@@ -111,16 +112,17 @@ class LendingEngine:
     ) -> dict[str, Any]:
         """PD, score, grade, decision and reasons for one request (and its limit when asked)."""
         found = self.assess_many(product, [(enterprise_id, amount, term_months)], limit=limit)[0]
-        if isinstance(found, EnterpriseNotFound):
+        if isinstance(found, Exception):
             raise found
         return found
 
     def assess_many(
         self, product: str, requests: Sequence[tuple[str, float, int]], limit: bool = False
-    ) -> list[dict[str, Any] | EnterpriseNotFound]:
+    ) -> list[dict[str, Any] | EnterpriseNotFound | core.DecisionInputError]:
         """One online read and one core call for many requests (/screen); an enterprise the
-        feature store does not know is its own error."""
-        out: list[dict[str, Any] | EnterpriseNotFound] = [
+        feature store does not know, or whose stored features cannot be decided on, is its own
+        error."""
+        out: list[dict[str, Any] | EnterpriseNotFound | core.DecisionInputError] = [
             EnterpriseNotFound(eid) for eid, _, _ in requests
         ]
         decided = self._decide_online(product, requests, limits=limit)
@@ -128,7 +130,10 @@ class LendingEngine:
             d, found = decided
             values = d.rows()
             for r, (i, feats) in enumerate(found):
-                out[i] = outcome(d, r, feats, values[r])
+                try:
+                    out[i] = outcome(d, r, feats, values[r])
+                except core.DecisionInputError as e:
+                    out[i] = e
         return out
 
     def _decide_online(
@@ -158,7 +163,9 @@ class LendingEngine:
             ]
         )
         d = core.decide(model, stored, self.policy, reasons=reasons, limits=limits)
-        stamps = pl.DataFrame([frame.get_column(c) for c in TS_COLUMNS]).to_dicts()
+        stamp_frame = pl.DataFrame([frame.get_column(c) for c in TS_COLUMNS])
+        core.future_snapshots(d.error, stamp_frame, FAMILY_NAMES)
+        stamps = stamp_frame.to_dicts()
         decided = [
             (int(i), EnterpriseFeatures(requests[i][0], _timestamps(stamps[r])))
             for r, i in enumerate(index)
@@ -173,6 +180,8 @@ class LendingEngine:
         if decided is None:
             raise EnterpriseNotFound(enterprise_id)
         d, [(_, feats)] = decided
+        if d.error[0] is not None:
+            raise core.DecisionInputError(cannot_decide(enterprise_id, d.error[0]))
         contrib, values = d.contribution(0), d.values(0)
         assert contrib is not None
         base = float(contrib[-1])
@@ -212,7 +221,7 @@ def outcome(
 ) -> dict[str, Any]:
     """Row r of the core's decisions as the service answers and logs it."""
     if d.error[r] is not None:
-        raise core.DecisionInputError(f"{feats.enterprise_id}: {d.error[r]}")
+        raise core.DecisionInputError(cannot_decide(feats.enterprise_id, d.error[r]))
     values = values if values is not None else d.values(r)
     return {
         "model": d.model,
@@ -228,3 +237,10 @@ def outcome(
         "reasons": d.reasons(r, values),
         "limit": d.limit(r, values) if d.limits is not None else None,
     }
+
+
+def cannot_decide(enterprise_id: str, error: str) -> str:
+    return (
+        f"the online feature store holds data for {enterprise_id} that cannot be decided on: "
+        f"{error}; nothing decided"
+    )

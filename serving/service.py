@@ -320,6 +320,7 @@ class Kapok:
     def explain(self, body: Any, /, ctx: bentoml.Context) -> Answer:
         """Every feature's value and SHAP contribution in log-odds, with the additivity check."""
         self._caller(ctx, "explain")
+        from serving.core import DecisionInputError
         from serving.decision_log import new_request_id
         from serving.engine import EnterpriseNotFound
 
@@ -333,6 +334,8 @@ class Kapok:
                 )  # fmt: skip
         except EnterpriseNotFound as err:
             raise not_found(err) from None
+        except DecisionInputError as err:  # the feature store holds a value no model can use
+            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, f"cannot explain: {err}") from None
         return Answer(
             **{
                 **self._envelope(new_request_id(), request.product, e["model"], e["features"]),

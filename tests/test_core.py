@@ -56,10 +56,13 @@ def random_stored(rng: np.random.Generator, n: int) -> dict[str, list[Any]]:
             x = np.exp(rng.normal(15, 1.5, n))
             x[rng.random(n) < 0.04] = 0.0
             values = x.tolist()
-        elif f.dtype == "int":
-            values = rng.integers(0, 24, n).tolist()
+        elif f.dtype == "int":  # within the values the feature can take (features/schema.py)
+            low, high = f.bounds
+            values = rng.integers(int(low), 24 if math.isinf(high) else int(high) + 1, n).tolist()
         else:
-            values = rng.normal(0, 1, n).tolist()
+            low, high = f.bounds
+            x = rng.normal(0, 1, n)
+            values = (x if low < 0 else np.clip(np.abs(x), low, high)).tolist()
         missing = rng.random(n) < 0.08
         cols[f.name] = [None if m else v for v, m in zip(values, missing, strict=True)]
     return cols
@@ -231,6 +234,57 @@ def test_negative_sales_is_an_error_row_not_a_crash():
     d = core.decide(model, requests, POLICY, limits=True)
     assert d.error[0] == "feature tax_sales_12m is negative (-5.00)"
     assert [e is None for e in d.error[1:]] == [True] * 4
+
+
+def test_impossible_feature_values_are_error_rows_and_the_other_rows_are_unchanged():
+    """An infinity, a negative amount or count, a share above 1 or a code outside its table is
+    an error naming the feature, not a crash of the whole call (batch jobs decide the other
+    rows); NaN is missing, a valid row; every other row decides exactly as without them."""
+    model = synthetic_model("microloan", seed=1)
+    clean = random_requests(np.random.default_rng(3), 8, "microloan")
+    faults = {
+        0: ("power_kwh_3m", math.inf, "feature power_kwh_3m is +inf"),
+        1: ("pay_inflow_3m", -math.inf, "feature pay_inflow_3m is -inf"),
+        2: ("tax_sales_12m", math.inf, "feature tax_sales_12m is +inf"),
+        3: ("cred_nonbank_share", 1.5, "feature cred_nonbank_share is 1.50, outside"),
+        4: ("jud_lawsuits_12m", -2, "feature jud_lawsuits_12m is negative (-2.00)"),
+        5: ("tax_credit_rating_rank", 7, "feature tax_credit_rating_rank is 7.00, outside"),
+    }
+    spoiled = clean
+    for r, (name, value, _) in faults.items():
+        column = spoiled[name].to_list()
+        column[r] = value
+        spoiled = spoiled.with_columns(pl.Series(name, column, dtype=spoiled[name].dtype))
+    column = spoiled["tax_sales_growth_yoy"].to_list()
+    column[6] = math.nan  # missing, as LightGBM reads it
+    spoiled = spoiled.with_columns(pl.Series("tax_sales_growth_yoy", column))
+    d = core.decide(model, spoiled, POLICY, limits=True)
+    want = core.decide(model, clean, POLICY, limits=True)
+    for r, (_, _, text) in faults.items():
+        assert d.error[r] is not None and d.error[r].startswith(text), (r, d.error[r])
+    assert d.error[6] is None and d.error[7] is None
+    assert d.pd[7] == want.pd[7] and d.limit(7) == want.limit(7)
+    assert 0 < d.pd[6] < 1
+
+
+def test_a_snapshot_stamped_in_the_future_is_an_error_row():
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime(2026, 12, 3, 12, tzinfo=UTC)
+    stamps = pl.DataFrame(
+        {
+            "tax": [now - timedelta(days=20), now + timedelta(days=3), None, now],
+            "power": [None, None, now + timedelta(seconds=30), now - timedelta(days=1)],
+        },
+        schema={"tax": pl.Datetime("us", "UTC"), "power": pl.Datetime("us", "UTC")},
+    )
+    error = np.array([None, None, None, "already wrong"], dtype=object)
+    core.future_snapshots(error, stamps, ["tax", "power"], now=now)
+    assert error[0] is None and error[2] is None  # 30 s ahead: within the clock skew allowed
+    assert error[1] == (
+        "the tax snapshot is stamped 2026-12-06T12:00:00Z, in the future (now 2026-12-03T12:00:00Z)"
+    )
+    assert error[3] == "already wrong"
 
 
 def test_bad_requests_name_the_column():

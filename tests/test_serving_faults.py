@@ -1,13 +1,16 @@
 """Injected faults of issue 12 against a served API: the MLflow tracking store unavailable at
-start-up."""
+start-up, impossible feature values in the online store, and the champion alias moving while
+the server answers."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -16,12 +19,20 @@ import pytest
 from features import store as fs
 from features.build import read_summary
 from features.online import OnlineFeatures, ts_column
-from features.schema import PRODUCTS
+from features.schema import FEATURES, PRODUCTS, features_of
 from kapok.settings import Paths
+from serving.api_models import (
+    ErrorBody,
+    ExplainAnswer,
+    LimitAnswer,
+    PriceAnswer,
+    ScoreAnswer,
+    ScreenAnswer,
+)
 from serving.auth import add_key
 from tests.cli_processes import kapok_command
 from tests.test_cli_ui import answers, free_port, group_alive, stop_everything
-from tests.test_service import Api, get_status, start_server, stop_server
+from tests.test_service import Api, get_status, request, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +45,59 @@ class Home:
     keys: dict[str, str]
     env: dict[str, str]
     ids: list[str]  # enterprises in the online store, untouched by any test
+    bad: dict[str, str]  # case -> enterprise whose online features the fixture spoiled
+
+
+# -- the online store's impossible values --------------------------------------------------------
+FUTURE = datetime.now(UTC) + timedelta(days=40)
+# case: (family, {feature: value}, snapshot stamped in the future)
+SPOILED: dict[str, tuple[str, dict[str, float], bool]] = {
+    "nan": ("tax", {"tax_sales_growth_yoy": math.nan, "tax_paid_to_sales_12m": math.nan}, False),
+    "plus_inf": ("power", {"power_kwh_3m": math.inf}, False),
+    "minus_inf": ("payments", {"pay_inflow_3m": -math.inf}, False),
+    "negative_sales": ("tax", {"tax_sales_12m": -250_000.0}, False),
+    "share_above_one": ("credit_history", {"cred_nonbank_share": 1.7}, False),
+    "future_snapshot": ("tax", {}, True),
+}
+# the feature each fault names in its error (None: a valid decision is expected)
+NAMED = {
+    "nan": None,
+    "plus_inf": "feature power_kwh_3m is +inf",
+    "minus_inf": "feature pay_inflow_3m is -inf",
+    "negative_sales": "feature tax_sales_12m is negative (-250,000.00)",
+    "share_above_one": "feature cred_nonbank_share is 1.70, outside the values it can take",
+    "future_snapshot": "the tax snapshot is stamped " + FUTURE.strftime("%Y-%m-%dT%H"),
+}
+
+
+def spoil(p: Paths, store, eid: str, family: str, values: dict[str, float], future: bool) -> None:
+    """Write one enterprise's snapshot of one family into the online store through Feast, with
+    `values` in place of the real ones (and stamped 40 days from now when `future`)."""
+    row = OnlineFeatures(p, cache=False).read([eid])
+    names = [f.name for f in features_of(family)]
+    stamp = row[ts_column(family)][0]
+    frame = row.select(
+        pl.col("enterprise_id"),
+        *names,
+        pl.lit(FUTURE if future else stamp + timedelta(seconds=1))
+        .cast(pl.Datetime("us", "UTC"))
+        .alias("event_timestamp"),
+    ).with_columns(pl.lit(v, dtype=pl.Float64).alias(k) for k, v in values.items())
+    store.write_to_online_store(family, frame.to_pandas(use_pyarrow_extension_array=True))
+    got = OnlineFeatures(p, cache=False).read([eid]).row(0, named=True)
+    for name, value in values.items():  # the store now holds the spoiled values
+        if math.isnan(value):  # Feast writes a NaN as a missing value
+            assert got[name] is None or math.isnan(got[name]), name
+        else:
+            assert got[name] == value, name
+    if future:
+        assert got[ts_column(family)] > datetime.now(UTC), got[ts_column(family)]
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, small_system) -> Home:
     """The small system served: all three products trained, kapok-microloan twice (v1
-    @champion, v2 @challenger)."""
+    @champion, v2 @challenger), and six enterprises whose online features are impossible."""
     from training.data import product_data
     from training.train import train
 
@@ -58,7 +116,7 @@ def home(tmp_path_factory, small_system) -> Home:
     keys = {role: add_key(keys_file, f"test-{role}", role) for role in ("lender", "reviewer")}
     registered = pl.read_parquet(small_system.paths.raw / "registration" / "*.parquet")
     found = OnlineFeatures(p, cache=False).read(registered["enterprise_id"].to_list()[:200])
-    # firms with tax, power, payments and credit history in the store
+    # firms with tax, power, payments and credit history in the store: each fault lands
     known = found.filter(
         pl.all_horizontal(
             pl.col(ts_column(f)).is_not_null()
@@ -66,13 +124,16 @@ def home(tmp_path_factory, small_system) -> Home:
         )
     )["enterprise_id"].to_list()
     assert len(known) >= 40
+    bad = dict(zip(SPOILED, known[: len(SPOILED)], strict=True))
+    for case, (family, values, future) in SPOILED.items():
+        spoil(p, store, bad[case], family, values, future)
     env = dict(os.environ, KAPOK_HOME=str(p.home), KAPOK_API_KEYS=str(keys_file),
                KAPOK_WORKERS="1", BENTOML_HOME=str(p.home / "bentoml"),
                KAPOK_DECISION_LOG=f"sqlite:///{p.home / 'decisions.db'}",
                MLFLOW_TRACKING_URI=f"sqlite:///{p.mlruns / 'mlflow.db'}")  # fmt: skip
     for name in ("KAPOK_DEMO", "KAPOK_POLICY", "KAPOK_ONLINE_STORE"):
         env.pop(name, None)
-    return Home(p, keys, env, known)
+    return Home(p, keys, env, known[len(SPOILED) :], bad)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +217,76 @@ def test_serve_refuses_to_start_without_its_models(home, tmp_path, fault):
     assert not left, left
     assert not answers(port, "/livez")
     assert time.monotonic() - started < START_TIMEOUT
+
+
+# -- (b) impossible feature values in the online store -------------------------------------------
+ANSWERS = {"/score": ScoreAnswer, "/limit": LimitAnswer, "/price": PriceAnswer,
+           "/explain": ExplainAnswer}  # fmt: skip
+
+
+def body_for(path: str, eid: str) -> tuple[dict, str]:
+    if path == "/price":
+        return {"enterprise_id": eid, "product": "guarantee", "amount": 500_000,
+                "term_months": 12}, "lender"  # fmt: skip
+    if path == "/explain":
+        return {"enterprise_id": eid, "product": "microloan"}, "reviewer"
+    return request(eid, "insurance" if path == "/limit" else "microloan"), "lender"
+
+
+def test_impossible_feature_values_are_a_422_naming_the_feature_and_the_enterprise(home, server):
+    """NaN in the online store is a missing value (LightGBM's own): a valid decision. +inf,
+    -inf, negative sales, a share above 1 and a snapshot stamped in the future are faults of the
+    data: every endpoint answers 422 cannot_decide naming the enterprise and the feature (or the
+    snapshot), logs nothing, and /screen decides the other applicants; never a 500."""
+    from serving.decision_log import DecisionLog
+
+    api, _, log_file = server
+    log = DecisionLog(home.env["KAPOK_DECISION_LOG"])
+    before = log.count()
+    decided = 0
+    for case, eid in home.bad.items():
+        for path, model in ANSWERS.items():
+            body, role = body_for(path, eid)
+            status, answer = api.call(path, body, role=role)
+            if NAMED[case] is None:
+                assert status == 200, (case, path, answer)
+                model.model_validate(answer)
+                decided += path != "/explain"
+                continue
+            assert status == 422, (case, path, answer)
+            ErrorBody.model_validate(answer)
+            error = answer["error"]
+            assert error["code"] == "cannot_decide", (case, path, error)
+            assert eid in error["message"] and NAMED[case] in error["message"], (case, error)
+    assert log.count() == before + decided  # the NaN firm's three decisions, nothing else
+
+    good = home.ids[:3]
+    applicants = [{"enterprise_id": e, "requested_amount": 300_000, "term_months": 12}
+                  for e in [*home.bad.values(), *good]]  # fmt: skip
+    status, answer = api.call("/screen", {"product": "guarantee", "applicants": applicants},
+                              role="lender")  # fmt: skip
+    assert status == 200, answer
+    ScreenAnswer.model_validate(answer)
+    ranked = {r["enterprise_id"] for r in answer["ranked"]}
+    assert ranked == {home.bad["nan"], *good}, answer
+    errors = {e["enterprise_id"]: e["error"] for e in answer["errors"]}
+    for case, eid in home.bad.items():
+        if NAMED[case] is not None:
+            assert errors[eid]["code"] == "cannot_decide", errors[eid]
+            assert NAMED[case] in errors[eid]["message"] and eid in errors[eid]["message"]
+    assert "Traceback" not in log_file.read_text()
+
+
+def test_the_simulated_data_has_no_impossible_values(small_system):
+    """The bounds that refuse a value (features/schema.py) never refuse a real one: every
+    snapshot the simulator's region produces lies inside them, so normal decisions are the
+    same as before."""
+    for fam in {f.family for f in FEATURES}:
+        table = pl.read_parquet(small_system.paths.features / fam / "*.parquet")
+        for f in features_of(fam):
+            if f.dtype == "string":
+                continue
+            low, high = f.bounds
+            column = table[f.name].cast(pl.Float64).drop_nulls().drop_nans()
+            assert column.is_infinite().sum() == 0, f.name
+            assert column.min() >= low and column.max() <= high, (f.name, column.min(), low)
