@@ -8,14 +8,17 @@ import math
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import psutil
 import pytest
+
 from features import store as fs
 from features.build import read_summary
 from features.online import OnlineFeatures, ts_column
@@ -290,3 +293,82 @@ def test_the_simulated_data_has_no_impossible_values(small_system):
             column = table[f.name].cast(pl.Float64).drop_nulls().drop_nans()
             assert column.is_infinite().sum() == 0, f.name
             assert column.min() >= low and column.max() <= high, (f.name, column.min(), low)
+
+
+# -- (c) the champion alias moves while the server answers ---------------------------------------
+def pd_under(home: Home, version: str, features: dict) -> float:
+    from serving.model import ProductModel
+    from training.pyfunc import load_scorer
+    from training.tracking import configure
+
+    configure(home.paths)
+    scorer = load_scorer(f"models:/kapok-microloan/{version}")
+    model = ProductModel("microloan", "kapok-microloan", version, scorer)
+    margin = model.margin(model.row(features))
+    return float(scorer.calibrator(np.asarray(margin))[0])
+
+
+def test_moving_the_champion_alias_while_serving(home, server):
+    """While requests keep coming, @champion moves from v1 to v2 and back: no request fails,
+    and every logged decision names the version whose PD it carries (the server pins the
+    champion it loaded at start-up: v1). A restarted server decides with the new champion."""
+    from mlflow import MlflowClient
+
+    from serving.decision_log import DecisionLog
+
+    api, _, _ = server
+    uri = home.env["MLFLOW_TRACKING_URI"]
+    registry = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert str(registry.get_model_version_by_alias("kapok-microloan", "champion").version) == "1"
+    firms = home.ids[:8]
+    answered: list[tuple[int, dict]] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        i = 0
+        while not stop.is_set():
+            answered.append(api.call("/score", request(firms[i % len(firms)]), role="lender"))
+            i += 1
+
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    try:
+        time.sleep(2)
+        registry.set_registered_model_alias("kapok-microloan", "champion", "2")
+        time.sleep(4)
+        registry.set_registered_model_alias("kapok-microloan", "champion", "1")
+        time.sleep(2)
+        registry.set_registered_model_alias("kapok-microloan", "champion", "2")
+        time.sleep(2)
+    finally:
+        stop.set()
+        asker.join(timeout=120)
+    assert len(answered) >= 20, len(answered)
+    assert [s for s, _ in answered] == [200] * len(answered), [b for s, b in answered if s != 200]
+
+    log = DecisionLog(home.env["KAPOK_DECISION_LOG"])
+    versions = {b["model_version"] for _, b in answered}
+    assert versions == {"1"}, versions  # pinned at start-up
+    differs = 0
+    for _, body in answered[:: max(1, len(answered) // 12)]:
+        record = log.get(body["request_id"])
+        assert record is not None and record.model_version == body["model_version"]
+        decided_by = pd_under(home, record.model_version, record.features)
+        other = pd_under(home, "2" if record.model_version == "1" else "1", record.features)
+        assert record.pd == pytest.approx(decided_by, rel=1e-9, abs=1e-12)
+        differs += abs(other - record.pd) > 1e-6
+    assert differs >= 1  # the two versions really decide differently
+
+    # a restart takes the champion the alias names now: v2
+    log_file = home.paths.home / "restarted.log"
+    process, base = start_server(home.env, log_file)
+    try:
+        status, body = Api(base, home.keys).call("/score", request(firms[0]), role="lender")
+        assert status == 200, body
+        assert body["model_version"] == "2"
+        record = log.get(body["request_id"])
+        assert record is not None and record.model_version == "2"
+        assert record.pd == pytest.approx(pd_under(home, "2", record.features), rel=1e-9)
+    finally:
+        stop_server(process, log_file)
+        registry.set_registered_model_alias("kapok-microloan", "champion", "1")
