@@ -415,7 +415,7 @@ def promote_command(
 
 # -- serving -------------------------------------------------------------------------------------
 CURL_EXAMPLE = (
-    "curl -s -X POST http://127.0.0.1:{port}/score -H 'Content-Type: application/json' "
+    "curl -s -X POST http://{host}:{port}/score -H 'Content-Type: application/json' "
     '{auth}-d \'{{"enterprise_id": "{eid}", "product": "microloan", '
     '"requested_amount": 300000, "term_months": 12}}\''
 )
@@ -435,9 +435,13 @@ def _example_enterprise() -> str:
 @app.command("serve")
 @friendly_errors
 def serve_command(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 3000,
+    port: Annotated[int, typer.Option(help="Port.")] = 3000,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0: every interface; keys required).")
+    ] = "127.0.0.1",
     demo: Annotated[
-        bool, typer.Option(help="No API keys (local demo only; says so loudly).")
+        bool,
+        typer.Option(help="No API keys (local demo only: loopback hosts only; says so loudly)."),
     ] = False,
 ) -> None:
     """Serve the lending API (BentoML) with the champion model of each product.
@@ -445,7 +449,7 @@ def serve_command(
     Endpoints: POST /score /limit /price /explain /screen /decision; the API's docs page at /
     and its OpenAPI document at /openapi.json; /livez, /readyz (200 once every worker has
     loaded), /metrics. API keys: `kapok keys add`. Ctrl-C or SIGTERM stops the server and its
-    workers.
+    workers. --demo serves loopback only (127.0.0.1, ::1, localhost).
     """
     import os
     import shutil
@@ -453,16 +457,27 @@ def serve_command(
     import sys
     import tempfile
 
+    from kapok.settings import max_body_bytes, rate_limit
+    from serving.access import DEMO_LOOPBACK_ONLY, is_loopback
+    from serving.auth import demo_mode
+
+    if (demo or demo_mode()) and not is_loopback(host):
+        raise ValueError(
+            f"{DEMO_LOOPBACK_ONLY}: --host {host} is not a loopback address "
+            "(use 127.0.0.1, ::1 or localhost, or serve with API keys)"
+        )
+    max_body_bytes(), rate_limit()  # a malformed setting is one line now, not a worker's crash
     env = dict(os.environ)
     env.setdefault("BENTOML_HOME", str(paths().home / "bentoml"))
     if demo:
         env["KAPOK_DEMO"] = "1"
         console.print("[bold red]DEMO MODE: no API keys are checked. Do not expose this server.[/]")
     auth = "" if demo else "-H 'Authorization: Bearer YOUR_KEY' "
-    example = CURL_EXAMPLE.format(port=port, auth=auth, eid=_example_enterprise())
+    shown = _reachable(host)
+    example = CURL_EXAMPLE.format(host=shown, port=port, auth=auth, eid=_example_enterprise())
     console.print("try:\n  " + example, soft_wrap=True, highlight=False)  # one pasteable line
     command = [sys.executable, "-m", "bentoml", "serve", "serving.service:Kapok",
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+               "--host", host, "--port", str(port)]  # fmt: skip
     # a worker that cannot load its models or stores (the MLflow store down, a product without
     # a champion) writes why into this file (serving.service.cannot_start) and ends; BentoML
     # would start it again and again: `kapok serve` stops the server with that one line instead
@@ -473,11 +488,11 @@ def serve_command(
     def is_ready() -> bool:
         if failure.exists():
             raise ServeRefused(failure.read_text().strip())
-        return _answers_http(port, "/readyz")
+        return _answers_http(port, "/readyz", _probe_host(host))
 
     def ready() -> None:
         console.print(
-            f"Kapok API ready: http://127.0.0.1:{port}/ (its docs page; Ctrl-C stops it)",
+            f"Kapok API ready: http://{shown}:{port}/ (its docs page; Ctrl-C stops it)",
             soft_wrap=True,
         )
 
@@ -579,10 +594,21 @@ def ui_command(
     console.print("MLflow UI stopped")
 
 
-def _answers_http(port: int, path: str = "/health") -> bool:
+def _probe_host(host: str) -> str:
+    """Where this machine reaches a server bound to `host` (every interface: loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def _reachable(host: str) -> str:
+    """`host` as it goes in a URL (an IPv6 address in brackets)."""
+    shown = _probe_host(host)
+    return f"[{shown}]" if ":" in shown else shown
+
+
+def _answers_http(port: int, path: str = "/health", host: str = "127.0.0.1") -> bool:
     import http.client
 
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    connection = http.client.HTTPConnection(host, port, timeout=2)
     try:
         connection.request("GET", path)
         return connection.getresponse().status == 200

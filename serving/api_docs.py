@@ -37,7 +37,7 @@ class Endpoint:
     logged: bool  # a decision written to the decision log before the answer leaves
 
 
-_DECISION_ERRORS = (400, 401, 403, 404, 415, 422, 503)
+_DECISION_ERRORS = (400, 401, 403, 404, 413, 415, 422, 429, 503)
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "/score",
@@ -57,17 +57,19 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "/screen",
         "Rank up to 1,000 applicants by risk with PD, grade, decision, limit and price.",
-        "screen", m.ScreenRequest, m.ScreenAnswer, (400, 401, 403, 415, 503), True,
+        "screen", m.ScreenRequest, m.ScreenAnswer, (400, 401, 403, 413, 415, 429, 503), True,
     ),
     Endpoint(
         "/explain",
         "Every feature's value and its SHAP contribution in log-odds, with the additivity check.",
-        "explain", m.ExplainRequest, m.ExplainAnswer, (400, 401, 403, 404, 415, 503), False,
+        "explain", m.ExplainRequest, m.ExplainAnswer, (400, 401, 403, 404, 413, 415, 429, 503),
+        False,
     ),
     Endpoint(
         "/decision",
         "A logged decision as the log keeps it (for model-risk reviewers).",
-        "log", m.DecisionRequest, m.DecisionLogEntry, (400, 401, 403, 404, 415, 503), False,
+        "log", m.DecisionRequest, m.DecisionLogEntry, (400, 401, 403, 404, 413, 415, 429, 503),
+        False,
     ),
 )  # fmt: skip
 
@@ -77,11 +79,18 @@ _ERROR_MEANING = {
     401: "No API key, a malformed Authorization header, or an unknown key (checked before "
     "anything about the body).",
     403: "The key is valid but its role may not call this endpoint (checked before anything "
-    "about the body).",
+    "about the body); or a demo server (no keys) reached on, or listening on, an address other "
+    "than loopback.",
     404: "The enterprise is not in the feature store (or the decision is not in the log).",
+    413: "The body is larger than the server's limit (KAPOK_MAX_BODY_BYTES, default 1 MiB; "
+    "checked after the key, before the body is read in full): split a /screen list into "
+    "several requests.",
     415: "The body was sent with a Content-Type other than application/json (send JSON with "
     "Content-Type: application/json; none at all is read as JSON).",
     422: "The feature store holds a value no policy can decide on.",
+    429: "More requests with this key than the server's rate limit allows (KAPOK_RATE_LIMIT, "
+    "per key, shared by every worker); the Retry-After header says in how many seconds to "
+    "try again.",
     503: "Starting (models not loaded yet), or the decision log or feature store is "
     "unavailable: nothing was decided.",
 }
@@ -125,6 +134,14 @@ def openapi() -> dict[str, Any]:
                 "description": f"`{CODES[status]}`: {_ERROR_MEANING[status]}",
                 "content": {"application/json": {"schema": {"$ref": ref("ErrorBody")}}},
             }
+            if status == 429:
+                responses[str(status)]["headers"] = {
+                    "Retry-After": {
+                        "description": "Seconds until this key may call again.",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 1},
+                    }
+                }
         paths[e.path] = {
             "post": {
                 "operationId": e.path.strip("/"),
@@ -315,9 +332,12 @@ def docs_html() -> str:
         "<table><tr><th>status</th><th>code</th></tr>",
         "".join(f"<tr><td>{s}</td><td><code>{c}</code></td></tr>" for s, c in CODES.items()),
         "</table><p>The key and its role are checked first (401, 403), whatever the body; "
+        "then the rate of requests with that key (429 <code>too_many_requests</code> with a "
+        "<code>Retry-After</code> header, when the server sets a limit); "
         "then the content type: a body sent with a Content-Type other than "
         "<code>application/json</code> answers 415 <code>unsupported_media_type</code> "
-        "(none at all is read as JSON); then the body: one that is not JSON answers 400 "
+        "(none at all is read as JSON); then its size (413 <code>too_large</code> above the "
+        "server's limit, 1 MiB by default); then the body: one that is not JSON answers 400 "
         "<code>invalid_json</code>.</p>",
         "</body></html>",
     ]

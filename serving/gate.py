@@ -13,8 +13,14 @@ without reading the body:
    `application/json` (parameters such as `charset=utf-8` are fine) or without a Content-Type
    (read as JSON). One rule for every other type: text/plain, forms, multipart, BentoML's pickle.
 
+Then the access limits of serving/access.py, still before the body is parsed: the rate per key
+(429 `too_many_requests` with Retry-After, when KAPOK_RATE_LIMIT is set) after the role, and the
+body size (413 `too_large` above KAPOK_MAX_BODY_BYTES: a Content-Length at once, a chunked body
+as it streams) after the content type.
+
 Only then does BentoML parse the body (400 `invalid_json` when it is not JSON) and the endpoint
-validate it (400 `invalid_request`). In demo mode every caller is let in (as admin).
+validate it (400 `invalid_request`). In demo mode every caller is let in (as admin), on loopback
+only: a demo server that listens on, or is reached at, another address answers every request 403.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 
-from serving.api_errors import ApiError, Receive, Scope, Send
+from kapok.settings import RateLimit, max_body_bytes, rate_limit
+from serving.access import RateLimiter, Verdict, demo_refusal, too_large_message
+from serving.api_errors import ApiError, Message, Receive, Scope, Send
 from serving.auth import AuthError, KeyStore, server_keys
 
 JSON = "application/json"
@@ -43,28 +51,72 @@ class RequestGate:
         app: Callable[[Scope, Receive, Send], Awaitable[None]],
         permissions: Mapping[str, str],
         keys: Callable[[], KeyStore] = server_keys,
+        max_body: int | None = None,
+        rate: RateLimit | Callable[[], RateLimit | None] | None = rate_limit,
     ) -> None:
         self.app = app
         self.permissions = dict(permissions)
         self.keys = keys
+        self.max_body = max_body if max_body is not None else max_body_bytes()
+        limit = rate() if callable(rate) else rate
+        self.limiter = RateLimiter(limit) if limit is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.keys().demo:
+            reason = demo_refusal(scope.get("server"))
+            if reason is not None:
+                await _answer(send, ApiError(HTTPStatus.FORBIDDEN, reason))
+                return
         if scope["type"] == "http" and scope.get("method") == "POST":
             permission = self.permissions.get(scope.get("path", ""))
             refused = self.refusal(scope, permission) if permission else None
             if refused is not None:
                 await _answer(send, refused)
                 return
+            if permission and "content-length" not in _headers(scope):
+                # no Content-Length (chunked): count the body as it streams
+                bounded = await self._bounded(receive)
+                if bounded is None:
+                    size_error = too_large_message(scope.get("path", ""), self.max_body)
+                    await _answer(send, ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, size_error))
+                    return
+                receive = bounded
         await self.app(scope, receive, send)
+
+    async def _bounded(self, receive: Receive) -> Receive | None:
+        """The body read up to the limit and handed on as it came (None: it is larger; nothing
+        beyond the limit was read)."""
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break  # the client went away: the app learns it as it would have
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                return None
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        return replay
 
     def refusal(self, scope: Scope, permission: str) -> ApiError | None:
         """Why the request may not reach the endpoint (None: it may)."""
         headers = _headers(scope)
         store = self.keys()
         try:
-            store.authorize(store.authenticate(headers.get("authorization")), permission)
+            caller = store.authenticate(headers.get("authorization"))
+            store.authorize(caller, permission)
         except AuthError as e:
             return ApiError(e.status, e.message)
+        if self.limiter is not None:
+            verdict = self.limiter.take(caller.name)
+            if not verdict.allowed:
+                return TooManyRequests(self.limiter.message(verdict.retry_after), verdict)
         content_type = headers.get("content-type", "").strip()
         if content_type and media_type(content_type) != JSON:
             said = media_type(content_type)
@@ -74,7 +126,21 @@ class RequestGate:
                 f"Content-Type {said!r} is not accepted: send the body as JSON, with "
                 "Content-Type: application/json",
             )
+        length = headers.get("content-length", "").strip()
+        if length.isdigit() and int(length) > self.max_body:
+            return ApiError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                too_large_message(scope.get("path", ""), self.max_body, int(length)),
+            )
         return None
+
+
+class TooManyRequests(ApiError):
+    """429 with the whole seconds until the caller's next token (its Retry-After header)."""
+
+    def __init__(self, message: str, verdict: Verdict) -> None:
+        super().__init__(HTTPStatus.TOO_MANY_REQUESTS, message)
+        self.retry_after = verdict.retry_after
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -90,5 +156,7 @@ async def _answer(send: Send, error: ApiError) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     if error.status == HTTPStatus.UNAUTHORIZED:
         headers.append((b"www-authenticate", b"Bearer"))
+    if isinstance(error, TooManyRequests):
+        headers.append((b"retry-after", str(error.retry_after).encode()))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": data})

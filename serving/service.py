@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict
 from starlette.responses import JSONResponse
 
 import kapok  # noqa: F401  (telemetry off)
-from kapok.settings import paths
+from kapok.settings import max_body_bytes, paths, rate_limit
 from serving import api_models as m
+from serving.access import demo_refusal
 from serving.api_docs import ENDPOINTS, DocsMiddleware
 from serving.api_errors import ApiError, ErrorShapeMiddleware, quiet_client_error_tracebacks
 from serving.api_errors import validate as check
@@ -100,6 +101,19 @@ def _worker_count() -> int:
     return int(system_resources()["cpu"]) or 1
 
 
+def _check_access_settings() -> None:
+    """KAPOK_MAX_BODY_BYTES and KAPOK_RATE_LIMIT (read by RequestGate in each worker) checked
+    once, where `bentoml serve` imports this module: a malformed one is one line at start."""
+    try:
+        max_body_bytes()
+        rate_limit()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+_check_access_settings()
+
+
 @bentoml.service(
     name="kapok",
     traffic={"timeout": 60},
@@ -114,6 +128,9 @@ class Kapok:
         self.keys = server_keys()  # the store RequestGate checks first
         if self.demo:
             print("!!! KAPOK DEMO MODE: no API keys are checked. Never expose this server. !!!")
+            refused = demo_refusal(None)
+            if refused:
+                print(f"!!! {refused}: every request is answered 403 (serve with API keys) !!!")
         # The models and the feature store load in the background, so that the worker serves
         # at once: /readyz answers 503 (and every endpoint 503) until they are loaded, /livez
         # 200 all along. (BentoML serves a worker only once __init__ has returned: loading here
