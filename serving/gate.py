@@ -32,7 +32,7 @@ from http import HTTPStatus
 from kapok.settings import RateLimit, max_body_bytes, rate_limit
 from serving.access import RateLimiter, Verdict, demo_refusal, too_large_message
 from serving.api_errors import ApiError, Message, Receive, Scope, Send
-from serving.auth import AuthError, KeyStore, server_keys
+from serving.auth import AuthConfigError, AuthError, KeyStore, server_keys
 
 JSON = "application/json"
 
@@ -62,7 +62,7 @@ class RequestGate:
         self.limiter = RateLimiter(limit) if limit is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.keys().demo:
+        if scope["type"] == "http" and self._demo():
             reason = demo_refusal(scope.get("server"))
             if reason is not None:
                 await _answer(send, ApiError(HTTPStatus.FORBIDDEN, reason))
@@ -82,6 +82,12 @@ class RequestGate:
                     return
                 receive = bounded
         await self.app(scope, receive, send)
+
+    def _demo(self) -> bool:
+        try:
+            return self.keys().demo
+        except AuthConfigError:  # no key file: not demo (a gated request says why, as before)
+            return False
 
     async def _bounded(self, receive: Receive) -> Receive | None:
         """The body read up to the limit and handed on as it came (None: it is larger; nothing
