@@ -74,12 +74,14 @@ class Api:
                 return e.code, {"error": text}
 
 
-def launch_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    """`bentoml serve` on a free port, not waiting for anything."""
+def launch_server(
+    env: dict[str, str], log: Path, host: str = "127.0.0.1"
+) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve` on a free port, not waiting for anything (reached on 127.0.0.1)."""
     port = free_port()
     log_file = log.open("w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "serving.service:Kapok", "--host", "127.0.0.1", "--port", str(port)],  # noqa: E501
+        [sys.executable, "-m", "bentoml", "serve", "serving.service:Kapok", "--host", host, "--port", str(port)],  # noqa: E501
         env=env, stdout=log_file, stderr=subprocess.STDOUT,
     )  # fmt: skip
     return server, f"http://127.0.0.1:{port}"
@@ -1138,3 +1140,227 @@ def test_decision_log_disk_full_answers_503_and_decisions_resume_when_space_retu
             assert "Traceback" not in serve.log.read_text()
         finally:
             serve.stop()
+
+
+# -- access (issue 12, item 6): keys never logged, demo mode, revoked keys, 413, 429 -------------
+def test_keys_never_appear_in_the_server_log_or_the_decision_log(served):
+    """Requests with a valid key, an unknown one, a key in a malformed header and a key of the
+    wrong role: neither a key nor its hash is in the server's output or in any column of any row
+    of the decision log, where the caller is the key's name."""
+    from serving.auth import hash_key
+
+    api, home, ids, _ = served
+    unknown = "kpk_" + "u" * 43
+    status, body = api.call("/score", request(ids[3]), role="lender")
+    assert status == 200, body
+    assert api.call("/score", request(ids[3]), role="reviewer")[0] == 403
+    assert Api(api.base, {"x": unknown}).call("/score", request(ids[3]), role="x")[0] == 401
+    for header in (f"Token {api.keys['lender']}", f"Bearer {api.keys['lender']} extra",
+                   f"Bearer {unknown} {api.keys['admin']}"):  # fmt: skip
+        call = urllib.request.Request(
+            api.base + "/score", data=json.dumps(request(ids[3])).encode(), method="POST",
+            headers={"Content-Type": "application/json", "Authorization": header},
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(call, timeout=60)
+        assert e.value.code == 401
+        assert json.loads(e.value.read())["error"]["message"].startswith("malformed")
+    secrets = [*api.keys.values(), unknown]
+    secrets += [hash_key(k) for k in secrets]
+    log = home.home / "server.log"
+    deadline = time.time() + 10
+    while log.read_text().count("401 POST /score") < 4 and time.time() < deadline:
+        time.sleep(0.2)
+    text = log.read_text()
+    assert text.count("401 POST /score") >= 4 and "403 POST /score" in text
+    assert not [s for s in secrets if s in text]
+    with sqlite3.connect(home.home / "decisions" / "decisions.db") as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        rows = [row for t in tables for row in db.execute(f'SELECT * FROM "{t}"')]
+        callers = {r[0] for r in db.execute("SELECT DISTINCT caller FROM decisions")}
+    dumped = "\n".join(repr(row) for row in rows)
+    assert body["request_id"] in dumped and rows
+    assert not [s for s in secrets if s in dumped]
+    assert callers <= {"test-lender", "test-reviewer", "test-admin"}, callers
+
+
+def test_no_request_turns_demo_mode_on(served):
+    """Demo mode is an environment setting read at start-up: headers, query strings, cookies and
+    bodies that ask for it get 401 on a server with keys."""
+    api, _, ids, _ = served
+    attempts = [
+        ("/score", {"X-Kapok-Demo": "1"}),
+        ("/score", {"Kapok-Demo": "true", "KAPOK_DEMO": "1"}),
+        ("/score?demo=1&KAPOK_DEMO=1", {}),
+        ("/score", {"Authorization": "Bearer demo"}),
+        ("/score", {"Authorization": "Demo"}),
+        ("/score", {"Cookie": "demo=1; KAPOK_DEMO=1"}),
+        ("/explain", {"X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1"}),
+    ]
+    for path, headers in attempts:
+        body = {**request(ids[0]), "demo": True, "KAPOK_DEMO": "1"}
+        call = urllib.request.Request(
+            api.base + path, data=json.dumps(body).encode(), method="POST",
+            headers={"Content-Type": "application/json", **headers},
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(call, timeout=60)
+        assert e.value.code == 401, (path, headers)
+        assert json.loads(e.value.read())["error"]["code"] == "unauthenticated"
+
+
+@dataclass
+class Access:
+    """A server of the served home with small access limits: 2 workers, bodies up to 20,000
+    bytes, 5 requests per key an hour; its own key file and decision log. Its tests need only
+    the gate, so they do not wait for the models to load (a request that passes the gate is
+    answered 503 `starting`, or 400 for the empty body the tests send, once loaded)."""
+
+    env: dict[str, str]
+    work: Path
+    keys: dict[str, str]
+    server: subprocess.Popen | None = None
+    base: str = ""
+
+    def start(self, host: str = "127.0.0.1", **env: str) -> None:
+        self.stop()
+        self.env.update(env)
+        log = self.work / "server.log"
+        self.server, self.base = launch_server(self.env, log, host=host)
+        deadline = time.time() + 180
+        while get_status(self.base + "/livez") is None:
+            assert self.server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            stop_server(self.server, self.work / "server.log")
+            self.server = None
+
+    def post(self, path: str, key: str | None, data: bytes = b"{}") -> tuple[int, Any, dict]:
+        """Status, headers (case-insensitive) and JSON body of a POST with key `key`."""
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {self.keys.get(key, key)}"
+        call = urllib.request.Request(self.base + path, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(call, timeout=60) as r:
+                return r.status, r.headers, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, json.loads(e.read())
+
+    def raw(
+        self, path: str, headers: dict[str, str], chunks: tuple[bytes, ...] = ()
+    ) -> tuple[int, dict]:
+        """A request whose head says what `headers` say (a Content-Length the body need not
+        have), then `chunks` in chunked transfer coding, not terminated: the server must answer
+        without the rest. The status and the error of the answer."""
+        import http.client
+
+        connection = http.client.HTTPConnection("127.0.0.1", int(self.base.rsplit(":", 1)[1]),
+                                                timeout=60)  # fmt: skip
+        try:
+            connection.putrequest("POST", path)
+            for name, value in headers.items():
+                connection.putheader(name, value)
+            connection.endheaders()
+            for chunk in chunks:
+                connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            answer = connection.getresponse()
+            return answer.status, json.loads(answer.read())
+        finally:
+            connection.close()
+
+
+@pytest.fixture(scope="module")
+def access(served, tmp_path_factory):
+    _, _, _, env = served
+    work = tmp_path_factory.mktemp("access_server")
+    keys_file = work / "api_keys.toml"
+    keys = {name: add_key(keys_file, name, "lender") for name in
+            ("gone-co", "kept-co", "body-co", "rate-co", "rate-other")}  # fmt: skip
+    log = f"sqlite:///{work / 'log.db'}"
+    env = dict(env, KAPOK_API_KEYS=str(keys_file), KAPOK_WORKERS="2", KAPOK_RATE_LIMIT="5/hour",
+               KAPOK_MAX_BODY_BYTES="20000", KAPOK_DECISION_LOG=log)  # fmt: skip
+    server = Access(env, work, keys)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_revoked_key_is_401_once_the_server_restarts(access):
+    """`kapok keys revoke`: the running server keeps the key it loaded (as documented), and
+    after a restart the key is 401 `unknown API key`, while the others still pass."""
+    from tests.cli_processes import run_kapok
+
+    assert access.post("/score", "gone-co")[0] in (400, 503)  # past the gate
+    ran = run_kapok(["keys", "revoke", "gone-co"], env=access.env)
+    assert ran.returncode == 0, ran.stderr
+    assert access.post("/score", "gone-co")[0] in (400, 503)  # until restarted
+    access.start()
+    status, _, body = access.post("/score", "gone-co")
+    assert (status, body["error"]["message"]) == (401, "unknown API key"), body
+    assert access.post("/score", "kept-co")[0] in (400, 503)
+
+
+def test_a_body_above_the_limit_is_413_and_a_key_is_checked_first(access):
+    """KAPOK_MAX_BODY_BYTES=20000: a Content-Length above it is answered 413 at once, before the
+    body is sent; a chunked body is answered 413 once past the limit, the rest never sent; the
+    message names the limit and, for /screen, says to split the list; without a key 401."""
+    lender = {"Content-Type": "application/json",
+              "Authorization": f"Bearer {access.keys['body-co']}"}  # fmt: skip
+    status, body = access.raw("/screen", lender | {"Content-Length": "20001"})
+    assert status == 413, body
+    assert body["error"] == {
+        "code": "too_large",
+        "message": "the body is 20,001 bytes, above this server's limit of 20,000 bytes "
+        "(KAPOK_MAX_BODY_BYTES): split the applicants into several /screen requests",
+        "field": None,
+    }
+    chunked = lender | {"Transfer-Encoding": "chunked"}
+    status, body = access.raw("/score", chunked, (b" " * 8000,) * 3)
+    assert status == 413 and "limit of 20,000 bytes" in body["error"]["message"], body
+    nobody = {"Authorization": "Bearer kpk_nobody", "Content-Length": "50000000"}
+    status, body = access.raw("/score", nobody)
+    assert (status, body["error"]["code"]) == (401, "unauthenticated"), body
+    # within the limit: past the gate (an empty object is a 400, or 503 while loading)
+    assert access.post("/screen", "body-co", b"{}" + b" " * 19_000)[0] in (400, 503)
+
+
+def test_a_key_above_its_rate_is_429_with_retry_after(access):
+    """KAPOK_RATE_LIMIT=5/hour on a server of 2 workers: 5 requests of a key pass, the next are
+    429 with Retry-After (seconds, ≤ 720: one token comes back every 12 minutes) and a message
+    naming the limit; another key has its own 5."""
+    statuses = [access.post("/score", "rate-co")[0] for _ in range(5)]
+    assert all(s in (400, 503) for s in statuses), statuses
+    for _ in range(3):
+        status, headers, body = access.post("/score", "rate-co")
+        assert status == 429, body
+        assert 1 <= int(headers["Retry-After"]) <= 720, headers
+        assert body["error"]["code"] == "too_many_requests"
+        assert body["error"]["message"].startswith(
+            "more than 5 requests per hour for this key (KAPOK_RATE_LIMIT): try again in "
+        )
+    assert access.post("/score", "rate-other")[0] in (400, 503)
+
+
+def test_a_demo_server_listening_beyond_loopback_answers_403(access):
+    """KAPOK_DEMO=1 with `bentoml serve --host 0.0.0.0` (what `kapok serve` refuses): every
+    request is 403 "demo mode serves loopback only", the probes and the docs page too, even
+    reached via 127.0.0.1; the server says so at start. No traffic leaves loopback."""
+    access.start(host="0.0.0.0", KAPOK_DEMO="1")
+    status, _, body = access.post("/score", None)
+    assert status == 403, body
+    assert body["error"] == {
+        "code": "forbidden",
+        "message": "demo mode serves loopback only: this server listens on 0.0.0.0",
+        "field": None,
+    }
+    assert access.post("/score", "X-Kapok-Demo")[0] == 403
+    for path in ("/", "/readyz", "/livez", "/openapi.json"):
+        assert get_status(access.base + path) == 403, path
+    deadline = time.time() + 60
+    log = access.work / "server.log"
+    while "every request is answered 403" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.5)
+    assert "demo mode serves loopback only: this server listens on 0.0.0.0" in log.read_text()
