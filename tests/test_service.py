@@ -874,8 +874,12 @@ def test_redis_down_is_a_503_naming_the_store_and_the_server_recovers_by_itself(
 
         redis_server.kill()
         for eid in (ids[1], ids[0]):  # a firm never read, and one in the cache
+            asked = time.monotonic()
             status, body = on_redis.call("/score", request(eid), role="lender")
             assert status == 503, body
+            # fails fast: redis-py's default retries made it ~11 s, longer than a client's or a
+            # load balancer's /readyz timeout
+            assert time.monotonic() - asked < 6, time.monotonic() - asked
             error = body["error"]
             assert error["code"] == "feature_store_unavailable", error
             assert (

@@ -4,9 +4,11 @@ the server answers."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -193,8 +195,13 @@ def test_serve_refuses_to_start_without_its_models(home, tmp_path, fault):
     database, or has no @champion for one product: `kapok serve` ends by itself with one line
     naming the store and what is missing, exit code 1, no traceback, nothing left running, and
     /readyz never answered 200 meanwhile (never a server with a product missing)."""
+    held = contextlib.ExitStack()
     if fault == "postgres_down":
-        port = free_port()
+        # bound but not listening for the whole test: a connection to it is refused, and the
+        # server the test starts (on a free port of its own) can never be given this one
+        closed = held.enter_context(socket.socket())
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
         uri = f"postgresql+psycopg2://kapok:secret@127.0.0.1:{port}/test"
         wanted = [f"the MLflow tracking store postgresql+psycopg2://kapok:***@127.0.0.1:{port}/test"
                   " is unavailable", "Connection refused"]  # fmt: skip
@@ -208,7 +215,8 @@ def test_serve_refuses_to_start_without_its_models(home, tmp_path, fault):
         wanted = [f"no @champion model for kapok-guarantee in the MLflow tracking store {uri}"]
     env = dict(home.env, MLFLOW_TRACKING_URI=uri)
     started = time.monotonic()
-    code, out, err, seen, left, port = serve_until_it_ends(env)
+    with held:
+        code, out, err, seen, left, port = serve_until_it_ends(env)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1, (code, err[-3000:])
     assert "Traceback" not in out + err, err[-3000:]
