@@ -174,4 +174,5 @@ class RateLimiter:
 
 
 def default_path() -> Path:
-    return paths().home / "serving" / "rate_limit.db"
+    # not "serving/": under the default KAPOK_HOME (the checkout) that is the package's folder
+    return paths().home / "api" / "rate_limit.db"

@@ -158,7 +158,7 @@ def test_a_key_above_its_rate_is_429_with_retry_after(keys, tmp_path, monkeypatc
     assert through(gate, b)[0] == 200  # a bucket per key
     clock[0] += 15
     assert [through(gate, a)[0] for _ in range(2)] == [200, 429]
-    assert (tmp_path / "serving" / "rate_limit.db").exists()  # under KAPOK_HOME
+    assert (tmp_path / "api" / "rate_limit.db").exists()  # under KAPOK_HOME
 
 
 def test_the_rate_is_shared_by_worker_processes(tmp_path):
