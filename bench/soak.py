@@ -2,15 +2,18 @@
 lender would notice — errors, latency creeping up, memory growing, decisions answered but not
 logged (issue 12, item 2).
 
-    python bench/soak.py --home /tmp/kh --rate 150 --minutes 10      # by hand: 80% of capacity
+    python bench/soak.py --home /tmp/kh --share 0.8 --minutes 10     # by hand: 80% of capacity
     python bench/soak.py --home /tmp/kapok-bench-smoke --rate 20 --minutes 0.5 --smoke   # CI
 
-`--rate` is requests a second across the mix; set it to 80% of the mixed capacity that
-`bench/serving.py` measures on the same home (its /score, /limit, /price req/s at 8 clients). The
-server is Kapok in demo mode with its own decision log (SQLite in a temporary folder, so the
-row count is this run's alone). The client is an asyncio loop in this process (httpx) that
-starts requests on a fixed schedule, whatever the server's latency (open loop: a slow server
-builds a queue, as real traffic would), a different enterprise per request.
+The rate is requests a second across the mix. With `--share`, the script first measures the
+mix's capacity on this server in this run (closed loop, 8 connections, `--probe` seconds, as
+`bench/serving.py` measures each endpoint at 8 clients) and soaks at that share of it; `--rate`
+sets it by hand instead. The server is Kapok in demo mode with its own decision log (SQLite in a
+temporary folder, so the row count is this run's alone). The client is an asyncio loop in this
+process on raw keep-alive HTTP/1.1 connections that starts requests on a fixed schedule, whatever
+the server's latency (open loop: a slow server builds a queue, as real traffic would), a
+different enterprise per request; the client's own CPU is printed so that a run where the
+client, not the server, was the limit shows it.
 
 Checks, each printed with its figures; the exit status is 1 if any fails:
 - no error: every answer is 200 (a 4xx/5xx or a connection error is an error);
@@ -29,14 +32,15 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 import sqlalchemy as sa
 
@@ -65,52 +69,165 @@ BODY = {
 }
 
 
-def body(endpoint: str, ids: list[str]) -> dict:
+def body(endpoint: str, ids: list[str]) -> bytes:
     if endpoint == "screen":
-        return {
+        payload: dict = {
             "product": "guarantee",
             "applicants": [
                 {"enterprise_id": i, "requested_amount": 500000, "term_months": 12} for i in ids
             ],
         }
-    return {"enterprise_id": ids[0], **BODY[endpoint]}
+    else:
+        payload = {"enterprise_id": ids[0], **BODY[endpoint]}
+    return json.dumps(payload).encode()
 
 
-async def drive(base: str, rate: float, seconds: float, ids: list[str], seed: int) -> list:
-    """Start requests at `rate` a second for `seconds`; (start offset, endpoint, status, s)."""
-    rng = np.random.default_rng(seed)
-    names = [m[0] for m in MIX]
-    shares = np.array([m[1] for m in MIX])
-    per = {m[0]: max(m[2], 1) for m in MIX}
-    n = int(rate * seconds)
-    plan = rng.choice(len(names), n, p=shares / shares.sum())
+class Http:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams: a pool of connections to one
+    host, one request at a time per connection. httpx's AsyncClient cost ~6 ms of client CPU per
+    request here, so at 150 requests/s the load generator, not the server, was the limit; this
+    costs a few hundred microseconds (JSON bodies in, status and body length out)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(self.host, self.port)
+
+    async def post(self, path: str, payload: bytes) -> int:
+        """POST `payload` (JSON) to `path`; the status, or 0 on a connection error. A kept-alive
+        connection the server has closed meanwhile (its keep-alive timeout) is retried once on a
+        new connection, as HTTP clients do: nothing was sent on it."""
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        while self.idle:
+            status = await self._exchange(self.idle.pop(), head + payload)
+            if status != -1:
+                return status
+        try:
+            conn = await self._connect()
+        except OSError:
+            return 0
+        return max(await self._exchange(conn, head + payload), 0)
+
+    async def _exchange(
+        self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes
+    ) -> int:
+        """One request on `conn`: its status; 0 on an error; -1 if the server had closed the
+        connection before answering anything (stale keep-alive)."""
+        reader, writer = conn
+        try:
+            writer.write(request)
+            first = await reader.readline()
+            if not first:
+                writer.close()
+                return -1
+            status = int(first.split()[1])
+            length, chunked, close = 0, False, False
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                name, value = name.strip().lower(), value.strip().lower()
+                if name == "content-length":
+                    length = int(value)
+                elif name == "transfer-encoding" and "chunked" in value:
+                    chunked = True
+                elif name == "connection" and value == "close":
+                    close = True
+            if chunked:
+                while size := int((await reader.readline()).split(b";")[0], 16):
+                    await reader.readexactly(size + 2)
+                await reader.readline()
+            else:
+                await reader.readexactly(length)
+        except ConnectionResetError:
+            writer.close()
+            return -1
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            writer.close()
+            return 0
+        if close:
+            writer.close()
+        else:
+            self.idle.append(conn)
+        return status
+
+    async def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+class Mix:
+    """The endpoint of each request, drawn with the mix's shares, and the enterprises it asks
+    about, taken in turn so that each request reads features not read before (while they last)."""
+
+    def __init__(self, ids: list[str], seed: int):
+        self.ids, self.cursor = ids, 0
+        self.rng = np.random.default_rng(seed)
+        self.names = [m[0] for m in MIX]
+        shares = np.array([m[1] for m in MIX])
+        self.p = shares / shares.sum()
+        self.per = {m[0]: max(m[2], 1) for m in MIX}
+
+    def next(self) -> tuple[str, bytes]:
+        endpoint = self.names[int(self.rng.choice(len(self.names), p=self.p))]
+        n = self.per[endpoint]
+        chosen = [self.ids[(self.cursor + j) % len(self.ids)] for j in range(n)]
+        self.cursor += n
+        return endpoint, body(endpoint, chosen)
+
+
+async def timed(http: Http, endpoint: str, payload: bytes, at: float, out: list) -> None:
+    start = time.monotonic()
+    status = await http.post(f"/{endpoint}", payload)
+    out.append((at, endpoint, status, time.monotonic() - start))
+
+
+async def drive(base: str, rate: float, seconds: float, mix: Mix) -> tuple[list, float]:
+    """Start requests at `rate` a second for `seconds`: [(start offset, endpoint, status, s)] and
+    how late, at worst, a request started against its schedule (the client keeping up)."""
+    url = urlsplit(base)
+    http = Http(url.hostname or "127.0.0.1", url.port or 80)
     results: list[tuple[float, str, int, float]] = []
-    cursor = 0
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
-        t0 = time.monotonic()
+    pending: set[asyncio.Task] = set()
+    t0, late = time.monotonic(), 0.0
+    for i in range(int(rate * seconds)):
+        at = i / rate
+        delay = t0 + at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        else:
+            late = max(late, -delay)
+        endpoint, payload = mix.next()
+        task = asyncio.create_task(timed(http, endpoint, payload, at, results))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending)
+    await http.close()
+    return results, late
 
-        async def one(at: float, endpoint: str, payload: dict) -> None:
-            start = time.monotonic()
-            try:
-                r = await client.post(f"/{endpoint}", json=payload)
-                status = r.status_code
-            except httpx.HTTPError:
-                status = 0
-            results.append((at, endpoint, status, time.monotonic() - start))
 
-        tasks = []
-        for i, k in enumerate(plan):
-            at = i / rate
-            delay = t0 + at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            endpoint = names[k]
-            chosen = [ids[(cursor + j) % len(ids)] for j in range(per[endpoint])]
-            cursor += per[endpoint]
-            tasks.append(asyncio.create_task(one(at, endpoint, body(endpoint, chosen))))
-        await asyncio.gather(*tasks)
-    return results
+async def capacity(base: str, seconds: float, mix: Mix, connections: int = 8) -> tuple[float, list]:
+    """Closed loop: `connections` requests always in flight for `seconds`; answered requests a
+    second (of the mix) and the results (the log counts their decisions too)."""
+    url = urlsplit(base)
+    http = Http(url.hostname or "127.0.0.1", url.port or 80)
+    results: list[tuple[float, str, int, float]] = []
+    t0 = time.monotonic()
+
+    async def worker() -> None:
+        while time.monotonic() - t0 < seconds:
+            endpoint, payload = mix.next()
+            await timed(http, endpoint, payload, time.monotonic() - t0, results)
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    elapsed = time.monotonic() - t0
+    await http.close()
+    return sum(1 for r in results if r[2] == 200) / elapsed, results
 
 
 async def sample_rss(pid: int, every: float, out: list, stop: asyncio.Event) -> None:
@@ -120,22 +237,38 @@ async def sample_rss(pid: int, every: float, out: list, stop: asyncio.Event) -> 
             await asyncio.wait_for(stop.wait(), every)
 
 
-async def run(server: Server, rate: float, seconds: float, ids: list[str]) -> tuple[list, list]:
+async def run(
+    server: Server, rate: float | None, share: float, probe: float, seconds: float, mix: Mix
+) -> tuple[float, list, list, list]:
+    """The capacity probe (when `rate` is None), then the soak with the server's memory sampled
+    each second: (rate, probe results, soak results, [(s since the soak started, RSS)])."""
+    probed: list = []
+    if rate is None:
+        cap, probed = await capacity(server.base, probe, mix)
+        rate = share * cap
+        print(f"capacity of the mix: {cap:.1f} answered requests/s (8 connections, {probe:.0f} s); "
+              f"soaking at {share:.0%}: {rate:.1f} requests/s")  # fmt: skip
     rss: list[tuple[float, int]] = []
     stop = asyncio.Event()
     assert server.proc is not None
     sampler = asyncio.create_task(sample_rss(server.proc.pid, 1.0, rss, stop))
     started = time.monotonic()
-    results = await drive(server.base, rate, seconds, ids, seed=7)
+    results, late = await drive(server.base, rate, seconds, mix)
     stop.set()
     await sampler
-    return results, [(t - started, v) for t, v in rss]
+    print(f"the client started every request within {late * 1000:.0f} ms of its schedule")
+    return rate, probed, results, [(t - started, v) for t, v in rss]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("KAPOK_HOME", ".")))
-    parser.add_argument("--rate", type=float, required=True, help="requests a second (the mix)")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rate", type=float, help="requests a second (the mix), set by hand")
+    how.add_argument(
+        "--share", type=float, help="soak at this share of the mix's capacity, measured first"
+    )
+    parser.add_argument("--probe", type=float, default=30.0, help="capacity probe length, s")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument(
         "--smoke",
@@ -147,20 +280,25 @@ def main() -> int:
     home = args.home.resolve()
     seconds = args.minutes * 60
     window = 60.0 if seconds >= 180 else seconds / 3
-    ids = enterprise_ids(home)
+    mix = Mix(enterprise_ids(home), seed=7)
     work = Path(tempfile.mkdtemp(prefix="kapok-soak-"))
     env = server_env(home, work, "kapok")
     server = Server("kapok", "serving.service:Kapok", env, work / "kapok.log")
     load = os.getloadavg()
+    target = f"{args.rate:g} requests/s" if args.rate else f"{args.share:.0%} of capacity"
     print(
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {load[0]:.2f}/{load[1]:.2f}/"
-        f"{load[2]:.2f}, {args.rate:g} requests/s for {seconds:.0f} s, mix "
+        f"{load[2]:.2f}, {target} for {seconds:.0f} s, mix "
         + ", ".join(f"{e} {s:.0%}" for e, s, _ in MIX)
     )
     server.start()
     try:
         print(f"server ready in {server.wait_ready():.1f} s")
-        results, rss = asyncio.run(run(server, args.rate, seconds, ids))
+        cpu0 = time.process_time()
+        rate, probed, results, rss = asyncio.run(
+            run(server, args.rate, args.share or 0.8, args.probe, seconds, mix)
+        )
+        client_cpu = time.process_time() - cpu0
     finally:
         server.stop()
     log_rows = (
@@ -181,7 +319,7 @@ def main() -> int:
     rss_first = next((v for t, v in rss if t >= window), rss[0][1] if rss else 0)
     rss_end = rss[-1][1] if rss else 0
     per = {m[0]: m[2] for m in MIX}
-    logged = sum(per[r[1]] for r in results if r[2] == 200)
+    logged = sum(per[r[1]] for r in itertools.chain(probed, results) if r[2] == 200)
     checks = {
         "no errors": (not errors, f"{ok.sum():,} of {len(results):,} answered 200; {errors or ''}"),
         "p99 last ≤ 1.5× first": (
@@ -194,19 +332,26 @@ def main() -> int:
         ),
         "every decision logged": (
             log_rows == logged,
-            f"{logged:,} logged decisions answered 200, {log_rows:,} rows in the log",
+            f"{logged:,} logged decisions answered 200 (probe and soak), {log_rows:,} rows in the "
+            "log",
         ),
     }
     print(
-        f"{len(results):,} requests in {seconds:.0f} s ({len(results) / seconds:.1f}/s), "
+        f"{len(results):,} requests in {seconds:.0f} s ({rate:.1f}/s), "
         f"p50 {np.percentile(latency, 50) * 1000:.1f} ms, "
-        f"p99 {np.percentile(latency, 99) * 1000:.1f} ms"
+        f"p99 {np.percentile(latency, 99) * 1000:.1f} ms; the client used "
+        f"{client_cpu / (seconds + (args.probe if probed else 0)):.0%} of a core"
     )
     judged = ("no errors", "every decision logged") if args.smoke else tuple(checks)
     for name, (passed, detail) in checks.items():
         verdict = ("PASS" if passed else "FAIL") if name in judged else "info"
         print(f"{verdict:4s}  {name}: {detail}")
-    print(json.dumps({"requests": len(results), "errors": errors, "log_rows": log_rows}))
+    print(
+        json.dumps(
+            {"rate": round(rate, 1), "requests": len(results), "errors": errors,
+             "log_rows": log_rows, "logged_200": logged}
+        )
+    )  # fmt: skip
     return 0 if all(checks[name][0] for name in judged) else 1
 
 
