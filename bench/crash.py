@@ -160,6 +160,7 @@ async def load_until_kill(
     shares = np.array([m[1] for m in MIX])
     shares = shares / shares.sum()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    json_body = {"content-type": "application/json"}
 
     async def client(http: httpx.AsyncClient) -> None:
         while not stop.is_set():
@@ -167,7 +168,9 @@ async def load_until_kill(
             chosen = ids.take(screen if endpoint == "screen" else 1)
             tally.sent += 1
             try:
-                r = await http.post(f"/{endpoint}", json=soak.body(endpoint, chosen))
+                r = await http.post(
+                    f"/{endpoint}", content=soak.body(endpoint, chosen), headers=json_body
+                )
             except httpx.HTTPError as e:
                 kind = type(e).__name__
                 if killed.is_set():
