@@ -321,7 +321,25 @@ def _quiet_mlflow() -> None:
     warnings.filterwarnings("ignore", module=r"mlflow(\.|$)")
 
 
-def _training_data(product: str | None, dataset: Path | None):
+ValidMonths = Annotated[
+    int | None,
+    typer.Option(
+        help="Months in the validation window (default: the months before the test window "
+        "holding ~20% of the rows)."
+    ),
+]
+TestMonths = Annotated[
+    int | None,
+    typer.Option(help="Months in the test window (default: the latest months, ~20% of the rows)."),
+]
+
+
+def _training_data(
+    product: str | None,
+    dataset: Path | None,
+    valid_months: int | None = None,
+    test_months: int | None = None,
+):
     from features.spec import load_spec
     from training.data import product_data, spec_data
 
@@ -329,9 +347,14 @@ def _training_data(product: str | None, dataset: Path | None):
         raise ValueError("give exactly one of --product or --dataset")
     _quiet_mlflow()
     if dataset is not None:
-        return spec_data(load_spec(dataset))
-    with console.status(f"building the {product} training set through Feast (point in time)"):
-        return product_data(paths(), product)  # type: ignore[arg-type]
+        data = spec_data(load_spec(dataset))
+    else:
+        with console.status(f"building the {product} training set through Feast (point in time)"):
+            data = product_data(paths(), product)  # type: ignore[arg-type]
+    data = data.with_windows(valid_months, test_months)
+    if data.has_time:
+        data.split()  # a history that cannot be split fails here, before any tuning
+    return data
 
 
 @app.command("train")
@@ -348,17 +371,20 @@ def train_command(
         float | None, typer.Option(help="Stop tuning after this many seconds.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed: same data, seed, trials = same model.")] = 7,
+    valid_months: ValidMonths = None,
+    test_months: TestMonths = None,
 ) -> None:
     """Tune (Optuna), fit (LightGBM), calibrate and validate a model; register it in MLflow.
 
     The new version becomes `champion` if the model has none, else `challenger`
-    (see `kapok promote`). Simulated products validate out of time; a dataset spec without
-    timestamps uses repeated stratified K-fold.
+    (see `kapok promote`). Simulated products and dataset specs with a timestamp validate out
+    of time (whole months: train, validation, test; three months or more split); a dataset spec
+    without timestamps uses repeated stratified K-fold.
     """
     from training.tracking import tracking_uri
     from training.train import train
 
-    data = _training_data(product, dataset)
+    data = _training_data(product, dataset, valid_months, test_months)
     with progress_bar(f"tuning {data.name}", trials) as advance:
         result = train(data, paths(), trials=trials, timeout=timeout, seed=seed,
                        on_trial=lambda study, trial: advance(1))  # fmt: skip
@@ -388,6 +414,8 @@ def promote_command(
     ] = None,
     force: Annotated[bool, typer.Option(help="Promote even if the gate refuses.")] = False,
     reason: Annotated[str | None, typer.Option(help="Why a human overrides the gate.")] = None,
+    valid_months: ValidMonths = None,
+    test_months: TestMonths = None,
 ) -> None:
     """Compare challenger and champion on the most recent window; move `champion` if it passes.
 
@@ -399,7 +427,7 @@ def promote_command(
 
     if force and not reason:
         raise ValueError("--force needs --reason: a human override must say why")
-    data = _training_data(product, dataset)
+    data = _training_data(product, dataset, valid_months, test_months)
     result = promote(data, paths(), force=force, reason=reason)
     c = result.comparison
     table = Table("metric", f"champion v{result.champion_version}", f"challenger v{result.challenger_version}",  # noqa: E501
@@ -1190,7 +1218,8 @@ def run(
     features_apply()
     features_materialize(full=False)
     for product in PRODUCTS:
-        train_command(product=product, dataset=None, trials=trials, timeout=timeout, seed=seed)
+        train_command(product=product, dataset=None, trials=trials, timeout=timeout, seed=seed,
+                      valid_months=None, test_months=None)  # fmt: skip
 
 
 if __name__ == "__main__":

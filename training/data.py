@@ -4,7 +4,7 @@ bring-your-own-data spec; and the out-of-time (or K-fold) split."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import numpy as np
@@ -36,10 +36,30 @@ class TrainingData:
     directions: dict[str, int]
     segments: list[str]
     source: dict[str, str] = field(default_factory=dict)  # lineage tags for MLflow
+    valid_months: int | None = None  # out-of-time windows asked for (None: chosen by row share)
+    test_months: int | None = None
 
     @property
     def has_time(self) -> bool:
         return TIME in self.frame.columns
+
+    def split(self) -> Split:
+        """The out-of-time split training uses (see `out_of_time_split`)."""
+        return out_of_time_split(
+            self.frame[TIME],
+            labels=self.frame[LABEL],
+            valid_months=self.valid_months,
+            test_months=self.test_months,
+        )
+
+    def with_windows(self, valid_months: int | None, test_months: int | None) -> TrainingData:
+        """These data with the out-of-time windows set (`kapok train --valid-months ...`)."""
+        if (valid_months is not None or test_months is not None) and not self.has_time:
+            raise SplitError(
+                f"--valid-months / --test-months set out-of-time windows, but {self.name} has no "
+                "timestamp (it is validated by K-fold)"
+            )
+        return replace(self, valid_months=valid_months, test_months=test_months)
 
     @property
     def has_oracle(self) -> bool:
@@ -142,30 +162,140 @@ class Split:
     windows: dict[str, str]
 
 
-def out_of_time_split(times: pl.Series, valid_share: float = 0.2, test_share: float = 0.2) -> Split:
-    """Oldest months train, then validation, the most recent months test: whole months only."""
-    months = times.dt.strftime("%Y-%m")
-    counts = months.value_counts().sort(months.name)
-    labels, n = counts[months.name].to_list(), counts["count"].to_numpy()
-    share = np.cumsum(n[::-1]) / n.sum()
-    k_test = int(np.searchsorted(share, test_share) + 1)
-    k_valid = int(np.searchsorted(share, test_share + valid_share) + 1) - k_test
-    if len(labels) - k_test - k_valid < 1 or k_valid < 1:
-        raise ValueError(
-            f"need at least 3 months of matured data for an out-of-time split, got {len(labels)}"
+class SplitError(ValueError):
+    """No out-of-time split fits the data (or the windows asked for). The message lists the
+    months found, with their rows (and bad rows), and says what a split needs."""
+
+
+MIN_MONTHS = 3  # one each for train, validation and test
+LISTED_MONTHS = 24  # an error lists every month up to this many, else the first and last ones
+
+
+def month_table(times: pl.Series, labels: pl.Series | np.ndarray | None = None) -> pl.DataFrame:
+    """Rows (and bad rows, given the 0/1 labels) per application month `YYYY-MM`, oldest first;
+    rows without a date are left out (they belong to no window)."""
+    frame = pl.DataFrame({"month": times.dt.strftime("%Y-%m")})
+    if labels is not None:
+        frame = frame.with_columns(pl.Series("bad", np.asarray(labels), dtype=pl.Int64))
+    aggs = [pl.len().alias("rows")]
+    if labels is not None:
+        aggs.append(pl.col("bad").sum())
+    return frame.drop_nulls("month").group_by("month").agg(aggs).sort("month")
+
+
+def _listing(table: pl.DataFrame) -> str:
+    def one(row: dict[str, object]) -> str:
+        bad = f", {row['bad']:,} bad" if "bad" in row else ""
+        return f"{row['month']} ({row['rows']:,} rows{bad})"
+
+    rows = [one(r) for r in table.iter_rows(named=True)]
+    if len(rows) > LISTED_MONTHS:
+        half = LISTED_MONTHS // 2
+        rows = [*rows[:half], f"... {len(rows) - 2 * half} more ...", *rows[-half:]]
+    return "; ".join(rows)
+
+
+def out_of_time_split(
+    times: pl.Series,
+    valid_share: float = 0.2,
+    test_share: float = 0.2,
+    *,
+    labels: pl.Series | np.ndarray | None = None,
+    valid_months: int | None = None,
+    test_months: int | None = None,
+) -> Split:
+    """Oldest months train, then validation, the most recent months test: whole months only.
+
+    By default the most recent months holding at least `test_share` of the rows test and the
+    months before them up to `test_share + valid_share` validate. When that leaves a window
+    without a month (a short or uneven history, e.g. a small last month), or, given `labels`,
+    a window without both bad and good rows, the split is instead the one of whole months,
+    at least one per window, whose row shares are closest to train / validation / test =
+    (1 - valid_share - test_share) / valid_share / test_share. `valid_months` / `test_months`
+    fix the number of months of those windows. Any three months or more split, as long as each
+    window can get both classes; otherwise `SplitError` says what was found and what is needed.
+    """
+    for option, value in (("--valid-months", valid_months), ("--test-months", test_months)):
+        if value is not None and value < 1:
+            raise SplitError(f"{option} must be at least 1, got {value}")
+    table = month_table(times, labels)
+    names = table["month"].to_list()
+    n = table["rows"].to_numpy().astype(float)
+    k = len(names)
+    asked = " and ".join(
+        f"{option} {value}"
+        for option, value in (("--valid-months", valid_months), ("--test-months", test_months))
+        if value is not None
+    )
+    prefix = "cannot make an out-of-time split: "
+    found = f"found {k} month{'s' if k != 1 else ''}: {_listing(table) or 'none'}"
+    if k < MIN_MONTHS:
+        raise SplitError(
+            f"{prefix}it needs at least {MIN_MONTHS} months of dated rows (whole months, oldest "
+            f"to newest: train, validation, test), {found}"
         )
-    test_months = labels[-k_test:]
-    valid_months = labels[-k_test - k_valid : -k_test]
-    train_months = labels[: -k_test - k_valid]
-    m = months.to_numpy()
+    if (valid_months or 0) + (test_months or 0) > k - 1:
+        raise SplitError(
+            f"{prefix}{asked} leave no month to train on (at least 1 is needed), {found}"
+        )
+
+    share = np.cumsum(n[::-1]) / n.sum()  # rows share of the most recent 1, 2, ... months
+    greedy_test = int(np.searchsorted(share, test_share) + 1)
+    k_test = test_months or greedy_test
+    if valid_months is not None:
+        k_valid = valid_months
+    elif test_months is None:  # the original rule: the test and validation windows together
+        k_valid = int(np.searchsorted(share, test_share + valid_share) + 1) - k_test
+    else:  # the months before a fixed test window that hold `valid_share` of the rows
+        before = np.cumsum(n[: k - k_test][::-1]) / n.sum()
+        k_valid = int(np.searchsorted(before, valid_share) + 1)
+
+    bad = table["bad"].to_numpy().astype(float) if labels is not None else None
+
+    def usable(kt: int, kv: int) -> bool:
+        if kt < 1 or kv < 1 or k - kt - kv < 1:
+            return False
+        if bad is None:
+            return True
+        for part in (slice(0, k - kt - kv), slice(k - kt - kv, k - kt), slice(k - kt, k)):
+            b, r = bad[part].sum(), n[part].sum()
+            if b < 1 or b >= r:
+                return False
+        return True
+
+    if not usable(k_test, k_valid):
+        targets = np.array([1 - valid_share - test_share, valid_share, test_share])
+        best: tuple[float, int, int] | None = None
+        for kt in [test_months] if test_months else range(1, k - 1):
+            for kv in [valid_months] if valid_months else range(1, k - kt):
+                if usable(kt, kv):
+                    train_rows, test_rows = n[: k - kt - kv].sum(), n[k - kt :].sum()
+                    valid_rows = n.sum() - train_rows - test_rows
+                    parts = np.array([train_rows, valid_rows, test_rows]) / n.sum()
+                    distance = float(np.abs(parts - targets).sum())
+                    if best is None or distance < best[0]:
+                        best = (distance, kt, kv)
+        if best is None:
+            windows = f" with {asked}" if asked else ""
+            raise SplitError(
+                f"{prefix}no split of these months into train, validation and test windows"
+                f"{windows} (whole months, at least 1 each) gives every window both bad and good "
+                f"rows, {found}"
+            )
+        _, k_test, k_valid = best
+
+    test_names = names[-k_test:]
+    valid_names = names[-k_test - k_valid : -k_test]
+    train_names = names[: -k_test - k_valid]
+    m = times.dt.strftime("%Y-%m").to_numpy()
     return Split(
-        train=np.flatnonzero(np.isin(m, train_months)),
-        valid=np.flatnonzero(np.isin(m, valid_months)),
-        test=np.flatnonzero(np.isin(m, test_months)),
+        train=np.flatnonzero(np.isin(m, train_names)),
+        valid=np.flatnonzero(np.isin(m, valid_names)),
+        test=np.flatnonzero(np.isin(m, test_names)),
         windows={
-            "train": f"{train_months[0]}..{train_months[-1]}",
-            "valid": f"{valid_months[0]}..{valid_months[-1]}",
-            "test": f"{test_months[0]}..{test_months[-1]}",
+            "train": f"{train_names[0]}..{train_names[-1]}",
+            "valid": f"{valid_names[0]}..{valid_names[-1]}",
+            "test": f"{test_names[0]}..{test_names[-1]}",
         },
     )
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 
 from kapok.settings import Paths
-from training.data import LABEL, TIME, TrainingData, out_of_time_split
+from training.data import LABEL, TrainingData
 from training.metrics import binary_metrics, psi
 from training.pyfunc import load_scorer
 from training.scorer import Scorer
@@ -54,7 +54,7 @@ def compare(champion: Scorer, challenger: Scorer, data: TrainingData) -> Compari
             f"{data.name} has no timestamp: promotion compares models on the most recent "
             "window, which needs application dates"
         )
-    split = out_of_time_split(data.frame[TIME])
+    split = data.split()
     window = data.frame[split.test]
     y = window[LABEL].to_numpy().astype(int)
     p_champion, p_challenger = champion.pd(window), challenger.pd(window)

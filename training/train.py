@@ -26,7 +26,7 @@ import kapok
 from kapok.settings import Paths
 from training import plots
 from training.calibration import aligned, fit_calibrator
-from training.data import LABEL, TIME, TrainingData, describe_windows, out_of_time_split
+from training.data import LABEL, TIME, TrainingData, describe_windows
 from training.metrics import binary_metrics, psi
 from training.pyfunc import KapokModel, model_input
 from training.scorer import Scorer, category_levels, encode
@@ -118,10 +118,12 @@ def train(
     name = registered_name(data.name)
     # the search space's version too: a study resumed across a change of space would mix trials
     study_name = f"{name}-{fingerprint['content_hash']}-seed{seed}-{SEARCH_SPACE}"
+    if data.valid_months or data.test_months:  # tuned on another validation window: its own study
+        study_name += f"-valid{data.valid_months or 'auto'}-test{data.test_months or 'auto'}"
     storage = study_storage(paths.mlruns)
 
     if data.has_time:
-        split = out_of_time_split(frame[TIME])
+        split = data.split()
         m = Matrices(x[split.train], y[split.train], x[split.valid], y[split.valid], features)
         study = tune(m, base, seed=seed, trials=trials, timeout=timeout, storage=storage,
                      study_name=study_name, on_trial=on_trial)  # fmt: skip
