@@ -13,10 +13,29 @@ Spec format (paths are relative to the spec file's folder)::
     column = "creditability"
     bad = "bad"                          # the value meaning bad (string, number or boolean)
     [features.duration_in_month]
-    direction = 1                        # -1, 0 or 1; optional, default 0
+    direction = 1                        # -1, 0 or 1; optional, default 0 (no constraint)
     [features.purpose]
     categorical = true                   # optional, default false; requires direction 0
     description = "..."                  # optional
+
+Or every column of the file but a listed few (a file with dozens of columns)::
+
+    features = "*"                       # every column but label, id, timestamp and exclude
+    exclude = ["customer_name", "decision_note"]
+
+`features = "*"` is short for a table `[features."*"]` with no keys; written as that table, it
+can sit next to `[features.<column>]` tables that annotate or override single columns (a
+direction, a description, `categorical = true` on a numeric code), e.g.::
+
+    exclude = ["customer_name"]
+    [features."*"]
+    [features.debt_ratio]
+    direction = 1
+
+With `*`, features come in the file's column order; a column that reads as text is categorical
+unless its table says otherwise; numbers and booleans are numeric; an undeclared direction is 0,
+so LightGBM gets no monotone constraint for it; segment columns are features too unless
+excluded; a date or nested column must be excluded (or be the timestamp).
 
 `load_dataset` returns the id column, the timestamp (if any), the features in spec order, the
 segment columns that are not features, and `label` (Int8: 1 = bad, 0 = otherwise). Categorical
@@ -27,6 +46,7 @@ train/score splits never disagree on a categorical dictionary; encode them downs
 from __future__ import annotations
 
 import logging
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +81,8 @@ ROW_ID = "row_id"
 LABEL = "label"
 """Name of the 0/1 target column in the frame returned by `load_dataset`."""
 SUPPORTED_SUFFIXES = (".csv", ".parquet")
+EVERY_COLUMN = "*"
+"""The feature name that stands for every column not named elsewhere (`features = "*"`)."""
 
 
 class SpecError(ValueError):
@@ -90,6 +112,9 @@ class DatasetSpec:
     segments: tuple[str, ...]
     source: Path
     """Absolute, resolved path of the spec file itself."""
+    every_column: bool = False
+    """`features = "*"`: the features are the file's columns but `excluded` and the roles."""
+    excluded: tuple[str, ...] = ()
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -98,6 +123,18 @@ class DatasetSpec:
     @property
     def categorical_features(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features if f.categorical)
+
+
+def _star_hint(source: Path) -> str:
+    """TOML cannot hold both `features = "*"` and `[features.<column>]` tables: say what can."""
+    text = source.read_text(errors="replace")
+    star = re.search(r"""^\s*features\s*=\s*["']\*["']""", text, re.MULTILINE)
+    if star and re.search(r"^\s*\[\s*features\s*\.", text, re.MULTILINE):
+        return (
+            f'; next to [features.<column>] tables, write [features."{EVERY_COLUMN}"] instead '
+            f'of features = "{EVERY_COLUMN}"'
+        )
+    return ""
 
 
 def _type_name(value: object) -> str:
@@ -119,7 +156,8 @@ class _Label(_Frozen):
 
 
 class _Feature(_Frozen):
-    categorical: Annotated[bool, Field(strict=True)] = False  # before direction, which reads it
+    # before direction, which reads it; None: not said (false, or from the dtype with "*")
+    categorical: Annotated[bool | None, Field(strict=True)] = None
     direction: Literal[-1, 0, 1] = 0
     description: _Str = ""
 
@@ -144,23 +182,54 @@ class SpecFile(_Frozen):
     segments: Annotated[list[str], Field(strict=True)] = []
     label: _Label
     features: dict[str, _Feature] = Field(min_length=1)
+    exclude: Annotated[list[str], Field(strict=True)] = []  # only with "*"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _every_column(cls, data: object) -> object:
+        """`features = "*"` is the table `[features."*"]` with no keys."""
+        if isinstance(data, dict) and isinstance(data.get("features"), str):
+            if data["features"] != EVERY_COLUMN:
+                raise ValueError(
+                    f'features must be "{EVERY_COLUMN}" (every column) or a table of '
+                    f"[features.<column>] tables, got {data['features']!r}"
+                )
+            return {**data, "features": {EVERY_COLUMN: {}}}
+        return data
 
     @model_validator(mode="after")
     def _roles(self) -> SpecFile:
         """Each column has one role, and none takes the name of the 0/1 target."""
         if len(set(self.segments)) != len(self.segments):
             raise ValueError(f"segments contains duplicates: {self.segments!r}")
+        if EVERY_COLUMN in self.features:
+            if self.features[EVERY_COLUMN].model_fields_set:
+                keys = ", ".join(sorted(self.features[EVERY_COLUMN].model_fields_set))
+                raise ValueError(
+                    f'features."{EVERY_COLUMN}" takes no keys (it stands for every column not '
+                    f"named elsewhere), got {keys}; give a column its own [features.<column>]"
+                )
+            if len(set(self.exclude)) != len(self.exclude):
+                raise ValueError(f"exclude contains duplicates: {self.exclude!r}")
+            both = [c for c in self.exclude if c in self.features]
+            if both:
+                raise ValueError(f"exclude names {both[0]!r}, which has a [features] table too")
+        elif self.exclude:
+            raise ValueError(
+                f'exclude is only used with features = "{EVERY_COLUMN}" (every other column)'
+            )
         id_name = self.id or ROW_ID
         roles = {"label.column": self.label.column, "id": id_name, "timestamp": self.timestamp}
         seen: dict[str, str] = {}
         for field, col in roles.items():
             if col is not None and seen.setdefault(col, field) != field:
                 raise ValueError(f"{field} and {seen[col]} both name column {col!r}")
-        for name in self.features:
+        named = [f for f in self.features if f != EVERY_COLUMN]
+        for name in named:
             if name in seen:
                 raise ValueError(f"features.{name} is also declared as {seen[name]}")
         outputs = [("id", id_name), ("timestamp", self.timestamp)]
-        outputs += [(f"features.{f}", f) for f in self.features]
+        outputs += [(f"features.{f}", f) for f in named]
         outputs += [("segments", s) for s in self.segments]
         for field, col in outputs:
             if col == LABEL:
@@ -220,7 +289,7 @@ def load_spec(path: str | Path) -> DatasetSpec:
     except FileNotFoundError:
         raise SpecError(f"{where}: spec file not found: {source}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{where}: invalid TOML: {exc}") from exc
+        raise SpecError(f"{where}: invalid TOML: {exc}{_star_hint(source)}") from exc
     except ValidationError as exc:
         raise SpecError(f"{where}: {_problem(exc)}") from None
 
@@ -233,6 +302,13 @@ def load_spec(path: str | Path) -> DatasetSpec:
     if not data_path.is_file():
         raise SpecError(f"{where}: path {spec.path!r} does not exist (resolved to {data_path})")
 
+    if EVERY_COLUMN in spec.features:
+        features = _every_column(where, data_path, spec)
+    else:
+        features = tuple(
+            FeatureSpec(name, f.direction, bool(f.categorical), f.description)
+            for name, f in spec.features.items()
+        )
     return DatasetSpec(
         name=spec.name,
         description=spec.description,
@@ -241,10 +317,75 @@ def load_spec(path: str | Path) -> DatasetSpec:
         timestamp_column=spec.timestamp,
         label_column=spec.label.column,
         bad_value=spec.label.bad,
-        features=tuple(FeatureSpec(name, **dict(f)) for name, f in spec.features.items()),
+        features=features,
         segments=tuple(spec.segments),
         source=source,
+        every_column=EVERY_COLUMN in spec.features,
+        excluded=tuple(spec.exclude),
     )
+
+
+def _textual(dtype: pl.DataType) -> bool:
+    return dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum)
+
+
+def _schema(where: str, data_path: Path) -> pl.Schema:
+    """The data file's columns and dtypes, inferred as `load_dataset` reads them."""
+    try:
+        if data_path.suffix.lower() == ".parquet":
+            return pl.read_parquet_schema(data_path)
+        return pl.scan_csv(data_path, infer_schema_length=None).collect_schema()
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise SpecError(f"{where}: cannot read {data_path.name}: {exc}") from exc
+
+
+def _every_column(where: str, data_path: Path, spec: SpecFile) -> tuple[FeatureSpec, ...]:
+    """`features = "*"`: the file's columns, in its order, but the label, id, timestamp and
+    `exclude`; a `[features.<column>]` table annotates or overrides its column."""
+    schema = _schema(where, data_path)
+    named = {name: f for name, f in spec.features.items() if name != EVERY_COLUMN}
+    unknown = [(c, "exclude") for c in spec.exclude if c not in schema]
+    unknown += [(c, f"features.{c}") for c in named if c not in schema]
+    if unknown:
+        listed = ", ".join(f"{col!r} ({field})" for col, field in unknown)
+        raise SpecError(
+            f"{where}: column(s) named in the spec are missing from {data_path.name}: {listed}; "
+            f"available columns: {', '.join(schema)}"
+        )
+    roles = {spec.label.column, spec.id, spec.timestamp}
+    features, unusable = [], []
+    for name, dtype in schema.items():
+        if name in roles or name in spec.exclude:
+            continue
+        given = named.get(name, _Feature())
+        if name == LABEL:
+            raise SpecError(
+                f'{where}: features = "{EVERY_COLUMN}" takes column {LABEL!r}, a name reserved '
+                f"for the 0/1 target column: add it to exclude"
+            )
+        categorical = _textual(dtype) if given.categorical is None else given.categorical
+        if name not in named and not (
+            categorical or dtype.is_numeric() or dtype in (pl.Boolean, pl.Null)
+        ):
+            unusable.append(f"{name} ({dtype})")
+            continue
+        if categorical and given.direction != 0:
+            raise SpecError(
+                f"{where}: features.{name}.direction must be 0 for a categorical feature "
+                f"(column {name!r} reads as {dtype}), got {given.direction}"
+            )
+        features.append(FeatureSpec(name, given.direction, categorical, given.description))
+    if unusable:
+        raise SpecError(
+            f'{where}: features = "{EVERY_COLUMN}" takes column(s) that cannot be features: '
+            f"{', '.join(unusable)}; add them to exclude (or name one as the timestamp)"
+        )
+    if not features:
+        raise SpecError(
+            f'{where}: features = "{EVERY_COLUMN}" leaves no feature column in {data_path.name} '
+            f"once the label, id, timestamp and exclude are taken out"
+        )
+    return tuple(features)
 
 
 def _read(spec: DatasetSpec) -> pl.DataFrame:
@@ -362,7 +503,7 @@ def load_dataset(spec: DatasetSpec) -> pl.DataFrame:
         dtype = df.schema[feat.name]
         if feat.categorical:
             exprs.append(pl.col(feat.name).cast(pl.String))
-        elif dtype == pl.String or dtype == pl.Categorical or isinstance(dtype, pl.Enum):
+        elif _textual(dtype):
             raise SpecError(
                 f"{where}: features.{feat.name}: column has dtype {dtype}; mark it "
                 f"categorical = true (or fix the data so it reads as numeric)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from io import StringIO
 from pathlib import Path
 
 import polars as pl
@@ -262,3 +263,109 @@ def test_error_is_one_line_naming_the_file_and_the_field(
 def test_missing_spec_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"^absent\.toml: spec file not found"):
         load_spec(tmp_path / "absent.toml")
+
+
+# --- features = "*": every column but a listed few ------------------------------------------------
+
+WIDE_CSV = """\
+ref,applied_at,amount,purpose,tenure,is_owner,note,opened_on,outcome
+a,2024-01-05,1000,car,3,true,x,2020-01-01,good
+b,2024-02-10,2500,tv,1,false,y,2021-05-01,bad
+c,2024-03-15,400,car,7,true,z,2019-03-01,good
+"""
+
+STAR_HEAD = """\
+name = "wide"
+path = "wide.csv"
+id = "ref"
+timestamp = "applied_at"
+segments = ["purpose"]
+"""
+
+LABEL_TABLE = '[label]\ncolumn = "outcome"\nbad = "bad"\n'
+
+
+def load_wide(tmp_path: Path, text: str) -> tuple[str, ...]:
+    (tmp_path / "wide.csv").write_text(WIDE_CSV)
+    (tmp_path / "wide.toml").write_text(text)
+    spec = load_spec(tmp_path / "wide.toml")
+    assert load_dataset(spec).columns[-1] == "label"
+    return spec.feature_names
+
+
+def test_every_column_but_the_excluded(tmp_path: Path) -> None:
+    text = STAR_HEAD + 'features = "*"\nexclude = ["note", "opened_on"]\n' + LABEL_TABLE
+    (tmp_path / "wide.csv").write_text(WIDE_CSV)
+    (tmp_path / "wide.toml").write_text(text)
+    spec = load_spec(tmp_path / "wide.toml")
+    # the file's order; not the id, timestamp or label; the segment is a feature too
+    assert spec.feature_names == ("amount", "purpose", "tenure", "is_owner")
+    assert spec.categorical_features == ("purpose",)  # text columns are categorical
+    assert {f.direction for f in spec.features} == {0}  # undeclared: no monotone constraint
+    assert spec.every_column and spec.excluded == ("note", "opened_on")
+    frame = load_dataset(spec)
+    assert frame.columns == ["ref", "applied_at", *spec.feature_names, "label"]
+    assert frame["label"].to_list() == [0, 1, 0]
+
+
+def test_feature_tables_annotate_and_override_the_star(tmp_path: Path) -> None:
+    text = (
+        STAR_HEAD
+        + 'exclude = ["note", "opened_on", "is_owner"]\n'
+        + LABEL_TABLE
+        + '[features."*"]\n'
+        + '[features.amount]\ndirection = 1\ndescription = "requested amount"\n'
+        + "[features.tenure]\ncategorical = true\n"  # a numeric code read as a category
+    )
+    (tmp_path / "wide.csv").write_text(WIDE_CSV)
+    (tmp_path / "wide.toml").write_text(text)
+    spec = load_spec(tmp_path / "wide.toml")
+    assert spec.feature_names == ("amount", "purpose", "tenure")
+    by_name = {f.name: f for f in spec.features}
+    assert (by_name["amount"].direction, by_name["amount"].description) == (1, "requested amount")
+    assert by_name["tenure"].categorical and by_name["purpose"].categorical
+    assert load_dataset(spec).schema["tenure"] == pl.String
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            STAR_HEAD + 'features = "*"\nexclude = ["notes", "opened_on"]\n' + LABEL_TABLE,
+            "missing from wide.csv: 'notes' (exclude)",
+        ),
+        (
+            STAR_HEAD + 'exclude = ["note"]\n' + LABEL_TABLE + "[features.amount]\n",
+            'exclude is only used with features = "*"',
+        ),
+        (
+            STAR_HEAD + 'features = "*"\n' + LABEL_TABLE + "[features.amount]\ndirection = 1\n",
+            'write [features."*"] instead of features = "*"',  # TOML cannot hold both
+        ),
+        (
+            STAR_HEAD
+            + 'exclude = ["note", "opened_on"]\n'
+            + LABEL_TABLE
+            + '[features."*"]\n[features.purpose]\ndirection = 1\n',
+            "features.purpose.direction must be 0 for a categorical feature",
+        ),
+        (STAR_HEAD + 'features = "all"\n' + LABEL_TABLE, 'features must be "*" (every column)'),
+    ],
+)
+def test_every_column_spec_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        load_wide(tmp_path, text)
+    assert str(info.value).startswith("wide.toml: "), info.value
+    assert message in str(info.value), info.value
+
+
+def test_every_column_refuses_a_date_column(tmp_path: Path) -> None:
+    """A Parquet date column (not the timestamp) cannot be a feature: the spec must exclude it.
+    (In a CSV, dates read as text, i.e. categorical; `kapok data check-spec` warns about them.)"""
+    pl.read_csv(StringIO(WIDE_CSV), try_parse_dates=True).write_parquet(tmp_path / "wide.parquet")
+    text = STAR_HEAD.replace("wide.csv", "wide.parquet") + 'features = "*"\n' + LABEL_TABLE
+    (tmp_path / "wide.toml").write_text(text)
+    with pytest.raises(SpecError, match=r"cannot be features: opened_on \(Date\); add them to"):
+        load_spec(tmp_path / "wide.toml")
+    (tmp_path / "wide.toml").write_text(text.replace('"*"\n', '"*"\nexclude = ["opened_on"]\n'))
+    assert "opened_on" not in load_spec(tmp_path / "wide.toml").feature_names
