@@ -141,6 +141,20 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
         yield lambda n=1: progress.advance(task, n)
 
 
+# the out-of-time windows: options of check-spec, train and promote
+ValidMonths = Annotated[
+    int | None,
+    typer.Option(
+        help="Months in the validation window (default: the months before the test window "
+        "holding ~20% of the rows)."
+    ),
+]
+TestMonths = Annotated[
+    int | None,
+    typer.Option(help="Months in the test window (default: the latest months, ~20% of the rows)."),
+]
+
+
 # -- data ----------------------------------------------------------------------------------------
 @data_app.command("generate")
 @friendly_errors
@@ -192,12 +206,25 @@ def data_check_spec(
     spec: Annotated[
         Path, typer.Argument(help="A dataset spec (TOML), e.g. datasets/german_credit.toml")
     ],
+    valid_months: ValidMonths = None,
+    test_months: TestMonths = None,
 ) -> None:
-    """Validate a bring-your-own-data spec and load its data; print what Kapok will train on."""
-    from features.spec import load_dataset, load_spec
+    """Validate a bring-your-own-data spec and load its data; print what Kapok will train on.
+
+    Warns about feature columns that are nearly all missing or constant, id-like (unique per
+    row, or named like an id), dates read as text, and single columns that give the label away
+    (a leak); prints the out-of-time windows training will use. Warnings leave the exit status
+    0; a spec that cannot be loaded, or a history that cannot be split, exits 2.
+    """
+    from rich.markup import escape
+
+    from features.spec import load_spec
+    from features.spec_check import column_warnings
+    from training.data import LABEL, TIME, month_table, spec_data
 
     s = load_spec(spec)
-    frame = load_dataset(s)
+    data = spec_data(s).with_windows(valid_months, test_months)
+    frame = data.frame
     table = Table("feature", "direction", "categorical", "nulls", title=f"{s.name}: {s.path.name}")
     for f in s.features:
         table.add_row(
@@ -207,12 +234,42 @@ def data_check_spec(
             str(frame[f.name].null_count()),
         )
     console.print(table)
-    bad = int(frame["label"].sum())
+    bad = int(frame[LABEL].sum())
+    chosen = f"every column but {len(s.excluded)} excluded" if s.every_column else "listed"
     console.print(
         f"{frame.height:,} rows, {bad:,} bad ({bad / frame.height:.1%}); "
+        f"{len(s.features)} features ({chosen}, {len(s.categorical_features)} categorical, "
+        f"{sum(f.direction != 0 for f in s.features)} with a risk direction); "
         f"timestamp: {s.timestamp_column or 'none (K-fold validation)'}; "
         f"segments: {', '.join(s.segments) or 'none'}"
     )
+    warnings = column_warnings(s, frame)
+    if warnings:
+        console.print(f"[bold yellow]{len(warnings)} warning(s):[/]")
+        for w in warnings:
+            console.print(f"  {escape(str(w))}", soft_wrap=True, highlight=False)
+    else:
+        console.print("no warnings: no nearly empty, constant, id-like or leaking feature")
+    if not data.has_time:
+        console.print("validation: repeated stratified K-fold (no timestamp)")
+        return
+    undated = frame[TIME].null_count()
+    if undated:
+        console.print(f"{undated:,} rows have no timestamp: they fall in no window")
+    months = month_table(frame[TIME], frame[LABEL])
+    span = f"{months['month'][0]}..{months['month'][-1]}" if months.height else "none"
+    console.print(f"{months.height} months with dated rows ({span})")
+    split = data.split()  # an unsplittable history: the error line, exit 2
+    y = frame[LABEL].to_numpy()
+    console.print("out-of-time split training will use (whole months):")
+    for part in ("train", "valid", "test"):
+        idx = getattr(split, part)
+        n_bad = int(y[idx].sum())
+        console.print(
+            f"  {part:<5}  {split.windows[part]:<16}  {len(idx):>9,} rows  {n_bad:>7,} bad  "
+            f"bad rate {n_bad / len(idx):.3f}",
+            highlight=False,
+        )
 
 
 # -- features ------------------------------------------------------------------------------------
@@ -319,19 +376,6 @@ def _quiet_mlflow() -> None:
     # e.g. SQLAlchemy's deprecation of a loader MLflow's tracking store uses: not the user's
     # concern, and two lines on stderr before any message of ours
     warnings.filterwarnings("ignore", module=r"mlflow(\.|$)")
-
-
-ValidMonths = Annotated[
-    int | None,
-    typer.Option(
-        help="Months in the validation window (default: the months before the test window "
-        "holding ~20% of the rows)."
-    ),
-]
-TestMonths = Annotated[
-    int | None,
-    typer.Option(help="Months in the test window (default: the latest months, ~20% of the rows)."),
-]
 
 
 def _training_data(

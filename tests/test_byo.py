@@ -3,6 +3,7 @@ specs, and `kapok data check-spec` warnings (issue 13, item 4)."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from features.spec import load_spec
+from kapok.cli import app
 from tests.cli_processes import run_kapok
 from training.data import SplitError, out_of_time_split, spec_data
 
@@ -135,3 +137,68 @@ def test_kapok_train_on_an_unsplittable_spec_is_one_clear_line(tmp_path: Path) -
     line = ran.stderr_lines[0]
     assert line.startswith("error: cannot make an out-of-time split"), line
     assert "found 2 months: 2024-01 (500 rows" in line and "2024-02 (700 rows" in line, line
+
+
+# -- kapok data check-spec ------------------------------------------------------------------------
+def write_messy(folder: Path, counts: list[int]) -> Path:
+    """Loans with one column of each kind check-spec warns about, and `features = "*"`."""
+    rows = dated_rows(counts, seed=1)
+    n = rows.height
+    rng = np.random.default_rng(1)
+    y = rows["label"].to_numpy()
+    messy = rows.with_columns(
+        pl.Series("income", rng.lognormal(8, 0.5, n)),  # fine
+        pl.Series("ratio", [None] * (n - 3) + [0.1, 0.2, 0.3], dtype=pl.Float64),  # 99.9% empty
+        pl.Series("country", ["NL"] * n),  # constant
+        pl.Series("contract_code", [f"C{i:06d}" for i in range(n)]),  # unique per row
+        pl.Series("customerID", rng.integers(0, n // 3, n)),  # named like an id
+        pl.Series("opened_on", [f"2019-{1 + i % 12:02d}-01" for i in range(n)]),  # dates as text
+        pl.Series("days_in_arrears", np.where(y == 1, rng.integers(91, 400, n), 0)),  # a leak
+        pl.when(pl.col("label") == 1).then(pl.lit("bad")).otherwise(pl.lit("good")).alias("status"),
+    ).drop("label")
+    messy.write_csv(folder / "messy.csv")
+    spec = folder / "messy.toml"
+    spec.write_text(
+        'name = "messy"\npath = "messy.csv"\ntimestamp = "applied_at"\nfeatures = "*"\n'
+        '[label]\ncolumn = "status"\nbad = "bad"\n'
+    )
+    return spec
+
+
+def test_check_spec_warns_about_each_kind_of_bad_column(tmp_path: Path) -> None:
+    spec = write_messy(tmp_path, FIVE_MONTHS)
+    result = runner.invoke(app, ["data", "check-spec", str(spec)])
+    assert result.exit_code == 0, result.output  # warnings are not errors
+    out = result.output
+    lines = {line.strip().split(":")[0]: line.strip() for line in out.splitlines() if ": " in line}
+    assert "ratio: nearly empty: 99.94% missing (4,647 of 4,650 rows)" in out
+    assert lines["country"].startswith("country: constant: the one value 'NL'")
+    assert lines["contract_code"].startswith("contract_code: id-like: unique per row")
+    assert lines["customerID"].startswith("customerID: id-like: named like an id")
+    assert lines["opened_on"].startswith("opened_on: dates as text")
+    assert re.search(r"days_in_arrears: leak: .* AUC (0\.9[89]|1\.0)\d*", out), out
+    for fine in ("income", "applied_at", "status"):
+        assert fine not in lines, lines.get(fine)
+    assert "6 warning(s)" in out
+    # the split training will use, with rows and bad rows per window
+    assert re.search(r"train\s+2024-01\.\.2024-03\s+2,100 rows\s+[\d,]+ bad", out), out
+    assert re.search(r"valid\s+2024-04\.\.2024-04\s+2,400 rows", out), out
+    assert re.search(r"test\s+2024-05\.\.2024-05\s+150 rows", out), out
+
+    windows = runner.invoke(
+        app, ["data", "check-spec", str(spec), "--valid-months", "1", "--test-months", "2"]
+    )
+    assert re.search(r"test\s+2024-04\.\.2024-05\s+2,550 rows", windows.output), windows.output
+
+
+def test_check_spec_on_a_clean_file_and_an_unsplittable_one(tmp_path: Path) -> None:
+    clean = runner.invoke(app, ["data", "check-spec", str(write_loans(tmp_path, FIVE_MONTHS))])
+    assert clean.exit_code == 0, clean.output
+    assert "no warnings" in clean.output
+
+    short = write_loans(tmp_path, [500, 700])
+    result = runner.invoke(app, ["data", "check-spec", str(short)])
+    assert result.exit_code == 2  # the spec loads, but training could not split it
+    assert "2 months with dated rows (2024-01..2024-02)" in result.output
+    assert "cannot make an out-of-time split" in result.output
+    assert "at least 3 months" in result.output
