@@ -37,7 +37,7 @@ from kapok.settings import Paths
 from serving.auth import add_key
 from serving.decision_log import decisions
 from tests.cli_processes import kapok_command, run_kapok
-from tests.conftest import linked_home
+from tests.conftest import linked_home, require_service
 from tests.test_audit import _drop_triggers, _sql
 from tests.test_cli_ui import free_port, stop_everything
 from tests.test_decision_log import pg_url  # noqa: F401  (a fixture: a database of its own)
@@ -66,6 +66,7 @@ def replica_home(tmp_path_factory, small_system, trained_home) -> ReplicaHome:
     from training.data import product_data
     from training.train import train
 
+    require_service("127.0.0.1", 5432, "PostgreSQL")  # before minutes of training, not after
     p = linked_home(tmp_path_factory.mktemp("replicas_home"), small_system)
     p.mlruns.mkdir(parents=True, exist_ok=True)
     # the registry as it is (its artifacts stay where they are, read only): SQLite's backup, not
