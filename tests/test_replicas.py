@@ -245,6 +245,9 @@ def _logged(url: str) -> list[sa.Row]:
         engine.dispose()
 
 
+# run alone, setting up counts too: the session's small system and trained home, then two more
+# products trained and the online store materialized (~15 min at a load of 12 on 2 cores)
+@pytest.mark.timeout(1800)
 def test_two_replicas_sharing_one_postgresql_log_keep_one_verifiable_chain(
     replica_home: ReplicaHome,
     pg_url: str,  # noqa: F811
