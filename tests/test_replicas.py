@@ -45,7 +45,7 @@ from tests.test_decision_log import pg_url  # noqa: F401  (a fixture: a database
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 START_TIMEOUT = 400  # s: two servers loading BentoML, MLflow and 3 models at once (2 busy cores)
-CLIENTS = 8  # client threads, each sending to both replicas in turn
+CLIENTS = 8  # client threads, each sending to the two replicas in turn
 SINGLES = 240  # /score, /limit and /price requests, 80 each
 SCREENS = 16  # /screen requests of SCREEN_SIZE applicants each
 SCREEN_SIZE = 5
@@ -211,10 +211,10 @@ def _drive(replicas: list[Replica], home: ReplicaHome) -> tuple[dict[str, Answer
 
     def client(c: int) -> None:
         start.wait()
-        for i in range(c, len(jobs), CLIENTS):
+        for n, i in enumerate(range(c, len(jobs), CLIENTS)):
             path, body = jobs[i]
-            replica = replicas[i % len(replicas)]
-            caller = names[(i // len(replicas)) % len(names)]
+            replica = replicas[(c + n) % len(replicas)]  # each client: A, B, A, B, ...
+            caller = names[(c + n // len(replicas)) % len(names)]  # each key to both replicas
             status, answer = _post(replica.base, path, body, home.keys[caller])
             with lock:
                 if status != 200:
