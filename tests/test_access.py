@@ -4,7 +4,6 @@ settings. The same over HTTP, on a real server: tests/test_service.py (`access`)
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from serving import access
 from serving.access import RateLimiter, demo_refusal, is_loopback
 from serving.auth import KeyStore, add_key
 from serving.gate import RequestGate
+from tests import asgi_driver
+from tests.asgi_driver import through
 from tests.cli_processes import run_kapok
 
 GATED = {"/score": "score", "/screen": "screen"}
@@ -30,59 +31,8 @@ def keys(tmp_path):
     return KeyStore.load(path), plain
 
 
-def through(
-    gate: RequestGate,
-    headers: dict[str, str],
-    chunks: list[bytes] = (b"{}",),  # type: ignore[assignment]
-    path: str = "/score",
-    method: str = "POST",
-    server: tuple[str, int] | None = ("127.0.0.1", 3000),
-) -> tuple[int, dict[str, str], dict | None, int, bytes]:
-    """A request through `gate` in front of an app that reads the whole body and answers 200:
-    status, answer headers, the error body (None for 200), how many body chunks were read from
-    the client, and the body the app got."""
-    read = 0
-    got = b""
-
-    async def app(scope, receive, send) -> None:
-        nonlocal got
-        while True:
-            message = await receive()
-            got += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
-
-    async def receive() -> dict:
-        nonlocal read
-        read += 1
-        assert read <= len(chunks), "read past the end of the body"
-        return {"type": "http.request", "body": chunks[read - 1], "more_body": read < len(chunks)}
-
-    sent: list[dict] = []
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": method,
-        "path": path,
-        "server": server,
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-    }
-    gate.app = app
-    asyncio.run(gate(scope, receive, send))
-    status = sent[0]["status"]
-    answer_headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
-    body = json.loads(sent[1]["body"]) if status != 200 else None
-    return status, answer_headers, body, read, got
-
-
 def gate_for(store: KeyStore, **kwargs) -> RequestGate:
-    kwargs.setdefault("rate", None)
-    return RequestGate(None, permissions=GATED, keys=lambda: store, **kwargs)  # type: ignore[arg-type]
+    return asgi_driver.gate_for(store, GATED, **kwargs)
 
 
 # -- 413 ----------------------------------------------------------------------------------------
@@ -94,33 +44,32 @@ def test_a_body_above_the_limit_is_413_before_it_is_read(keys):
     store, plain = keys
     gate = gate_for(store, max_body=1000)
     lender = {"Authorization": f"Bearer {plain['a-co']}", "Content-Type": "application/json"}
-    status, _, body, read, _ = through(gate, lender | {"Content-Length": "1001"}, path="/screen")
-    assert (status, read) == (413, 0), body
-    assert body["error"] == {
+    r = through(gate, lender | {"Content-Length": "1001"}, path="/screen")
+    assert (r.status, r.read, r.got) == (413, 0, None), r.error
+    assert r.error["error"] == {
         "code": "too_large",
         "message": "the body is 1,001 bytes, above this server's limit of 1,000 bytes "
         "(KAPOK_MAX_BODY_BYTES): split the applicants into several /screen requests",
         "field": None,
     }
-    status, _, body, read, _ = through(gate, lender | {"Content-Length": str(10**9)})
-    assert (status, read) == (413, 0) and "send a smaller body" in body["error"]["message"]
+    r = through(gate, lender | {"Content-Length": str(10**9)})
+    assert (r.status, r.read) == (413, 0) and "send a smaller body" in r.error["error"]["message"]
     # chunked: 4 x 300 bytes, refused on the 4th (1,200 > 1,000); a 5th chunk is never read
     chunks = [b"x" * 300] * 5
-    status, _, body, read, got = through(gate, lender, chunks=chunks, path="/screen")
-    assert (status, read, got) == (413, 4, b""), body
-    assert body["error"]["code"] == "too_large" and "1,000 bytes" in body["error"]["message"]
-    assert "split the applicants" in body["error"]["message"]
+    r = through(gate, lender, chunks=chunks, path="/screen")
+    assert (r.status, r.read, r.got) == (413, 4, None), r.error
+    assert r.error["error"]["code"] == "too_large" and "1,000 bytes" in r.error["error"]["message"]
+    assert "split the applicants" in r.error["error"]["message"]
     # within the limit, chunked or not: the app reads the body as it was sent
     chunks = [b'{"a": ', b"1" * 990, b"}"]
-    status, _, _, read, got = through(gate, lender, chunks=chunks)
-    assert (status, got) == (200, b"".join(chunks))
-    assert through(gate, lender | {"Content-Length": "1000"}, chunks=[b"y" * 1000])[::4] == (
-        200, b"y" * 1000,
-    )  # fmt: skip
+    r = through(gate, lender, chunks=chunks)
+    assert (r.status, r.got) == (200, b"".join(chunks))
+    r = through(gate, lender | {"Content-Length": "1000"}, chunks=[b"y" * 1000])
+    assert (r.status, r.got) == (200, b"y" * 1000)
     # the key first: no key or an unknown one is 401 whatever the size
     for headers in ({}, {"Authorization": "Bearer kpk_unknown"}):
-        status, _, body, read, _ = through(gate, headers | {"Content-Length": str(10**9)})
-        assert (status, body["error"]["code"], read) == (401, "unauthenticated", 0)
+        r = through(gate, headers | {"Content-Length": str(10**9)})
+        assert (r.status, r.error["error"]["code"], r.read) == (401, "unauthenticated", 0)
 
 
 def test_the_default_limit_fits_a_screen_of_1000_applicants_many_times(monkeypatch):
@@ -146,10 +95,10 @@ def test_a_key_above_its_rate_is_429_with_retry_after(keys, tmp_path, monkeypatc
     b = {"Authorization": f"Bearer {plain['b-co']}"}
     assert [through(gate, a)[0] for _ in range(3)] == [200, 200, 200]
     clock[0] += 5
-    status, headers, body, read, _ = through(gate, a)
-    assert (status, read) == (429, 0), body
-    assert headers["retry-after"] == "15"  # 20 s a token, 5 of them gone
-    assert body["error"] == {
+    r = through(gate, a)
+    assert (r.status, r.read) == (429, 0), r.error
+    assert r.headers["retry-after"] == "15"  # 20 s a token, 5 of them gone
+    assert r.error["error"] == {
         "code": "too_many_requests",
         "message": "more than 3 requests per minute for this key (KAPOK_RATE_LIMIT): try again "
         "in 15 s (Retry-After)",
@@ -227,19 +176,19 @@ def test_a_demo_server_answers_on_loopback_only(monkeypatch):
     monkeypatch.setattr(access, "listening_hosts", lambda: ("127.0.0.1",))
     assert through(demo, {})[0] == 200
     assert through(demo, {}, server=("::1", 3000))[0] == 200
-    status, _, body, read, _ = through(demo, {}, server=("192.0.2.2", 3000))
-    assert (status, read) == (403, 0)
-    assert body["error"] == {
+    r = through(demo, {}, server=("192.0.2.2", 3000))
+    assert (r.status, r.read) == (403, 0)
+    assert r.error["error"] == {
         "code": "forbidden",
         "message": "demo mode serves loopback only: this request came in on 192.0.2.2",
         "field": None,
     }
     monkeypatch.setattr(access, "listening_hosts", lambda: ("0.0.0.0",))
     for path, method in (("/score", "POST"), ("/", "GET"), ("/readyz", "GET")):
-        status, _, body, _, _ = through(demo, {}, path=path, method=method)
-        assert status == 403, (path, body)
+        r = through(demo, {}, path=path, method=method)
+        assert r.status == 403, (path, r.error)
         said = "demo mode serves loopback only: this server listens on 0.0.0.0"
-        assert body["error"]["message"] == said
+        assert r.error["error"]["message"] == said
     assert demo_refusal(None) is not None
     # a keyed server on 0.0.0.0 is not refused: its keys are checked
     store = KeyStore()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import json
 import os
 import re
 import stat
@@ -26,6 +24,7 @@ from serving.auth import (
     hash_key,
     remove_key,
 )
+from tests.asgi_driver import gate_for, through
 from tests.cli_processes import run_kapok
 from tests.test_decision_log import pg_url  # noqa: F401  (fixture: a PostgreSQL database)
 
@@ -377,39 +376,9 @@ def test_revoke_unknown_name_is_one_line_and_exit_2(tmp_path):
 GATED = {"/score": "score", "/explain": "explain"}
 
 
-def through_gate(
-    store: KeyStore, path: str, headers: dict[str, str], method: str = "POST"
-) -> tuple[int, dict | None, bool]:
-    """A request through RequestGate (before an app that answers 200): the status, the error
-    body when the gate answered, and whether anything read the request body."""
-    from serving.gate import RequestGate
-
-    read = False
-
-    async def app(scope, receive, send) -> None:
-        await receive()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
-
-    async def receive() -> dict:
-        nonlocal read
-        read = True
-        return {"type": "http.request", "body": b"xx", "more_body": False}
-
-    sent: list[dict] = []
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": method,
-        "path": path,
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-    }
-    asyncio.run(RequestGate(app, permissions=GATED, keys=lambda: store)(scope, receive, send))
-    status = sent[0]["status"]
-    return status, (json.loads(sent[1]["body"]) if status != 200 else None), read
+def through_gate(store: KeyStore, path: str, headers: dict[str, str], method: str = "POST"):
+    """A request through RequestGate checking `store`'s keys (tests/asgi_driver.py)."""
+    return through(gate_for(store, GATED), headers, path=path, method=method)
 
 
 def test_the_gate_answers_401_403_and_415_before_the_body_is_read(keys):
@@ -421,14 +390,15 @@ def test_the_gate_answers_401_403_and_415_before_the_body_is_read(keys):
     lender, reviewer = f"Bearer {plain['lender']}", f"Bearer {plain['reviewer']}"
     for content_type in ("application/json", "multipart/form-data", "text/plain"):
         typed = {"Content-Type": content_type}
-        status, body, read = through_gate(store, "/score", typed)
-        assert (status, body["error"]["code"], read) == (401, "unauthenticated", False), body
-        assert body["error"]["message"].startswith("missing Authorization header"), body
-        status, body, read = through_gate(store, "/score", typed | {"Authorization": "Bearer x"})
-        assert (status, body["error"]["message"], read) == (401, "unknown API key", False)
-        status, body, read = through_gate(store, "/score", typed | {"Authorization": reviewer})
-        assert (status, body["error"]["code"], read) == (403, "forbidden", False), body
-        assert "'reviewer'" in body["error"]["message"] and "'score'" in body["error"]["message"]
+        r = through_gate(store, "/score", typed)
+        assert (r.status, r.error["error"]["code"], r.read) == (401, "unauthenticated", 0), r
+        assert r.error["error"]["message"].startswith("missing Authorization header"), r
+        r = through_gate(store, "/score", typed | {"Authorization": "Bearer x"})
+        assert (r.status, r.error["error"]["message"], r.read) == (401, "unknown API key", 0)
+        r = through_gate(store, "/score", typed | {"Authorization": reviewer})
+        assert (r.status, r.error["error"]["code"], r.read) == (403, "forbidden", 0), r
+        assert "'reviewer'" in r.error["error"]["message"]
+        assert "'score'" in r.error["error"]["message"]
     for content_type in (
         "multipart/form-data",
         "multipart/form-data; boundary=x",
@@ -437,9 +407,9 @@ def test_the_gate_answers_401_403_and_415_before_the_body_is_read(keys):
         "application/vnd.bentoml+pickle",
     ):
         headers = {"Content-Type": content_type, "Authorization": lender}
-        status, body, read = through_gate(store, "/score", headers)
-        assert (status, read) == (415, False), body
-        assert body["error"] == {
+        r = through_gate(store, "/score", headers)
+        assert (r.status, r.read) == (415, 0), r
+        assert r.error["error"] == {
             "code": "unsupported_media_type",
             "message": f"Content-Type {content_type.split(';')[0]!r} is not accepted: send the "
             "body as JSON, with Content-Type: application/json",
@@ -450,13 +420,12 @@ def test_the_gate_answers_401_403_and_415_before_the_body_is_read(keys):
         {"Content-Type": "Application/JSON; charset=utf-8"},
         {},  # no Content-Type: read as JSON, as before
     ):
-        assert through_gate(store, "/score", headers | {"Authorization": lender}) == (
-            200, None, True
-        )  # fmt: skip
-    assert through_gate(store, "/explain", {"Authorization": reviewer})[0] == 200
+        r = through_gate(store, "/score", headers | {"Authorization": lender})
+        assert (r.status, r.got) == (200, b"{}"), r
+    assert through_gate(store, "/explain", {"Authorization": reviewer}).status == 200
     # other methods and paths are not the gate's: BentoML answers them (405, 404, probes)
-    assert through_gate(store, "/score", {}, method="GET")[0] == 200
-    assert through_gate(store, "/livez", {}, method="POST")[0] == 200
+    for r in (through_gate(store, "/score", {}, method="GET"), through_gate(store, "/livez", {})):
+        assert r.status == 200
 
 
 def test_demo_mode_lets_requests_without_a_key_through_the_gate(monkeypatch, keys):
@@ -464,8 +433,8 @@ def test_demo_mode_lets_requests_without_a_key_through_the_gate(monkeypatch, key
     serving process's store is the demo store."""
     from serving.auth import server_keys
 
-    status = through_gate(KeyStore.demo(), "/explain", {"Content-Type": "application/json"})
-    assert status == (200, None, True)
+    r = through_gate(KeyStore.demo(), "/explain", {"Content-Type": "application/json"})
+    assert (r.status, r.got) == (200, b"{}")
     assert through_gate(KeyStore.demo(), "/score", {"Content-Type": "text/plain"})[0] == 415
     server_keys.cache_clear()
     try:
