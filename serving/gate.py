@@ -18,6 +18,8 @@ Then the access limits of serving/access.py, still before the body is parsed: th
 body size (413 `too_large` above KAPOK_MAX_BODY_BYTES: a Content-Length at once, a chunked body
 as it streams) after the content type.
 
+A request let in carries its `Caller` (the key's name and role, never the key) in the ASGI
+scope's state, where the endpoint reads it (`gated_caller`): the key is checked once, here.
 Only then does BentoML parse the body (400 `invalid_json` when it is not JSON) and the endpoint
 validate it (400 `invalid_request`). In demo mode every caller is let in (as admin), on loopback
 only: a demo server that listens on, or is reached at, another address answers every request 403.
@@ -32,9 +34,19 @@ from http import HTTPStatus
 from kapok.settings import RateLimit, max_body_bytes, rate_limit
 from serving.access import RateLimiter, Verdict, demo_refusal, too_large_message
 from serving.api_errors import ApiError, Message, Receive, Scope, Send
-from serving.auth import AuthConfigError, AuthError, KeyStore, server_keys
+from serving.auth import AuthConfigError, AuthError, Caller, KeyStore, server_keys
 
 JSON = "application/json"
+CALLER = "kapok_caller"  # the key of the Caller in the request's ASGI state
+
+
+def gated_caller(scope: Scope) -> Caller | None:
+    """The caller RequestGate let in (its key's name and role, never the key), from the ASGI
+    scope's state (`request.state` in Starlette); None when the request did not pass the gate's
+    checks."""
+    state = scope.get("state")
+    caller = state.get(CALLER) if isinstance(state, Mapping) else None
+    return caller if isinstance(caller, Caller) else None
 
 
 def media_type(content_type: str) -> str:
@@ -44,7 +56,8 @@ def media_type(content_type: str) -> str:
 
 class RequestGate:
     """ASGI: a POST to a path of `permissions` (path → the permission it needs) is answered 401,
-    403 or 415 before anything reads its body; every other request passes untouched."""
+    403 or 415 before anything reads its body, or let in with its caller in the request's state
+    (`gated_caller`); every other request passes untouched."""
 
     def __init__(
         self,
@@ -67,20 +80,27 @@ class RequestGate:
             if reason is not None:
                 await _answer(send, ApiError(HTTPStatus.FORBIDDEN, reason))
                 return
+        permission = None
         if scope["type"] == "http" and scope.get("method") == "POST":
             permission = self.permissions.get(scope.get("path", ""))
-            refused = self.refusal(scope, permission) if permission else None
-            if refused is not None:
-                await _answer(send, refused)
+        if not permission:
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        admitted = self.admit(scope, headers, permission)
+        if isinstance(admitted, ApiError):
+            await _answer(send, admitted)
+            return
+        # a copy: the caller is this request's, even under a server that shared one state dict
+        scope["state"] = {**(scope.get("state") or {}), CALLER: admitted}
+        if "content-length" not in headers:
+            # no Content-Length (chunked): count the body as it streams
+            bounded = await self._bounded(receive)
+            if bounded is None:
+                size_error = too_large_message(scope.get("path", ""), self.max_body)
+                await _answer(send, ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, size_error))
                 return
-            if permission and "content-length" not in _headers(scope):
-                # no Content-Length (chunked): count the body as it streams
-                bounded = await self._bounded(receive)
-                if bounded is None:
-                    size_error = too_large_message(scope.get("path", ""), self.max_body)
-                    await _answer(send, ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, size_error))
-                    return
-                receive = bounded
+            receive = bounded
         await self.app(scope, receive, send)
 
     def _demo(self) -> bool:
@@ -110,9 +130,9 @@ class RequestGate:
 
         return replay
 
-    def refusal(self, scope: Scope, permission: str) -> ApiError | None:
-        """Why the request may not reach the endpoint (None: it may)."""
-        headers = _headers(scope)
+    def admit(self, scope: Scope, headers: Mapping[str, str], permission: str) -> Caller | ApiError:
+        """The caller, when the request may reach the endpoint; else why it may not. `headers`:
+        the request's, by lower-case name (`_headers`)."""
         store = self.keys()
         try:
             caller = store.authenticate(headers.get("authorization"))
@@ -138,7 +158,7 @@ class RequestGate:
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 too_large_message(scope.get("path", ""), self.max_body, int(length)),
             )
-        return None
+        return caller
 
 
 class TooManyRequests(ApiError):

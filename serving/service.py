@@ -33,7 +33,7 @@ from serving.api_docs import ENDPOINTS, DocsMiddleware
 from serving.api_errors import ApiError, ErrorShapeMiddleware, quiet_client_error_tracebacks
 from serving.api_errors import validate as check
 from serving.auth import AuthError, demo_mode, server_keys
-from serving.gate import RequestGate
+from serving.gate import RequestGate, gated_caller
 from serving.readiness import WorkerReadiness
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class Kapok:
         self.ready = False
         quiet_client_error_tracebacks()
         self.demo = demo_mode()
-        self.keys = server_keys()  # the store RequestGate checks first
+        self.keys = server_keys()  # the store RequestGate checks keys with (roles checked here)
         if self.demo:
             print("!!! KAPOK DEMO MODE: no API keys are checked. Never expose this server. !!!")
             refused = demo_refusal(None)
@@ -173,16 +173,26 @@ class Kapok:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _caller(self, ctx: bentoml.Context, permission: str) -> str:
-        """The caller's name (the decision log's `caller`). RequestGate has checked the key and
-        the role before BentoML read the body; checked again here, where the name is needed."""
+        """The caller's name (the decision log's `caller`). RequestGate checked the key and the
+        role before BentoML read the body and handed on the caller it let in: the key is not
+        checked again. A request that reached the endpoint without it (a route the gate does
+        not know) is refused, never answered unchecked; the role is checked again against the
+        endpoint's own permission (a set lookup), should the gate's map and the endpoint differ.
+        """
         if not self.ready:
             raise ApiError(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 "starting: the models are not loaded yet (GET /readyz answers 200 once they are)",
                 code="starting",
             )
+        caller = gated_caller(ctx.request.scope)
+        if caller is None:
+            raise ApiError(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                f"{ctx.request.url.path} was reached without the request gate's key check "
+                "(serving/gate.py): refused",
+            )
         try:
-            caller = self.keys.authenticate(ctx.request.headers.get("authorization"))
             self.keys.authorize(caller, permission)
         except AuthError as e:
             raise ApiError(e.status, str(e)) from None

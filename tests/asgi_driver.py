@@ -10,8 +10,8 @@ import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from serving.auth import KeyStore
-from serving.gate import RequestGate
+from serving.auth import Caller, KeyStore
+from serving.gate import RequestGate, gated_caller
 
 
 class Answer(NamedTuple):
@@ -20,6 +20,8 @@ class Answer(NamedTuple):
     error: dict | None  # the error body (None when the app answered 200)
     read: int  # how many body chunks were read from the client
     got: bytes | None  # the body the app got (None: the request never reached the app)
+    caller: Caller | None  # the caller the gate handed the app (None: none, or not reached)
+    scope: dict | None  # the scope the app got (None: the request never reached the app)
 
 
 def gate_for(store: KeyStore, permissions: Mapping[str, str], **kwargs: Any) -> RequestGate:
@@ -48,7 +50,7 @@ def through(
             got += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        reached.update(got=got)
+        reached.update(got=got, caller=gated_caller(scope), scope=scope)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
@@ -75,4 +77,7 @@ def through(
     status = sent[0]["status"]
     answer_headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
     error = json.loads(sent[1]["body"]) if status != 200 else None
-    return Answer(status, answer_headers, error, read, reached.get("got"))
+    return Answer(
+        status, answer_headers, error, read,
+        reached.get("got"), reached.get("caller"), reached.get("scope"),
+    )  # fmt: skip

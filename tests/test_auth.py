@@ -7,6 +7,7 @@ import os
 import re
 import stat
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -421,11 +422,49 @@ def test_the_gate_answers_401_403_and_415_before_the_body_is_read(keys):
         {},  # no Content-Type: read as JSON, as before
     ):
         r = through_gate(store, "/score", headers | {"Authorization": lender})
-        assert (r.status, r.got) == (200, b"{}"), r
-    assert through_gate(store, "/explain", {"Authorization": reviewer}).status == 200
+        assert (r.status, r.got, r.caller) == (200, b"{}", Caller("lender-co", "lender")), r
+    r = through_gate(store, "/explain", {"Authorization": reviewer})
+    assert (r.status, r.caller) == (200, Caller("reviewer-co", "reviewer"))
     # other methods and paths are not the gate's: BentoML answers them (405, 404, probes)
     for r in (through_gate(store, "/score", {}, method="GET"), through_gate(store, "/livez", {})):
-        assert r.status == 200
+        assert (r.status, r.caller) == (200, None)
+
+
+def test_the_endpoint_takes_the_caller_the_gate_let_in(keys, monkeypatch):
+    """The key is checked once per request, by the gate: the endpoint takes the caller's name
+    (the decision log's `caller`) from the request's state. A request that reached an endpoint
+    without passing the gate is refused, never answered as nobody; a caller whose role the
+    endpoint does not allow is still 403 there."""
+    from starlette.requests import Request
+
+    from serving.api_errors import ApiError
+    from serving.service import Kapok
+
+    path, plain = keys
+    store = KeyStore.load(path)
+    presented: list[str | None] = []
+    authenticate = store.authenticate
+    monkeypatch.setattr(store, "authenticate", lambda h: presented.append(h) or authenticate(h))
+    service = SimpleNamespace(ready=True, keys=store)
+
+    def caller_name(scope: dict, permission: str) -> str:
+        ctx = SimpleNamespace(request=Request(scope))
+        return Kapok.inner._caller(service, ctx, permission)
+
+    r = through_gate(store, "/score", {"Authorization": f"Bearer {plain['lender']}"})
+    assert caller_name(r.scope, "score") == "lender-co"
+    assert presented == [f"Bearer {plain['lender']}"]  # once, in the gate
+    assert all(plain["lender"] not in repr(v) for v in r.scope["state"].values())
+    with pytest.raises(ApiError) as e:
+        caller_name(r.scope, "explain")
+    assert e.value.status == 403 and "'lender-co'" in e.value.message
+    demo = through_gate(KeyStore.demo(), "/explain", {})
+    assert caller_name(demo.scope, "log") == "demo"
+    ungated = {"type": "http", "method": "POST", "path": "/score", "headers": [
+        (b"authorization", f"Bearer {plain['admin']}".encode())]}  # fmt: skip
+    with pytest.raises(ApiError) as e:
+        caller_name(ungated, "score")
+    assert e.value.status == 500 and "without the request gate's key check" in e.value.message
 
 
 def test_demo_mode_lets_requests_without_a_key_through_the_gate(monkeypatch, keys):
@@ -434,7 +473,7 @@ def test_demo_mode_lets_requests_without_a_key_through_the_gate(monkeypatch, key
     from serving.auth import server_keys
 
     r = through_gate(KeyStore.demo(), "/explain", {"Content-Type": "application/json"})
-    assert (r.status, r.got) == (200, b"{}")
+    assert (r.status, r.got, r.caller) == (200, b"{}", Caller("demo", "admin"))
     assert through_gate(KeyStore.demo(), "/score", {"Content-Type": "text/plain"})[0] == 415
     server_keys.cache_clear()
     try:
