@@ -199,7 +199,18 @@ def reshape(status: int, path: str, body: bytes) -> dict[str, Any]:
 
 class ErrorShapeMiddleware:
     """ASGI: every error answer in Kapok's shape, and one log line per error (4xx and 5xx).
-    Successful answers pass untouched (only their start message is looked at)."""
+    Successful answers pass untouched (only their start message is looked at).
+
+    Two answers are made here rather than reshaped:
+    - a 500 for a POST body BentoML read whole and could not parse as JSON (BentoML answers a
+      parse failure with its generic 500) is the client's 400 `invalid_json`. Only then: any
+      other 500 (a fault in the endpoint, on a body that parsed) stays a 500. BentoML reads an
+      empty body as `{}`, so an empty body is no parse failure either;
+    - an exception that escapes the layers below (the request gate, the docs page, BentoML's
+      context) before any answer went out is a 500 `internal_error`, at once, logged with its
+      traceback. (Left to BentoML, the request waited for its traffic timeout and got no
+      answer from the app: the server's plain-text 500 after 60 s.)
+    """
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
@@ -211,23 +222,29 @@ class ErrorShapeMiddleware:
         if scope.get("path") in PROBES:
             await self.app(scope, receive, send)  # a probe's 503 is its answer, not an error
             return
+        method, path = scope.get("method", ""), scope.get("path", "")
         start: Message | None = None
+        answered = False  # an answer's start went to the client
         chunks: list[bytes] = []
         request: list[bytes] = []  # the body as it passes (kept by reference, read on error)
+        whole = False  # the app read the body to its end
 
         # the request body, to tell a client's bad JSON from a server fault
         async def keep() -> Message:
+            nonlocal whole
             message = await receive()
             if message["type"] == "http.request":
                 request.append(message.get("body", b""))
+                whole = not message.get("more_body", False)
             return message
 
         async def watch(message: Message) -> None:
-            nonlocal start
+            nonlocal start, answered
             if message["type"] == "http.response.start" and message["status"] >= 400:
                 start = message  # hold it: the body decides the headers
                 return
             if start is None:
+                answered = answered or message["type"] == "http.response.start"
                 await send(message)
                 return
             if message["type"] != "http.response.body":
@@ -236,40 +253,51 @@ class ErrorShapeMiddleware:
             if message.get("more_body"):
                 return
             status = start["status"]
-            body = reshape(status, scope.get("path", ""), b"".join(chunks))
-            if status == 500 and (bad_json := _json_error(b"".join(request))):
+            body = reshape(status, path, b"".join(chunks))
+            parse_failure = status == 500 and method == "POST" and whole  # it may be one
+            if parse_failure and (bad_json := _json_error(b"".join(request))):
                 status, body = 400, error_body("invalid_json", bad_json)
-                start = {**start, "status": 400}
-            log_error(status, scope.get("method", ""), scope.get("path", ""), body)
-            data = json.dumps(body, ensure_ascii=False).encode()
-            headers = [
-                (k, v)
-                for k, v in start.get("headers", [])
-                if k.lower() not in (b"content-length", b"content-type")
-            ]
-            headers += [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ]
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": data})
+            log_error(status, method, path, body)
+            answered = True
+            await _send_error(send, status, body, start)
 
-        await self.app(scope, keep, watch)
+        try:
+            await self.app(scope, keep, watch)
+        except Exception:
+            if answered:
+                raise  # part of an answer went out: nothing else can be sent
+            body = error_body(code_for(500), _FALLBACK[500])
+            log_error(500, method, path, body, exc_info=True)
+            await _send_error(send, 500, body, {})
+
+
+async def _send_error(send: Send, status: int, body: dict[str, Any], start: Message) -> None:
+    """`body` as the JSON answer, with the rest of the app's start message (its other headers,
+    e.g. Retry-After; `start` is {} when the app sent none)."""
+    data = json.dumps(body, ensure_ascii=False).encode()
+    headers = start.get("headers", [])
+    kept = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"content-type")]
+    kept += [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({**start, "type": "http.response.start", "status": status, "headers": kept})
+    await send({"type": "http.response.body", "body": data})
 
 
 def _json_error(body: bytes) -> str | None:
-    """What is wrong with a request body that is not JSON (None if it is)."""
+    """What is wrong with a request body that is not JSON (None if it is). Empty is `{}`, as
+    BentoML reads it."""
     try:
-        json.loads(body)
+        json.loads(body or b"{}")
     except ValueError as e:
         return f"the body is not valid JSON: {e}"
     return None
 
 
-def log_error(status: int, method: str, path: str, body: dict[str, Any]) -> None:
+def log_error(
+    status: int, method: str, path: str, body: dict[str, Any], exc_info: bool = False
+) -> None:
     error = body["error"]
     line = f"{status} {method} {path} {error['code']}: {error['message']}"
-    (logger.warning if status < 500 else logger.error)(line)
+    (logger.warning if status < 500 else logger.error)(line, exc_info=exc_info)
 
 
 class _QuietClientErrors(logging.Filter):

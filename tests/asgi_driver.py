@@ -1,7 +1,8 @@
-"""One request through an ASGI middleware, without a server: what tests/test_access.py and
-tests/test_auth.py ask of the request gate (serving/gate.py). Behind the middleware sits an app
-that reads the whole body and answers 200 `{}`; the answer says what the client got, how much
-of its body was read and what reached the app."""
+"""One request through an ASGI middleware, without a server: what tests/test_access.py,
+tests/test_auth.py and tests/test_error_shape.py ask of the request gate (serving/gate.py) and
+the error shape (serving/api_errors.py). Behind the middleware sits an app that reads the whole
+body and answers 200 `{}` (or a stand-in given by the test); the answer says what the client
+got, how much of its body was read and what reached the app."""
 
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from serving.api_errors import ErrorShapeMiddleware
 from serving.auth import Caller, KeyStore
 from serving.gate import RequestGate, gated_caller
+
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+App = Callable[[dict, Receive, Send], Awaitable[None]]
+Middleware = RequestGate | ErrorShapeMiddleware
 
 
 class Answer(NamedTuple):
@@ -31,19 +38,21 @@ def gate_for(store: KeyStore, permissions: Mapping[str, str], **kwargs: Any) -> 
 
 
 def through(
-    middleware: RequestGate,
+    middleware: Middleware,
     headers: Mapping[str, str],
     chunks: Sequence[bytes] = (b"{}",),
     path: str = "/score",
     method: str = "POST",
     server: tuple[str, int] | None = ("127.0.0.1", 3000),
+    app: App | None = None,
 ) -> Answer:
     """A request of `chunks` (one http.request message each) through `middleware`, whose `app`
-    is replaced by one that reads the whole body and answers 200."""
+    is replaced by one that reads the whole body and answers 200, or by `app` (then `got`,
+    `caller` and `scope` are None)."""
     read = 0
     reached: dict[str, Any] = {}
 
-    async def app(scope: dict, receive: Callable[[], Awaitable[dict]], send) -> None:
+    async def reader(scope: dict, receive: Receive, send: Send) -> None:
         got = b""
         while True:
             message = await receive()
@@ -72,7 +81,7 @@ def through(
         "server": server,
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
     }
-    middleware.app = app
+    middleware.app = app if app is not None else reader
     asyncio.run(middleware(scope, receive, send))
     status = sent[0]["status"]
     answer_headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}

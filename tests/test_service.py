@@ -378,6 +378,7 @@ def test_auth_and_roles(served):
     [
         (None, b"{not json", 400, "invalid_json", None),
         (None, b"[1, 2]", 400, "invalid_request", None),
+        (None, b"", 400, "invalid_request", "enterprise_id"),  # BentoML reads it as {}
         (
             {
                 "enterprise_id": "91440106326110621Q",
