@@ -444,6 +444,7 @@ def train_command(
             f"{part:6s} {w['window']}: {int(w['rows']):,} rows, bad rate {w['bad_rate']:.3f}"
         )
     console.print(f"validation: {result.validation}")
+    console.print(f"tuning: {result.tuning.line()}", highlight=False, soft_wrap=True)
     console.print(f"MLflow run {result.run_id} in {tracking_uri(paths())}", soft_wrap=True)
     console.print("to look at it in the MLflow UI (http://127.0.0.1:5000, Ctrl-C stops it):")
     console.print(f"  {_kapok_again()} ui", soft_wrap=True, highlight=False)

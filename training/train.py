@@ -33,8 +33,10 @@ from training.scorer import Scorer, category_levels, encode
 from training.tracking import CHALLENGER, CHAMPION, alias_version, configure, experiment
 from training.tracking import model_name as registered_name
 from training.tune import (
+    SEARCH,
     SEARCH_SPACE,
     Matrices,
+    Summary,
     _datasets,
     base_params,
     best_params,
@@ -42,6 +44,7 @@ from training.tune import (
     lgb_params,
     refit,
     study_storage,
+    summarize,
     tune,
 )
 
@@ -62,6 +65,7 @@ class TrainResult:
     windows: dict[str, Any]
     scorer: Scorer
     study_name: str
+    tuning: Summary  # the Optuna study: trials completed and pruned, best trial
 
 
 def _monotone(data: TrainingData) -> list[int]:
@@ -180,6 +184,7 @@ def train(
                            "bad_rate": float(y.mean())}}  # fmt: skip
 
     scorer = Scorer(booster, features, categories, calibrator)
+    tuning = summarize(study)
     eval_frame = frame[eval_idx]
     if data.has_oracle:
         oracle = eval_frame["pd_true"].to_numpy()
@@ -198,6 +203,8 @@ def train(
                 "kapok.version": kapok.__version__,
                 "kapok.code_version": _git_commit(),
                 "kapok.optuna_study": study_name,
+                "kapok.optuna_search": SEARCH.name,
+                "kapok.optuna_trials": tuning.line(),
             }
         )
         mlflow.log_params(
@@ -220,7 +227,7 @@ def train(
         )
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         mlflow.log_metrics({f"calibration_logloss_{k}": v for k, v in losses.items()})
-        _log_study(study)
+        _log_study(study, tuning)
         mlflow.log_dict(windows, "windows.json")
         mlflow.log_dict(segments, "segments.json")
         mlflow.log_dict(
@@ -251,20 +258,22 @@ def train(
         if key in metrics:
             client.set_model_version_tag(name, version, f"test_{key}", f"{metrics[key]:.4f}")
     return TrainResult(
-        name, version, alias, run_id, validation, metrics, windows, scorer, study_name
+        name, version, alias, run_id, validation, metrics, windows, scorer, study_name, tuning
     )
 
 
-def _log_study(study: optuna.Study) -> None:
+def _log_study(study: optuna.Study, tuning: Summary) -> None:
     trials = study.trials
     finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     values = [float(t.value) for t in finished if t.value is not None]
     mlflow.log_dict(
         {
             "study_name": study.study_name,
-            "trials": len(trials),
-            "complete": len(finished),
-            "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
+            "search": SEARCH.name,
+            "trials": tuning.trials,
+            "complete": tuning.complete,
+            "pruned": tuning.pruned,
+            "pruned_at_rounds": tuning.pruned_rounds,
             "best_value_valid_auc": study.best_value,
             "best_params": study.best_params,
             "best_trial": study.best_trial.number,
@@ -276,12 +285,25 @@ def _log_study(study: optuna.Study) -> None:
             "number": [t.number for t in trials],
             "state": [t.state.name for t in trials],
             "value": [t.value for t in trials],
+            "rounds": [
+                t.user_attrs.get("rounds", t.user_attrs.get("pruned_at_round")) for t in trials
+            ],
             "params": [str(t.params) for t in trials],
         }
     )
     mlflow.log_text(table.write_csv(), "optuna/trials.csv")
     plots.log(plots.history(values, "Optuna: validation AUC by trial"), "plots/optuna_history.png")
-    mlflow.log_metric("best_valid_auc", study.best_value)
+    mlflow.log_metrics(
+        {
+            "best_valid_auc": study.best_value,
+            "optuna_trials": tuning.trials,
+            "optuna_trials_complete": tuning.complete,
+            "optuna_trials_pruned": tuning.pruned,
+            "optuna_best_trial": tuning.best_trial,
+        }
+    )
+    if tuning.pruned_rounds:
+        mlflow.log_metric("optuna_first_pruned_round", min(tuning.pruned_rounds))
 
 
 def _log_evaluation(
