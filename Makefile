@@ -60,6 +60,7 @@ bench-smoke: install
 	rm -rf $(SMOKE_HOME)
 	KAPOK_HOME=$(SMOKE_HOME) $(BIN)/kapok run --enterprises 3000 --trials 2 --timeout 30
 	KAPOK_HOME=$(SMOKE_HOME) $(BIN)/python bench/batch.py --home $(SMOKE_HOME) --quick
+	$(BIN)/python bench/tuning.py --home $(SMOKE_HOME) --quick --cache $(SMOKE_HOME)/tuning-cache
 	KAPOK_HOME=$(SMOKE_HOME) $(BIN)/python bench/online_read.py --reps 1
 	$(BIN)/python bench/features_build.py --raw $(SMOKE_HOME)/data/raw
 	KAPOK_HOME=$(SMOKE_HOME) $(BIN)/python bench/backfill.py --home $(SMOKE_HOME) --naive-rows 50
