@@ -66,7 +66,7 @@ bench-smoke: install
 	KAPOK_HOME=$(SMOKE_HOME) $(BIN)/python bench/backfill.py --home $(SMOKE_HOME) --naive-rows 50
 	$(BIN)/python bench/decision_log.py --threads 4 --each 20
 	$(BIN)/python bench/serving.py --home $(SMOKE_HOME) --quick
-	$(BIN)/python bench/soak.py --home $(SMOKE_HOME) --rate 20 --minutes 0.5 --smoke
+	$(BIN)/python bench/soak.py --home $(SMOKE_HOME) --rate 20 --minutes 0.5 --warm 1 --smoke
 	$(BIN)/python bench/crash.py --home $(SMOKE_HOME) --reps 2 --min-load 1 --max-load 3
 	rm -rf $(SMOKE_HOME)
 
