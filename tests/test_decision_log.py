@@ -746,3 +746,40 @@ def test_a_connection_lost_during_commit_is_reported_as_in_doubt(pg_url: str):
         sa.event.remove(log._engine, "commit", break_connection)
         admin.close()
         log.close()
+
+
+def _first_writes(url: str, workers: int) -> list[BaseException]:
+    """`workers` logs on one URL, each writing its first record at the same moment."""
+    logs = [DecisionLog(url) for _ in range(workers)]
+    start = threading.Barrier(workers)
+    errors: list[BaseException] = []
+
+    def first_write(log: DecisionLog) -> None:
+        start.wait()
+        try:
+            log.write(record())
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_write, args=(log,)) for log in logs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if not errors:
+            assert logs[0].count() == workers
+    finally:
+        for log in logs:
+            log.close()
+    return errors
+
+
+def test_workers_starting_together_on_a_new_sqlite_log_all_write(tmp_path) -> None:
+    """The API's workers each open the log and create its schema on first use. On a new SQLite
+    file they race: SQLite refuses one side's schema transaction with "database is locked" at
+    once (no busy wait, to avoid a deadlock), and that worker's first request answered 503. Every
+    worker's first write must succeed and be logged."""
+    for round_ in range(6):
+        errors = _first_writes(f"sqlite:///{tmp_path / f'race{round_}' / 'decisions.db'}", 4)
+        assert not errors, f"round {round_}: {errors[0]}"
