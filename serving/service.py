@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import os
 import sys
 import threading
@@ -114,6 +115,18 @@ def _check_access_settings() -> None:
 _check_access_settings()
 
 
+def freeze_loaded_heap() -> None:
+    """Move everything the worker has loaded (the frameworks, the models, the feature store's
+    registry: ~400,000 objects) out of reach of the cyclic garbage collector. A full collection
+    walks every tracked object: ~240 ms with the engine loaded, during which the worker answers
+    nothing, and under load one came every minute or so (the soak's per-minute p99 jumped from
+    ~40 ms to 400-550 ms in the minutes it hit). Those objects live as long as the worker, so
+    the collector has nothing to find among them; objects created later are collected as before.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 @bentoml.service(
     name="kapok",
     traffic={"timeout": 60},
@@ -148,6 +161,7 @@ class Kapok:
 
             self.engine = LendingEngine(paths())
             self.log = DecisionLog()
+            freeze_loaded_heap()
             self.readiness.mark_ready()
         except BaseException as e:
             cannot_start(e)
