@@ -216,7 +216,6 @@ def data_check_spec(
     (a leak); prints the out-of-time windows training will use. Warnings leave the exit status
     0; a spec that cannot be loaded, or a history that cannot be split, exits 2.
     """
-    from rich.markup import escape
 
     from features.spec import load_spec
     from features.spec_check import column_warnings
@@ -243,12 +242,7 @@ def data_check_spec(
         f"timestamp: {s.timestamp_column or 'none (K-fold validation)'}; "
         f"segments: {', '.join(s.segments) or 'none'}"
     )
-    warnings = column_warnings(s, frame)
-    if warnings:
-        console.print(f"[bold yellow]{len(warnings)} warning(s):[/]")
-        for w in warnings:
-            console.print(f"  {escape(str(w))}", soft_wrap=True, highlight=False)
-    else:
+    if not _print_column_warnings(column_warnings(s, frame)):
         console.print("no warnings: no nearly empty, constant, id-like or leaking feature")
     if not data.has_time:
         console.print("validation: repeated stratified K-fold (no timestamp)")
@@ -378,6 +372,18 @@ def _quiet_mlflow() -> None:
     warnings.filterwarnings("ignore", module=r"mlflow(\.|$)")
 
 
+def _print_column_warnings(warnings: list, after: str = "") -> bool:
+    """check-spec's column warnings, one per line, yellow; False when there are none."""
+    from rich.markup import escape
+
+    if not warnings:
+        return False
+    console.print(f"[bold yellow]{len(warnings)} warning(s){after}:[/]")
+    for w in warnings:
+        console.print(f"  {escape(str(w))}", soft_wrap=True, highlight=False)
+    return True
+
+
 def _training_data(
     product: str | None,
     dataset: Path | None,
@@ -391,7 +397,15 @@ def _training_data(
         raise ValueError("give exactly one of --product or --dataset")
     _quiet_mlflow()
     if dataset is not None:
-        data = spec_data(load_spec(dataset))
+        from features.spec_check import column_warnings
+
+        spec = load_spec(dataset)
+        data = spec_data(spec)
+        # what `kapok data check-spec` would warn about, before any tuning: a leak or an id-like
+        # column trains a model that looks excellent and is worthless
+        _print_column_warnings(
+            column_warnings(spec, data.frame), " about the data (kapok data check-spec)"
+        )
     else:
         with console.status(f"building the {product} training set through Feast (point in time)"):
             data = product_data(paths(), product)  # type: ignore[arg-type]

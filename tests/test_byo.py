@@ -202,3 +202,28 @@ def test_check_spec_on_a_clean_file_and_an_unsplittable_one(tmp_path: Path) -> N
     assert "2 months with dated rows (2024-01..2024-02)" in result.output
     assert "cannot make an out-of-time split" in result.output
     assert "at least 3 months" in result.output
+
+
+def test_kapok_train_on_a_spec_warns_like_check_spec_before_tuning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leak or an id-like column trains a model that looks excellent and is worthless: `kapok
+    train --dataset` says so before it tunes anything, as `kapok data check-spec` would."""
+    import training.train
+
+    tuned: list[str] = []
+
+    def no_training(data, *args, **kwargs):  # the warnings are the point, not the model
+        tuned.append(data.name)
+        raise ValueError("stopped here by the test")
+
+    monkeypatch.setattr(training.train, "train", no_training)
+    monkeypatch.setenv("KAPOK_HOME", str(tmp_path / "h"))
+    spec = write_messy(tmp_path, FIVE_MONTHS)
+    result = runner.invoke(app, ["train", "--dataset", str(spec), "--trials", "1"])
+    assert tuned == ["messy"], result.output
+    out = result.output
+    assert "6 warning(s) about the data" in out, out
+    assert re.search(r"days_in_arrears: leak: .* AUC (0\.9[89]|1\.0)\d*", out), out
+    assert "contract_code: id-like: unique per row" in out, out
+    assert out.index("6 warning(s)") < out.index("stopped here by the test"), out
