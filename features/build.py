@@ -17,11 +17,12 @@ from pathlib import Path
 import polars as pl
 
 from features.pipelines import Panel, build_family
-from features.raw_tables import TABLES, chunk_name, read_manifest, scan
+from features.raw_tables import ENTERPRISE_TABLES, chunk_name, read_manifest, scan
 from features.schema import FAMILIES, SCHEMA_VERSION
 from kapok.staging import staged_folder
 
-INPUT_TABLES = tuple(t for t in TABLES if t not in ("applications", "oracle"))
+# per-enterprise tables, read chunk by chunk (the regional aggregates describe no enterprise)
+INPUT_TABLES = tuple(t for t in ENTERPRISE_TABLES if t not in ("applications", "oracle"))
 MANIFEST = "_manifest.json"
 
 

@@ -11,7 +11,11 @@ table, so later stages can work chunk by chunk in bounded memory):
 
     <raw>/<table>/period=YYYY-MM/part-CCCC.parquet   monthly tables, one folder per `month`
     <raw>/<table>/part-CCCC.parquet                  the other tables
+    <raw>/<table>/period=YYYY-MM/region.parquet      regional tables (REGIONAL_TABLES)
     <raw>/_manifest.json                             see MANIFEST_KEYS
+
+Regional tables describe the whole region, not enterprises (the system's published aggregates),
+so they are not split into chunks: one file per month holds every row of that month.
 
 Each table has exactly the columns of its schema, in that order, with those polars dtypes;
 timestamps are microseconds in UTC. `scan` checks every file it is about to read against the
@@ -52,16 +56,22 @@ class RawTable:
     description: str  # what this table of the big-data system holds, in one line
     schema: pl.Schema  # column -> polars dtype, in file order
     monthly: bool  # partitioned by PARTITION_COLUMN into period=YYYY-MM folders
+    regional: bool = False  # about the region, not enterprises: one file per period, no chunks
 
     @property
     def layout(self) -> str:
         """Where its files are, relative to the raw folder."""
         period = "period=YYYY-MM/" if self.monthly else ""
-        return f"{self.name}/{period}part-CCCC.parquet"
+        return f"{self.name}/{period}{REGIONAL_FILE if self.regional else 'part-CCCC.parquet'}"
 
 
-def _table(name: str, monthly: bool, description: str, **columns: pl.DataType) -> RawTable:
-    return RawTable(name, description, pl.Schema(columns), monthly)
+REGIONAL_FILE = "region.parquet"
+
+
+def _table(
+    name: str, monthly: bool, description: str, regional: bool = False, **columns: pl.DataType
+) -> RawTable:
+    return RawTable(name, description, pl.Schema(columns), monthly, regional)
 
 
 S, F8, D, B = pl.String(), pl.Float64(), pl.Date(), pl.Boolean()
@@ -146,11 +156,23 @@ RAW_TABLES: dict[str, RawTable] = {
             "it; never a feature).",
             application_id=S, product=S, pd_true=F8,
         ),
+        _table(
+            "credit_aggregates", True,
+            "Monthly credit aggregates the system publishes from the lenders' own reports "
+            "(征信统计): credit reports, 30+ and 90+ days past due, and their rates, for the city, "
+            "each district and each industry section.",
+            regional=True,
+            month=D, dimension=S, segment=S, reports=pl.Int32(), dpd30_reports=pl.Int32(),
+            dpd90_reports=pl.Int32(), dpd30_rate=F8, dpd90_rate=F8, available_at=UTC_US,
+        ),
     )
 }  # fmt: skip
 
 TABLES: tuple[str, ...] = tuple(RAW_TABLES)
 MONTHLY_TABLES: tuple[str, ...] = tuple(t.name for t in RAW_TABLES.values() if t.monthly)
+# per enterprise, split into chunks of enterprises / about the whole region, one file per period
+ENTERPRISE_TABLES: tuple[str, ...] = tuple(t.name for t in RAW_TABLES.values() if not t.regional)
+REGIONAL_TABLES: tuple[str, ...] = tuple(t.name for t in RAW_TABLES.values() if t.regional)
 
 # Day of the month after month m on which the big-data system publishes month m of each monthly
 # table (its rows' available_at); feature snapshots of month m are cut on these days.
@@ -161,7 +183,14 @@ PUBLICATION_DAY: dict[str, int] = {
     "credit_history": 10,
     "tax": 15,
     "receivables_payables": 20,
+    "credit_aggregates": 25,
 }
+
+# credit_aggregates.dimension -> what its `segment` holds: "all" for the city, a district's English
+# name (as registration.district) or an industry section code (as registration.industry)
+AGGREGATE_DIMENSIONS: dict[str, str | None] = {"city": None, "district": "district",
+                                               "industry": "industry"}  # fmt: skip
+CITY_SEGMENT = "all"
 
 
 # -- values of the coded columns -----------------------------------------------------------------
@@ -243,18 +272,32 @@ def period_name(month: date) -> str:
     return f"period={month:%Y-%m}"
 
 
-def part_path(raw: Path, table: str, chunk: int, month: date | None = None) -> Path:
-    """Where chunk `chunk` of `table` is written; a monthly table needs the `month` too."""
+def part_path(raw: Path, table: str, chunk: int | None, month: date | None = None) -> Path:
+    """Where chunk `chunk` of `table` is written; a monthly table needs the `month` too, a
+    regional table has no chunks (`chunk` None)."""
     spec = raw_table(table)
     if spec.monthly != (month is not None):
         need = "needs the month" if spec.monthly else "has no month folders"
         raise RawTableError(f"raw table {table} {need}")
+    _check_chunk(table, chunk, required=True)
     folder = raw / table / period_name(month) if month is not None else raw / table
-    return folder / chunk_name(chunk)
+    return folder / (REGIONAL_FILE if chunk is None else chunk_name(chunk))
+
+
+def _check_chunk(table: str, chunk: int | None, required: bool) -> None:
+    regional = raw_table(table).regional
+    if regional and chunk is not None:
+        raise RawTableError(
+            f"raw table {table} is regional: one file per period, not split into chunks of "
+            "enterprises (read it whole)"
+        )
+    if required and not regional and chunk is None:
+        raise RawTableError(f"raw table {table} is written chunk by chunk: give the chunk")
 
 
 def _glob(table: str, chunk: int | None) -> str:
     """Files of one chunk (or all), relative to the table's folder."""
+    _check_chunk(table, chunk, required=False)
     name = "*.parquet" if chunk is None else chunk_name(chunk)
     return f"*/{name}" if raw_table(table).monthly else name
 
@@ -289,7 +332,8 @@ def check_frame(table: str, frame: pl.DataFrame, where: str = "frame to write") 
 
 
 def check_files(raw: Path, table: str, chunk: int | None = None) -> list[Path]:
-    """The files `scan` would read, each checked against the contract (footers only)."""
+    """The files `scan` would read, each checked against the contract (footers only). A
+    regional table is read whole: asking it for a chunk is an error."""
     raw_table(table)
     folder = raw / table
     files = sorted(folder.glob(_glob(table, chunk)))

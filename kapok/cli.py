@@ -173,7 +173,9 @@ def data_generate(
 
     Registration, tax, electricity, social insurance, payments, receivables/payables, court
     records, credit history, and applications for microloans, guarantees and insurance with
-    their outcomes. The true default probabilities go to a separate `oracle/` table.
+    their outcomes, and the monthly credit aggregates the system publishes (30+/90+ days past
+    due rates by city, district and industry). The true default probabilities go to a separate
+    `oracle/` table.
     """
     from kapok.bigdata.generate import generate
     from kapok.bigdata.simulate import SimulationConfig

@@ -100,6 +100,7 @@ NOTES = {
     "credit_history": "monthly reports of banks, microloan and guarantee firms (征信)",
     "applications": "microloan / guarantee / insurance applications and their outcomes",
     "oracle": "the true probability of default of each application (simulator only)",
+    "credit_aggregates": "monthly 30+ / 90+ dpd rates by city, district, industry (征信统计)",
 }
 PERIOD_END = {  # the end of the period a row describes; available_at minus this is the lag
     **{t: pl.col("month").dt.offset_by("1mo") for t in MONTHLY_TABLES},

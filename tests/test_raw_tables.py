@@ -112,19 +112,31 @@ def test_extra_columns_are_not_read(tmp_path):
 
 
 def test_every_table_is_described_and_laid_out():
-    assert len(rt.TABLES) == len(set(rt.TABLES)) == 12
+    assert len(rt.TABLES) == len(set(rt.TABLES)) == 13
     for table in rt.RAW_TABLES.values():
         assert table.description.endswith(".") and "\n" not in table.description, table.name
         assert table.schema, table.name
-        if table.monthly:
+        if table.regional:
+            assert table.layout == f"{table.name}/period=YYYY-MM/region.parquet"
+        elif table.monthly:
             assert rt.PARTITION_COLUMN in table.schema, table.name
             assert table.layout == f"{table.name}/period=YYYY-MM/part-CCCC.parquet"
         else:
             assert table.layout == f"{table.name}/part-CCCC.parquet"
     assert set(rt.MONTHLY_TABLES) == {
         "tax", "electricity", "social_insurance", "payments", "receivables_payables",
-        "credit_history",
+        "credit_history", "credit_aggregates",
     }  # fmt: skip
+    assert rt.REGIONAL_TABLES == ("credit_aggregates",)
+
+
+def test_a_regional_table_is_read_whole_not_by_chunk(tmp_path):
+    """The published aggregates describe the region, not a chunk of enterprises: asking for a
+    chunk of them is a mistake the reader is told about, not an empty frame."""
+    with pytest.raises(RawTableError, match="credit_aggregates is regional"):
+        scan(tmp_path, "credit_aggregates", chunk=0)
+    with pytest.raises(RawTableError, match="payments is written chunk by chunk"):
+        part_path(tmp_path, "payments", None, date(2023, 1, 1))
 
 
 # -- the simulator writes the contract -----------------------------------------------------------
@@ -145,7 +157,7 @@ def test_the_simulators_tables_conform_to_the_contract(tiny_raw):
     written = {p.relative_to(tiny_raw).parts[0] for p in tiny_raw.rglob("*.parquet")}
     assert written == set(rt.TABLES)
     for name, table in rt.RAW_TABLES.items():
-        for chunk in range(manifest["chunks"]):
+        for chunk in [None] if table.regional else range(manifest["chunks"]):
             files = check_files(tiny_raw, name, chunk)
             for path in files:
                 # exactly the contract: same columns, same order, same dtypes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,82 @@ def test_same_arguments_give_byte_identical_output(tmp_path):
     assert a == b
     generate(SimulationConfig(enterprises=1_500, months=24, seed=6), tmp_path / "c")
     assert _digest(tmp_path / "c") != a
+
+
+# sha256 of {file: sha256} over every file of the tables that existed before credit_aggregates,
+# for SimulationConfig(600, 24, seed=11), as the generator wrote them before that table was added
+# (with the polars of requirements.lock; a polars upgrade that changes Parquet bytes changes it)
+BEFORE_AGGREGATES = "c9cb9501293e55835e28d863fa0d5573e4fd4ac10f04d0d70c74d3b59dd10be6"
+
+
+def test_adding_the_credit_aggregates_moved_no_byte_of_the_other_tables(tmp_path):
+    """The aggregates are counted from what was simulated, drawing no random number: every
+    other table, and so every model trained on them, is exactly what it was before."""
+    generate(SimulationConfig(enterprises=600, months=24, seed=11), tmp_path / "raw")
+    files = _digest(tmp_path / "raw")
+    others = {
+        path: digest
+        for path, digest in files.items()
+        if path.split("/")[0] not in ("credit_aggregates", gen.MANIFEST)
+    }
+    assert len(others) > 80
+    combined = hashlib.sha256(json.dumps(others, sort_keys=True).encode()).hexdigest()
+    assert combined == BEFORE_AGGREGATES
+
+
+def test_credit_aggregates_are_the_credit_reports_counted_and_published_late(tmp_path, monkeypatch):
+    """City, district and industry rows count the same credit reports (over every chunk), the
+    rates are those of the reports, and a month is published on the 25th of the next one."""
+    monkeypatch.setattr(gen, "CHUNK_SIZE", 400)
+    raw = tmp_path / "raw"
+    generate(SimulationConfig(enterprises=1_100, months=24, seed=5), raw)
+    agg = scan(raw, "credit_aggregates").collect()
+    credit = scan(raw, "credit_history").collect()
+    city = agg.filter(pl.col("dimension") == "city").sort("month")
+    assert city["segment"].unique().to_list() == ["all"]
+    expected = (
+        credit.group_by("month")
+        .agg(n=pl.len(), dpd30=pl.col("dpd30").sum(), dpd90=pl.col("dpd90").sum())
+        .sort("month")
+    )
+    assert city["month"].to_list() == expected["month"].to_list()
+    assert city["reports"].to_list() == expected["n"].to_list()
+    assert city["dpd30_reports"].to_list() == expected["dpd30"].to_list()
+    assert city["dpd90_reports"].to_list() == expected["dpd90"].to_list()
+    assert (city["dpd30_rate"] - city["dpd30_reports"] / city["reports"]).abs().max() < 1e-12
+    for dimension, column in (("district", "district"), ("industry", "industry")):
+        part = agg.filter(pl.col("dimension") == dimension)
+        totals = part.group_by("month").agg(pl.col("reports").sum()).sort("month")
+        assert totals["reports"].to_list() == city["reports"].to_list(), dimension
+        values = set(scan(raw, "registration").collect()[column].unique().to_list())
+        assert set(part["segment"].unique().to_list()) <= values, dimension
+    published = agg["available_at"].dt.date()
+    assert (published == agg["month"].dt.offset_by("1mo").dt.offset_by("24d")).all()
+    assert gen.read_manifest(raw)["rows"]["credit_aggregates"] == agg.height
+
+
+def test_the_downturn_shows_in_the_published_aggregates(medium):
+    """What a lender can read from the aggregates: arrears in the city climb in the downturn,
+    most in the industries most exposed to the city's cycle."""
+    downturn = gen.read_manifest(medium)["downturn_month"]
+    agg = scan(medium, "credit_aggregates").collect()
+    t = (pl.col("month").dt.year() - 2023) * 12 + pl.col("month").dt.month() - 1
+    agg = agg.with_columns(t=t)
+
+    def rate(frame: pl.DataFrame, lo: int, hi: int) -> float:
+        window = frame.filter(pl.col("t").is_between(lo, hi))
+        return window["dpd30_reports"].sum() / window["reports"].sum()
+
+    city = agg.filter(pl.col("dimension") == "city")
+    before, during = rate(city, downturn - 12, downturn - 7), rate(city, downturn + 1, downturn + 6)
+    assert during > 1.5 * before
+    industry = agg.filter(pl.col("dimension") == "industry")
+    rise = {
+        code: rate(industry.filter(pl.col("segment") == code), downturn + 1, downturn + 6)
+        / rate(industry.filter(pl.col("segment") == code), downturn - 12, downturn - 7)
+        for code in ("H", "M")  # accommodation: macro beta 1.1; research: 0.3
+    }
+    assert rise["H"] > rise["M"]
 
 
 def test_several_chunks_give_byte_identical_output(tmp_path, monkeypatch):
