@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import date
+
 import polars as pl
 import pytest
 
 from features.feast_defs import definitions
 from features.schema import (
     ALL_FEATURES,
+    BY_NAME,
     FAMILIES,
     FEATURE_SERVICE,
     FEATURES,
@@ -66,3 +69,76 @@ def test_monotone_constraints_follow_risk_directions():
     assert monotone_constraints(names) == [-1, 1, 0, 0]
     with pytest.raises(KeyError):
         monotone_constraints(["no_such_feature"])
+
+
+def _from(tables: dict[str, pl.LazyFrame], first: date) -> dict[str, pl.LazyFrame]:
+    """The raw tables as if the data's history started in month `first`."""
+    out = {}
+    for name, frame in tables.items():
+        columns = frame.collect_schema().names()
+        when = "month" if "month" in columns else "event_date" if "event_date" in columns else None
+        out[name] = frame.filter(pl.col(when) >= first) if when else frame
+    return out
+
+
+# The latest value within the last 3 months (Monthly.latest): it reads months t-1 and t-2 only
+# when month t is missing, which the simulated feeds never are at the start of the history, so
+# no value changes with it; lookback 2 is the code's reach.
+LATEST_VALUE = {"si_headcount", "arap_receivables", "arap_overdue_receivables_ratio",
+                "arap_days_payable", "cred_loans", "cred_balance", "cred_nonbank_share",
+                "cred_reporters"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_lookback_is_how_far_back_each_feature_reads(small_system):
+    """Each feature's `lookback` is the reach of its pipeline: with the data's history starting
+    `shift` months later, a snapshot `lookback` or more months after the new start has the same
+    value as before (the window is whole), and some earlier snapshot's value changes (the
+    window does reach before the start; LATEST_VALUE aside). None: the value reads back to the
+    first month, so some snapshot changes however late it is."""
+    from features.build import raw_chunk
+    from features.pipelines import Panel, build_family, month_index
+    from features.raw_tables import read_manifest
+
+    raw = small_system.paths.raw
+    manifest = read_manifest(raw)
+    start = date.fromisoformat(manifest["start"] + "-01")
+    months, shift = manifest["months"], 12
+    later = date(
+        start.year + (start.month - 1 + shift) // 12, (start.month - 1 + shift) % 12 + 1, 1
+    )
+    tables = raw_chunk(raw, 0)
+    registration = tables["registration"].collect()
+    full_panel = Panel.of(registration, months, start)
+    late_panel = Panel.of(registration, months - shift, later)
+    late_tables = _from(tables, later)
+    checked, wrong = set(), []
+    for fam in FAMILIES:
+        full = build_family(fam.name, tables, full_panel)
+        late = build_family(fam.name, late_tables, late_panel)
+        both = late.join(full, on=["enterprise_id", "event_timestamp"], suffix="_full")
+        # the snapshot month, counted from the later start: cut in the month after its own
+        both = both.with_columns(t=month_index(pl.col("event_timestamp"), later) - 1)
+        for feature in features_of(fam.name):
+            same = pl.col(feature.name).eq_missing(pl.col(f"{feature.name}_full"))
+            checked.add(feature.name)
+            if feature.lookback is None:
+                if both.select(same.all()).item():
+                    wrong.append(f"{feature.name}: never reads before the start (lookback None)")
+                continue
+            whole = both.filter(pl.col("t") >= feature.lookback)
+            if not (whole.height and whole.select(same.all()).item()):
+                wrong.append(f"{feature.name}: lookback {feature.lookback} is too short")
+            if feature.name in LATEST_VALUE:
+                if feature.lookback != 2:
+                    wrong.append(f"{feature.name}: a latest value within 3 months looks back 2")
+                continue
+            cut = both.filter(pl.col("t") < feature.lookback)
+            if feature.lookback and cut.select(same.all()).item():
+                wrong.append(f"{feature.name}: lookback {feature.lookback}, reads nothing before")
+    assert not wrong, wrong
+    assert checked == {f.name for f in FEATURES}
+    # request-time features reach as far as the stored features they are computed from
+    assert BY_NAME["req_loan_to_sales_12m"].lookback == BY_NAME["tax_sales_12m"].lookback
+    assert BY_NAME["req_installment_to_inflow"].lookback == BY_NAME["pay_inflow_3m"].lookback
+    assert BY_NAME["req_term_months"].lookback == 0
