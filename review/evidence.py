@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from kapok.settings import Paths
+from review.lookback import history_start
 from training.data import LABEL, TIME
 from training.pyfunc import load_scorer
 from training.scorer import Scorer
@@ -58,6 +60,10 @@ class ModelEvidence:
     test: pl.DataFrame  # evaluation rows with PD_COLUMN and MARGIN_COLUMN
     train: pl.DataFrame  # training-window reference rows with PD_COLUMN and MARGIN_COLUMN
     extras: dict[str, Any] = field(default_factory=dict)
+    # the first month of the data the model was trained on (review.lookback.history_start):
+    # look-back features hold their whole window only from history_start + lookback
+    history_start: date | None = None
+    history_source: str = "unknown"  # where history_start was read
 
     @property
     def features(self) -> list[str]:
@@ -154,6 +160,8 @@ def load_evidence(
         trials = pl.read_csv(_artifact(mv.run_id, "optuna/trials.csv", folder))
         test = pl.read_parquet(_artifact(mv.run_id, "evaluation/test.parquet", folder))
         train = pl.read_parquet(_artifact(mv.run_id, "evaluation/train.parquet", folder))
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    start, start_source = history_start(tags, paths.raw)
     return ModelEvidence(
         name=name,
         data_name=name.removeprefix("kapok-"),
@@ -162,7 +170,7 @@ def load_evidence(
         run_id=mv.run_id,
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
-        tags={k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
+        tags=tags,
         version_tags=dict(mv.tags or {}),
         windows=windows,
         model_spec=spec,
@@ -172,4 +180,6 @@ def load_evidence(
         scorer=load_scorer(f"models:/{name}/{v}"),
         test=test,
         train=train,
+        history_start=start,
+        history_source=start_source,
     )

@@ -29,12 +29,14 @@ from review import figures
 from review.evidence import (
     LABEL,
     PD_COLUMN,
+    TIME,
     EvidenceError,
     ModelEvidence,
     load_evidence,
 )
 from review.html import Document
-from review.stability import ACT, STABLE, WATCH, feature_stability, psi, verdict
+from review.lookback import MIN_ROWS, NA, Sample, feature_stability, lookback_note
+from review.stability import ACT, STABLE, WATCH, psi, verdict
 
 SHAP_ROWS = 2_000  # the most test-window rows explained by TreeSHAP
 SHAP_SEED = 7  # the seed of that sample (polars DataFrame.sample)
@@ -566,7 +568,14 @@ class _Report:
                 name="score_stability",
             )
             doc.heading("Feature stability (CSI)", "特征稳定性")
-            csi = feature_stability(ev.train, ev.test, ev.features, ev.categorical)
+            csi = feature_stability(
+                Sample(ev.train, ev.train[TIME]),
+                Sample(ev.test, ev.test[TIME]),
+                ev.features,
+                ev.categorical,
+                start=ev.history_start,
+            )
+            doc.paragraph(lookback_note(ev.history_start, ev.history_source))
             csi = csi.with_columns(flag=pl.col("verdict").is_in([WATCH, ACT]))
             doc.table(csi, highlight="flag")
             for row in csi.filter(pl.col("verdict") == ACT).iter_rows(named=True):
@@ -574,6 +583,13 @@ class _Report:
             watch = csi.filter(pl.col("verdict") == WATCH).height
             if watch:
                 doc.paragraph(f"{watch} feature(s) on watch (0.1 <= CSI < 0.25).", "watch")
+            na = csi.filter(pl.col("verdict") == NA)["feature"].to_list()
+            if na:
+                doc.paragraph(
+                    f"n/a: {', '.join(na)} — too few rows with the whole look-back window on one "
+                    f"side (fewer than {MIN_ROWS}) to judge.",
+                    "watch",
+                )
 
     # 5 -------------------------------------------------------------------------------------------
     def segments(self) -> None:

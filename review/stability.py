@@ -69,6 +69,17 @@ def categorical_psi(expected: list, actual: list) -> float:
     )
 
 
+def csi(expected: pl.Series, actual: pl.Series, categorical: bool = False) -> float:
+    """CSI of one feature: PSI over its levels when categorical, else over the expected
+    sample's deciles (NaN counts as missing); missing values in a bin of their own."""
+    if categorical:
+        return categorical_psi(expected.cast(pl.String).to_list(), actual.cast(pl.String).to_list())
+    return psi(
+        expected.cast(pl.Float64).fill_nan(None).to_numpy(),
+        actual.cast(pl.Float64).fill_nan(None).to_numpy(),
+    )
+
+
 def feature_stability(
     reference: pl.DataFrame,
     current: pl.DataFrame,
@@ -78,15 +89,7 @@ def feature_stability(
     """One row per feature: CSI, verdict, and the missing share in each sample; worst first."""
     rows = []
     for name in features:
-        if name in categorical:
-            index = categorical_psi(
-                reference[name].cast(pl.String).to_list(), current[name].cast(pl.String).to_list()
-            )
-        else:
-            index = psi(
-                reference[name].cast(pl.Float64).fill_nan(None).to_numpy(),
-                current[name].cast(pl.Float64).fill_nan(None).to_numpy(),
-            )
+        index = csi(reference[name], current[name], name in categorical)
         rows.append(
             {
                 "feature": name,

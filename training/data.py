@@ -87,7 +87,7 @@ def product_data(paths: Paths, product: str) -> TrainingData:
         raise UnknownProductError(
             f"unknown product {product!r}: choose one of {', '.join(PRODUCTS)}"
         )
-    read_manifest(paths.raw)  # a clear "run kapok data generate first" when there is no data
+    manifest = read_manifest(paths.raw)  # a clear "run kapok data generate first" if no data
     apps = (
         scan(paths.raw, "applications")
         .filter((pl.col("product") == product) & pl.col("matured"))
@@ -124,6 +124,9 @@ def product_data(paths: Paths, product: str) -> TrainingData:
             "data": "simulated regional big-data system",
             "feature_service": FEATURE_SERVICE[product],
             "feature_schema_version": SCHEMA_VERSION,
+            # the first month of the data: look-back features are whole only from
+            # start + lookback (review.lookback)
+            "history_start": str(manifest["start"]),
             "label": {
                 "microloan": "90+ days past due within 12 months",
                 "guarantee": "guarantee compensation (代偿) within the term",
