@@ -879,13 +879,24 @@ def monitor_command(
         Path | None,
         typer.Option(help="HTML report (default: KAPOK_HOME/reports/monitor-PRODUCT-DATE.html)."),
     ] = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            help="all, live or backfill: which decisions to monitor. live: the API's and "
+            "`kapok decide`'s, dated when they were made; backfill: `kapok backfill`'s, dated by "
+            "their application. all (default) pools them for PSI, CSI and the back-test; volume "
+            "and approval rate are per source whatever this says."
+        ),
+    ] = "all",
 ) -> None:
     """Drift and back-test of logged decisions against the champion's training reference.
 
-    Score PSI, feature CSI, missing-rate drift, approval-rate drift and volume by month; where
-    outcomes have matured, predicted PD vs observed default rate per grade (exact binomial test)
-    and AUC over time. Writes an HTML report. Exit status: 0 when nothing reaches "act", 1 when
-    anything does (for a scheduler to alert on), 2 on bad input.
+    Score PSI, feature CSI (look-back features on whole windows only), missing-rate drift,
+    approval-rate drift and volume by month for each source (live, backfill); where outcomes
+    have matured, predicted PD vs observed default rate per grade (exact binomial test) and AUC
+    over time, leaving out the model's own training and validation months. Writes an HTML
+    report. Exit status: 0 when nothing reaches "act", 1 when anything does (for a scheduler to
+    alert on), 2 on bad input.
     """
     from kapok.staging import write_text_atomic
     from review.backfill import window_bounds
@@ -895,9 +906,9 @@ def monitor_command(
     start, end = window_bounds(since, until)
     p = paths()
     with console.status(f"monitoring {product}"):
-        result = monitor(p, product, start, end, outcomes=outcomes)
+        result = monitor(p, product, start, end, source=source, outcomes=outcomes)
         target = write_text_atomic(out or default_out(p, result), render(result))
-    colour = {"stable": "green", "watch": "yellow", "act": "bold red", "info": "dim"}
+    colour = {"stable": "green", "watch": "yellow", "act": "bold red", "info": "dim", "n/a": "dim"}
     window = f"{result.first_decision:%Y-%m-%d} .. {result.last_decision:%Y-%m-%d}"
     title = f"{product}: {result.decisions:,} decisions, {window}"
     table = Table("check", "value", "verdict", "detail", title=title)

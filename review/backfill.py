@@ -60,6 +60,22 @@ class BackfillResult:
         return self.written / self.seconds if self.seconds > 0 else math.inf
 
 
+LIVE, BACKFILL = "live", "backfill"  # where a logged decision came from (`source`)
+
+
+def source() -> pl.Expr:
+    """`live` or `backfill` for each decision-log row (needs its caller and request_id).
+
+    A backfilled decision is dated by its application in the simulated history, a live one (the
+    API, `kapok decide`) by the wall clock when it was made: two different windows that no
+    monthly figure may mix. The log already tells them apart — every backfilled record has
+    caller "backfill" and request id "bf_<application id>", since the first backfill — so no
+    column is added (and no record's hash changes). Both are required: API request ids are made
+    by the server ("req_<uuid>") and a batch's caller is "batch:<id>"."""
+    backfilled = (pl.col("caller") == CALLER) & pl.col("request_id").str.starts_with(ID_PREFIX)
+    return pl.when(backfilled).then(pl.lit(BACKFILL)).otherwise(pl.lit(LIVE)).alias("source")
+
+
 def request_id_for(application_id: str) -> str:
     """The deterministic request id of a backfilled application."""
     return ID_PREFIX + application_id
@@ -273,6 +289,8 @@ def backfill(
 
 
 __all__ = [
+    "BACKFILL",
+    "LIVE",
     "BackfillResult",
     "applications",
     "backfill",
@@ -280,5 +298,6 @@ __all__ = [
     "matured_outcomes",
     "outcomes_path",
     "request_id_for",
+    "source",
     "window_bounds",
 ]

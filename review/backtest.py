@@ -7,7 +7,9 @@ mean PD (a conservative simplification of the Poisson-binomial with each decisio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -112,6 +114,44 @@ def auc_by_period(
     schema = {"period": pl.String, "decisions": pl.Int64, "defaults": pl.Int64,
               "auc": pl.Float64}  # fmt: skip
     return pl.DataFrame(rows, schema=schema).sort("period")
+
+
+DEVELOPMENT_PARTS = ("train", "valid")  # windows.json parts the model learned or was tuned on
+
+
+def _months(first: str, last: str) -> list[str]:
+    y, m = int(first[:4]), int(first[5:7])
+    out = []
+    while f"{y:04d}-{m:02d}" <= last:
+        out.append(f"{y:04d}-{m:02d}")
+        y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+    return out
+
+
+def development_months(windows: Mapping[str, Any]) -> list[str]:
+    """The months (YYYY-MM) a model was developed on: its training and validation windows as
+    training logged them in windows.json ("2023-07..2024-05"). Their outcomes are no test of
+    the model — it was fitted, tuned, early-stopped and calibrated on them — so a back-test
+    leaves them out. [] for a model validated by K-fold (no dated windows)."""
+    months: list[str] = []
+    for part in DEVELOPMENT_PARTS:
+        window = str((windows.get(part) or {}).get("window", ""))
+        found = re.fullmatch(r"(\d{4}-\d{2})\.\.(\d{4}-\d{2})", window)
+        if found:
+            months += _months(found[1], found[2])
+    return sorted(set(months))
+
+
+def month_spans(months: Sequence[str]) -> str:
+    """Months as runs of consecutive ones: "2024-10..2024-12, 2025-02"; "none" when empty."""
+    spans: list[list[str]] = []
+    for month in sorted(set(months)):
+        if spans and _months(spans[-1][-1], month)[1:] == [month]:
+            spans[-1].append(month)
+        else:
+            spans.append([month])
+    text = [s[0] if len(s) == 1 else f"{s[0]}..{s[-1]}" for s in spans]
+    return ", ".join(text) or "none"
 
 
 def auc_verdict(observed: float, expected: float | None) -> str:

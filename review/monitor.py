@@ -5,10 +5,18 @@ Checks (each stable / watch / act; the command exits 1 when any reaches act):
   score PSI          the logged PDs against the reference's calibrated PDs (deciles + missing)
   feature CSI        every model feature, logged values against the reference (worst shown)
   missing-rate drift the rise in a feature's missing share, reference -> current
-  approval rate      the latest month's cut-off approval rate against the reference's
-  decision volume    by month (information only: volume depends on the lender's business)
+  approval rate      per source, the latest month's cut-off approval rate against the reference's
+  decision volume    per source, by month (information only: volume depends on the business)
   back-test          per grade, observed default rate vs mean PD (exact binomial test)
   AUC over time      per month (or quarter when months are small); pooled against test AUC
+
+Like with like: a look-back feature is compared only on rows whose snapshot holds its whole
+window (review.lookback), so the start of the data's history is not reported as drift; the
+back-test leaves out the model's own development months (its training and validation windows),
+whose outcomes it was fitted on; and live decisions (the API, `kapok decide`: dated by the wall
+clock) and backfilled ones (`kapok backfill`: dated by their application in the simulated
+history) are never mixed in one month's volume or approval rate. `--source` picks one of them;
+the default, all, pools them for the score, feature and back-test checks.
 
 Thresholds live in THRESHOLDS below (PSI/CSI in review/stability.py, back-test in
 review/backtest.py), so a reviewer reads them in one place.
@@ -27,7 +35,8 @@ import polars as pl
 from kapok.settings import Paths
 from review import backtest as bt
 from review.html import Document
-from review.stability import ACT, STABLE, WATCH, feature_stability, psi, verdict
+from review.lookback import NA, Sample, feature_stability, lookback_note
+from review.stability import ACT, STABLE, WATCH, psi, verdict
 from serving import policy as pol
 from serving.decision_log import DecisionLog
 
@@ -49,6 +58,8 @@ class Thresholds:
 
 THRESHOLDS = Thresholds()
 INFO = "info"
+SOURCES = ("all", "live", "backfill")  # --source: every decision, or one source's
+SNAPSHOT = "snapshot_"  # current_frame's per-family snapshot-time columns
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,13 @@ class MonitorResult:
     reference_approval: float
     approve_max_pd: float
     checks: list[Check]
+    source: str = "all"  # the --source monitored
+    by_source: dict[str, int] = field(default_factory=dict)  # decisions per source
+    backtest_months: list[str] = field(default_factory=list)  # decision months back-tested
+    excluded_months: list[str] = field(default_factory=list)  # development months left out
+    excluded_outcomes: int = 0  # matured outcomes in those months
+    history_start: dt.date | None = None  # the data's first month (review.lookback)
+    history_source: str = "unknown"
     outcomes_source: str | None = None
     matched_outcomes: int = 0
     backtest: pl.DataFrame | None = None
@@ -115,7 +133,12 @@ def current_frame(
     features: list[str],
     categorical: list[str],
 ) -> pl.DataFrame:
-    """Logged decisions in the window, one column per model feature (decoded from the log)."""
+    """Logged decisions in the window, one column per model feature (decoded from the log),
+    their `source` (live / backfill) and, per feature family, the time of the snapshot the
+    features came from where the log records it (`snapshot_<family>`, else null)."""
+    from features.schema import FAMILIES
+    from review.backfill import source
+
     raw = log.frame(
         since,
         until,
@@ -123,6 +146,8 @@ def current_frame(
         columns=[
             "request_id",
             "decided_at",
+            "caller",
+            "feature_timestamps",
             "endpoint",
             "model_version",
             "pd",
@@ -132,7 +157,28 @@ def current_frame(
         ],
     )
     dtype = pl.Struct({f: pl.String if f in categorical else pl.Float64 for f in features})
-    return raw.with_columns(pl.col("features").str.json_decode(dtype)).unnest("features")
+    # live decisions record each family's snapshot time; a backfill records its point in time
+    stamps = pl.Struct({fam.name: pl.String for fam in FAMILIES})
+    return (
+        raw.with_columns(
+            source(),
+            pl.col("features").str.json_decode(dtype),
+            pl.col("feature_timestamps")
+            .str.json_decode(stamps)
+            .struct.rename_fields([f"{SNAPSHOT}{fam.name}" for fam in FAMILIES]),
+        )
+        .unnest("features", "feature_timestamps")
+        .with_columns(
+            pl.col(f"{SNAPSHOT}{fam.name}").str.to_datetime(time_zone="UTC", strict=False)
+            for fam in FAMILIES
+        )
+        .drop("caller")
+    )
+
+
+def snapshots(current: pl.DataFrame) -> dict[str, pl.Series]:
+    """Per family, the snapshot time each decision recorded (null where it did not)."""
+    return {c.removeprefix(SNAPSHOT): current[c] for c in current.columns if c.startswith(SNAPSHOT)}
 
 
 def read_outcomes(path: Path) -> pl.DataFrame:
@@ -152,15 +198,17 @@ def read_outcomes(path: Path) -> pl.DataFrame:
 
 
 def monthly(current: pl.DataFrame, approve_max_pd: float) -> pl.DataFrame:
+    """Decisions, approval rate, cut-off approval rate and mean PD per source and month: a
+    month of live decisions and a month of the backfilled history are never one row."""
     return (
-        current.group_by(pl.col("decided_at").dt.strftime("%Y-%m").alias("month"))
+        current.group_by("source", pl.col("decided_at").dt.strftime("%Y-%m").alias("month"))
         .agg(
             pl.len().alias("decisions"),
             (pl.col("decision") == "approve").mean().alias("approval_rate"),
             (pl.col("pd") <= approve_max_pd).mean().alias("cutoff_approval_rate"),
             pl.col("pd").mean().alias("mean_pd"),
         )
-        .sort("month")
+        .sort("source", "month")
     )
 
 
@@ -170,6 +218,7 @@ def monitor(
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     *,
+    source: str = "all",
     outcomes: Path | None = None,
     log: DecisionLog | None = None,
     policy: pol.Policy | None = None,
@@ -177,26 +226,40 @@ def monitor(
 ) -> MonitorResult:
     from features.schema import PRODUCTS
     from review.backfill import outcomes_path
-    from review.evidence import PD_COLUMN, load_evidence
+    from review.evidence import PD_COLUMN, TIME, load_evidence
 
     if product not in PRODUCTS:
         raise ValueError(f"--product must be one of {', '.join(PRODUCTS)}, got {product!r}")
+    if source not in SOURCES:
+        raise ValueError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
     log = log or DecisionLog()
     policy = policy or pol.load_policy()
     evidence = load_evidence(paths, product)
     features, categorical = evidence.features, evidence.categorical
     current = current_frame(log, product, since, until, features, categorical)
+    if source != "all":
+        current = current.filter(pl.col("source") == source)
     if current.height == 0:
         window = f"{since:%Y-%m-%d}" if since else "the beginning"
         window += f" .. {until - dt.timedelta(days=1):%Y-%m-%d}" if until else " .. now"
+        which = "" if source == "all" else f" ({source} only)"
         raise ValueError(
-            f"no {product} decisions in the decision log {log.url} from {window}: nothing to "
-            f"monitor (for simulated data, `kapok backfill --product {product}` first)"
+            f"no {product} decisions{which} in the decision log {log.url} from {window}: nothing "
+            f"to monitor (for simulated data, `kapok backfill --product {product}` first)"
         )
     reference = evidence.train
     t = thresholds
     checks: list[Check] = []
     notes: list[str] = []
+    counts = current.group_by("source").len().sort("source")
+    by_source = dict(zip(counts["source"].to_list(), counts["len"].to_list(), strict=True))
+    if len(by_source) > 1:
+        notes.append(
+            f"{by_source.get('live', 0):,} live decisions (the API, `kapok decide`: dated when "
+            f"they were made) and {by_source.get('backfill', 0):,} backfilled ones (dated by "
+            "their application): the score, feature and back-test checks pool them, volume and "
+            "approval rate are per source; --source live or --source backfill monitors one"
+        )
 
     # score PSI
     score_psi = psi(reference[PD_COLUMN].to_numpy(), current["pd"].to_numpy())
@@ -209,71 +272,92 @@ def monitor(
         )
     )
 
-    # feature CSI and missing-rate drift
-    stability = feature_stability(reference, current, features, categorical).with_columns(
-        (pl.col("missing_current") - pl.col("missing_reference")).alias("missing_rise")
-    )
+    # feature CSI and missing-rate drift, look-back features on whole windows only
+    stability = feature_stability(
+        Sample(reference, reference[TIME] if TIME in reference.columns else None),
+        Sample(current, current["decided_at"], snapshots(current)),
+        features,
+        categorical,
+        start=evidence.history_start,
+    ).with_columns((pl.col("missing_current") - pl.col("missing_reference")).alias("missing_rise"))
     stability = stability.with_columns(
-        pl.col("missing_rise")
-        .map_elements(lambda r: missing_verdict(r, t), return_dtype=pl.String)
-        .alias("missing_verdict")
-    )
-    top = stability.row(0, named=True)
-    n_act = stability.filter(pl.col("verdict") == ACT).height
-    n_watch = stability.filter(pl.col("verdict") == WATCH).height
-    checks.append(
-        Check(
-            "feature CSI",
-            f"{top['csi']:.4f} ({top['feature']})",
-            top["verdict"],
-            f"{n_act} act, {n_watch} watch of {len(features)} features",
+        pl.Series(
+            "missing_verdict",
+            [NA if r is None else missing_verdict(r, t) for r in stability["missing_rise"]],
+            dtype=pl.String,
         )
     )
-    worst_missing = stability.sort("missing_rise", descending=True).row(0, named=True)
+    judged = stability.filter(pl.col("csi").is_not_null())
+    n_act = stability.filter(pl.col("verdict") == ACT).height
+    n_watch = stability.filter(pl.col("verdict") == WATCH).height
+    n_na = stability.filter(pl.col("verdict") == NA).height
+    detail = f"{n_act} act, {n_watch} watch of {len(features)} features"
+    if n_na:
+        detail += f"; {n_na} n/a (too few rows with the whole look-back window)"
+    if evidence.history_start is not None:
+        detail += (
+            f"; look-back features on whole windows (data from {evidence.history_start:%Y-%m})"
+        )
+    if judged.height:
+        top = judged.row(0, named=True)
+        checks.append(
+            Check("feature CSI", f"{top['csi']:.4f} ({top['feature']})", top["verdict"], detail)
+        )
+    else:
+        checks.append(Check("feature CSI", "–", NA, detail))
+    worst_missing = stability.sort("missing_rise", descending=True, nulls_last=True).row(
+        0, named=True
+    )
     checks.append(
         Check(
             "missing-rate drift",
-            f"{worst_missing['missing_rise']:+.1%} ({worst_missing['feature']})",
+            "–"
+            if worst_missing["missing_rise"] is None
+            else f"{worst_missing['missing_rise']:+.1%} ({worst_missing['feature']})",
             worst_missing["missing_verdict"],
             f"rise of the missing share; watch >= {t.missing_watch:.0%}, "
             f"act >= {t.missing_act:.0%}",
         )
     )
 
-    # approval rate and volume by month
+    # approval rate and volume by month, each source on its own
     approve_max = policy.product(product).approve_max_pd
     reference_approval = float((reference[PD_COLUMN] <= approve_max).mean() or 0.0)
     months = monthly(current, approve_max)
-    judged = months.filter(pl.col("decisions") >= t.min_month_decisions)
-    if judged.height:
-        last = judged.row(-1, named=True)
-        change = last["cutoff_approval_rate"] - reference_approval
-        checks.append(
-            Check(
-                "approval-rate drift",
-                f"{last['cutoff_approval_rate']:.1%} in {last['month']}",
-                approval_verdict(change, t),
-                f"PD <= {approve_max:.0%} share vs reference {reference_approval:.1%} "
-                f"({change:+.1%}); watch >= {t.approval_watch:.0%}, act >= {t.approval_act:.0%}",
+    for name in sorted(by_source):
+        own = months.filter(pl.col("source") == name)
+        judged_months = own.filter(pl.col("decisions") >= t.min_month_decisions)
+        if judged_months.height:
+            last = judged_months.row(-1, named=True)
+            change = last["cutoff_approval_rate"] - reference_approval
+            checks.append(
+                Check(
+                    f"approval-rate drift ({name})",
+                    f"{last['cutoff_approval_rate']:.1%} in {last['month']}",
+                    approval_verdict(change, t),
+                    f"PD <= {approve_max:.0%} share of the latest {name} month with "
+                    f"{t.min_month_decisions}+ decisions vs reference {reference_approval:.1%} "
+                    f"({change:+.1%}); watch >= {t.approval_watch:.0%}, "
+                    f"act >= {t.approval_act:.0%}",
+                )
             )
-        )
-    else:
+        else:
+            checks.append(
+                Check(
+                    f"approval-rate drift ({name})",
+                    "–",
+                    INFO,
+                    f"no {name} month with {t.min_month_decisions}+ decisions to judge",
+                )
+            )
         checks.append(
             Check(
-                "approval-rate drift",
-                "–",
+                f"decision volume ({name})",
+                f"{by_source[name]:,} in {own.height} months",
                 INFO,
-                f"no month with {t.min_month_decisions}+ decisions to judge",
+                f"latest {name} month {own['month'][-1]}: {own['decisions'][-1]:,}",
             )
         )
-    checks.append(
-        Check(
-            "decision volume",
-            f"{current.height:,} in {months.height} months",
-            INFO,
-            f"latest month {months['month'][-1]}: {months['decisions'][-1]:,}",
-        )
-    )
 
     result = MonitorResult(
         product=product,
@@ -294,24 +378,56 @@ def monitor(
         reference_approval=reference_approval,
         approve_max_pd=approve_max,
         checks=checks,
+        source=source,
+        by_source=by_source,
+        history_start=evidence.history_start,
+        history_source=evidence.history_source,
         notes=notes,
     )
 
-    # back-test where outcomes have matured
-    source = outcomes or outcomes_path(paths, product)
-    if outcomes is None and not source.exists():
-        notes.append(f"no outcomes at {source}: no back-test (give --outcomes FILE)")
+    # back-test where outcomes have matured, outside the model's own development months
+    outcomes_file = outcomes or outcomes_path(paths, product)
+    if outcomes is None and not outcomes_file.exists():
+        notes.append(f"no outcomes at {outcomes_file}: no back-test (give --outcomes FILE)")
         return result
-    matured = read_outcomes(source)
-    joined = current.join(matured, on="request_id", how="inner")
-    result.outcomes_source, result.matched_outcomes = str(source), joined.height
+    matured = read_outcomes(outcomes_file)
+    joined = current.join(matured, on="request_id", how="inner").with_columns(
+        pl.col("decided_at").dt.strftime("%Y-%m").alias("month")
+    )
+    result.outcomes_source = str(outcomes_file)
     if joined.height == 0:
         notes.append(
-            f"no decision in the window has a matured outcome in {source}: an outcome is known "
-            "only a performance window after its decision; back-test an earlier window "
+            f"no decision in the window has a matured outcome in {outcomes_file}: an outcome is "
+            "known only a performance window after its decision; back-test an earlier window "
             "(--since and --until)"
         )
         return result
+    development = bt.development_months(evidence.windows)
+    left_out = joined.filter(pl.col("month").is_in(development))
+    joined = joined.filter(~pl.col("month").is_in(development))
+    result.matched_outcomes = joined.height
+    result.excluded_months = sorted(left_out["month"].unique().to_list())
+    result.excluded_outcomes = left_out.height
+    result.backtest_months = sorted(joined["month"].unique().to_list())
+    windows = evidence.windows
+    developed = (
+        f"training {windows.get('train', {}).get('window', '?')}, "
+        f"validation {windows.get('valid', {}).get('window', '?')}"
+    )
+    if left_out.height:
+        notes.append(
+            f"back-test leaves out {left_out.height:,} matured outcomes of the model's own "
+            f"development months {bt.month_spans(result.excluded_months)} ({developed}): the "
+            "model was fitted, tuned and calibrated on them"
+        )
+    if joined.height == 0:
+        notes.append(
+            "every matured outcome in the window falls in the model's development months: no "
+            "back-test (decisions after the validation window are needed)"
+        )
+        return result
+    months_used = bt.month_spans(result.backtest_months)
+    notes.append(f"back-test on {joined.height:,} matured outcomes decided in {months_used}")
     result.backtest = bt.grade_backtest(joined, policy.grades)
     b = result.backtest
     worst_grade = b.sort(
@@ -325,7 +441,8 @@ def monitor(
             f"{worst_grade['grade']}: observed {worst_grade['observed_rate']:.2%} "
             f"vs PD {worst_grade['predicted_pd']:.2%}",
             bt.worst(b["verdict"].to_list()),
-            f"{joined.height:,} matured outcomes; exact binomial p = {worst_grade['p_value']:.3g}",
+            f"{joined.height:,} matured outcomes decided in {months_used} (development months "
+            f"left out); exact binomial p = {worst_grade['p_value']:.3g}",
         )
     )
     result.auc_periods = bt.auc_by_period(joined)
@@ -337,7 +454,7 @@ def monitor(
             "AUC",
             f"{result.pooled_auc:.3f}",
             bt.auc_verdict(result.pooled_auc, expected),
-            f"pooled back-test AUC vs the model's test AUC "
+            f"pooled back-test AUC ({months_used}) vs the model's test AUC "
             f"{'–' if expected is None else f'{expected:.3f}'}; watch at a drop of "
             f"{bt.AUC_WATCH_DROP}, act at {bt.AUC_ACT_DROP}",
         )
@@ -369,7 +486,7 @@ def _score_figure(r: MonitorResult):
 def _csi_figure(r: MonitorResult, rows: int = 15):
     import matplotlib.pyplot as plt
 
-    top = r.stability.head(rows).reverse()
+    top = r.stability.filter(pl.col("csi").is_not_null()).head(rows).reverse()
     fig, ax = plt.subplots(figsize=(7, 0.3 * top.height + 1.2))
     colors = [
         "#c0392b" if v == ACT else "#e0a030" if v == WATCH else "#2f6b4f" for v in top["verdict"]
@@ -386,28 +503,31 @@ def _csi_figure(r: MonitorResult, rows: int = 15):
 def _approval_figure(r: MonitorResult):
     import matplotlib.pyplot as plt
 
-    m = r.monthly
+    m = r.monthly  # by source, then month: each source's months are a run of their own
+    sources = m["source"].unique(maintain_order=True).to_list()
     fig, ax = plt.subplots(figsize=(8, 3.6))
     x = np.arange(m.height)
     ax.bar(x, m["decisions"].to_list(), color="#c8d8cf", label="decisions")
     ax.set_ylabel("decisions per month")
-    ax.set_xticks(x, m["month"].to_list(), rotation=60, fontsize=7)
+    ticks = m["month"] if len(sources) == 1 else m["source"] + " " + m["month"]
+    ax.set_xticks(x, ticks.to_list(), rotation=60, fontsize=7)
     ax2 = ax.twinx()
-    ax2.plot(x, m["approval_rate"].to_list(), "o-", color="#2f6b4f", label="approval rate")
-    ax2.plot(
-        x,
-        m["cutoff_approval_rate"].to_list(),
-        "s--",
-        color="#b36b00",
-        label=f"PD <= {r.approve_max_pd:.0%}",
-    )
+    for i, name in enumerate(sources):  # one line per source: no line joins two sources
+        at = np.flatnonzero((m["source"] == name).to_numpy())
+        part = m.filter(pl.col("source") == name)
+        ax2.plot(at, part["approval_rate"].to_list(), "o-", color="#2f6b4f",
+                 label="approval rate" if i == 0 else None)  # fmt: skip
+        ax2.plot(at, part["cutoff_approval_rate"].to_list(), "s--", color="#b36b00",
+                 label=f"PD <= {r.approve_max_pd:.0%}" if i == 0 else None)  # fmt: skip
     ax2.axhline(r.reference_approval, color="#b36b00", linestyle=":", label="reference at cut-off")
     ax2.set_ylim(0, 1)
     ax2.set_ylabel("share")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax2.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="lower left")
-    ax.set_title("Decision volume and approval rate by month")
+    ax.set_title(
+        "Decision volume and approval rate by month" + (", per source" if len(sources) > 1 else "")
+    )
     return fig
 
 
@@ -479,6 +599,13 @@ def render(r: MonitorResult) -> str:
                 ("decisions", r.decisions),
                 ("window", _window_text(r)),
                 ("model versions in the log", ", ".join(r.model_versions)),
+                (
+                    "source",
+                    r.source
+                    + " ("
+                    + ", ".join(f"{n:,} {name}" for name, n in sorted(r.by_source.items()))
+                    + ")",
+                ),
                 ("reference", f"{r.reference}, {r.reference_rows:,} rows"),
             ]
         )
@@ -499,6 +626,7 @@ def render(r: MonitorResult) -> str:
         )
     with doc.section("Feature stability and missing values", "特征稳定性与缺失率"):
         doc.figure(_csi_figure(r), "CSI of the least stable features", name="csi")
+        doc.paragraph(lookback_note(r.history_start, r.history_source))
         flagged = r.stability.with_columns(
             ((pl.col("verdict") == ACT) | (pl.col("missing_verdict") == ACT)).alias("act")
         )
@@ -512,12 +640,25 @@ def render(r: MonitorResult) -> str:
         doc.table(r.monthly)
     with doc.section("Back-test", "回溯测试"):
         if r.backtest is None:
-            doc.paragraph("No matured outcomes were available for the decisions in this window.")
+            doc.paragraph(
+                f"Every matured outcome in this window ({r.excluded_outcomes:,}) falls in the "
+                f"model's development months ({bt.month_spans(r.excluded_months)}), which a "
+                "back-test leaves out."
+                if r.excluded_outcomes
+                else "No matured outcomes were available for the decisions in this window."
+            )
         else:
             doc.paragraph(
                 f"{r.matched_outcomes:,} decisions with a matured outcome "
-                f"(from {r.outcomes_source})."
+                f"(from {r.outcomes_source}), decided in {bt.month_spans(r.backtest_months)}."
             )
+            if r.excluded_outcomes:
+                doc.paragraph(
+                    f"Left out: {r.excluded_outcomes:,} matured outcomes of the model's own "
+                    f"development months ({bt.month_spans(r.excluded_months)}: its training and "
+                    "validation windows). The model was fitted, tuned and calibrated on them, so "
+                    "they would flatter it."
+                )
             doc.figure(
                 _backtest_figure(r.backtest),
                 "Observed default rate with its 95% exact interval against the grade's mean PD",

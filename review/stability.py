@@ -2,6 +2,8 @@
 
 Bins come from the reference (expected) sample: deciles for numbers, one bin per level for
 categories, and missing values in a bin of their own, so that a feed going silent shows up.
+The table of every feature, with look-back features compared on whole windows only, is
+`review.lookback.feature_stability`.
 """
 
 from __future__ import annotations
@@ -78,27 +80,3 @@ def csi(expected: pl.Series, actual: pl.Series, categorical: bool = False) -> fl
         expected.cast(pl.Float64).fill_nan(None).to_numpy(),
         actual.cast(pl.Float64).fill_nan(None).to_numpy(),
     )
-
-
-def feature_stability(
-    reference: pl.DataFrame,
-    current: pl.DataFrame,
-    features: list[str],
-    categorical: list[str] | tuple[str, ...] = (),
-) -> pl.DataFrame:
-    """One row per feature: CSI, verdict, and the missing share in each sample; worst first."""
-    rows = []
-    for name in features:
-        index = csi(reference[name], current[name], name in categorical)
-        rows.append(
-            {
-                "feature": name,
-                "csi": index,
-                "verdict": verdict(index),
-                "missing_reference": float(reference[name].is_null().mean() or 0.0),
-                "missing_current": float(current[name].is_null().mean() or 0.0),
-            }
-        )
-    schema = {"feature": pl.String, "csi": pl.Float64, "verdict": pl.String,
-              "missing_reference": pl.Float64, "missing_current": pl.Float64}  # fmt: skip
-    return pl.DataFrame(rows, schema=schema).sort("csi", descending=True)
