@@ -461,6 +461,9 @@ def train_command(
         )
     console.print(f"validation: {result.validation}")
     console.print(f"tuning: {result.tuning.line()}", highlight=False, soft_wrap=True)
+    for candidate in result.candidates:
+        console.print(f"candidate {candidate.line()}", highlight=False, soft_wrap=True)
+    console.print(f"model: {result.choice}", highlight=False, soft_wrap=True)
     console.print(f"MLflow run {result.run_id} in {tracking_uri(paths())}", soft_wrap=True)
     console.print("to look at it in the MLflow UI (http://127.0.0.1:5000, Ctrl-C stops it):")
     console.print(f"  {_kapok_again()} ui", soft_wrap=True, highlight=False)

@@ -46,11 +46,13 @@ def calibration(y: np.ndarray, p: np.ndarray, title: str, bins: int = 10) -> Fig
     return fig
 
 
-def importance(names: list[str], gain: np.ndarray, title: str, top: int = 20) -> Figure:
-    order = np.argsort(gain)[::-1][:top][::-1]
+def importance(names: list[str], values: np.ndarray, title: str, top: int = 20) -> Figure:
+    """Mean |SHAP| per feature (log-odds): the one importance every candidate has (a compiled
+    scorecard's hand-built trees have no gain)."""
+    order = np.argsort(values)[::-1][:top][::-1]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(order) + 1))
-    ax.barh([names[i] for i in order], gain[order])
-    ax.set(xlabel="total gain", title=title)
+    ax.barh([names[i] for i in order], values[order])
+    ax.set(xlabel="mean |SHAP| (log-odds)", title=title)
     fig.tight_layout()
     return fig
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,25 @@ import kapok
 from kapok.settings import Paths
 from training import plots
 from training.calibration import aligned, fit_calibrator
-from training.data import LABEL, TIME, TrainingData, describe_windows
-from training.metrics import binary_metrics, psi
+from training.candidates import (
+    BLEND,
+    LIGHTGBM,
+    SCORECARD,
+    Candidate,
+    blend_weight,
+    choose,
+    complexity_premium,
+    judge,
+    reason,
+)
+from training.data import LABEL, TIME, Split, TrainingData, describe_windows
+from training.metrics import binary_metrics, ks, psi
 from training.pyfunc import KapokModel, model_input
+from training.scorecard import Scorecard, ScorecardError, fit_scorecard
 from training.scorer import Scorer, category_levels, encode
 from training.tracking import CHALLENGER, CHAMPION, alias_version, configure, experiment
 from training.tracking import model_name as registered_name
+from training.trees import blend
 from training.tune import (
     SEARCH,
     SEARCH_SPACE,
@@ -66,6 +79,9 @@ class TrainResult:
     scorer: Scorer
     study_name: str
     tuning: Summary  # the Optuna study: trials completed and pruned, best trial
+    model_kind: str = LIGHTGBM  # the chosen candidate: scorecard, blend or lightgbm
+    candidates: list[Candidate] = field(default_factory=list)
+    choice: str = ""  # why it was chosen, one line
 
 
 def _monotone(data: TrainingData) -> list[int]:
@@ -134,16 +150,15 @@ def train(
         params, _ = best_params(study, base, len(m.y_train))
         held_out, _ = fit(m, params)  # train window only, early-stopped on validation
         develop = np.concatenate([split.train, split.valid])
-        held_margin = held_out.predict(x[develop], raw_score=True)  # validation rows come last
+        # the early-stopped number of rounds scaled to the larger sample of the refit
+        rounds = max(1, round(held_out.best_iteration * len(develop) / len(split.train)))
+        chosen = _candidates(data, x, y, split, categories, held_out, params, rounds, seed)
+        booster, held_margin = chosen.booster, chosen.held_margin  # validation rows come last
         # calibration shape from the held-out validation margins, level from the long-run
         # default rate of all development months (training.calibration explains why)
         calibrator, losses = fit_calibrator(
             held_margin[len(split.train) :], y[split.valid], level=float(y[develop].mean())
         )
-        # the model that ships learns from the validation months too (the most recent before the
-        # test window), with the early-stopped number of rounds scaled to the larger sample
-        rounds = max(1, round(held_out.best_iteration * len(develop) / len(split.train)))
-        booster = refit(x[develop], y[develop], features, params, rounds)
         margin_all = booster.predict(x, raw_score=True)
         calibrator = aligned(calibrator, margin_all[develop], held_margin)
         p_all = calibrator(margin_all)
@@ -152,9 +167,9 @@ def train(
         metrics = binary_metrics(y[eval_idx], p_eval)
         metrics["psi_train_test"] = psi(p_all[split.train], p_eval)
         validation = (
-            "out-of-time: train / validation (tuning, early stopping, calibration shape) / test;"
-            " final model refit on train + validation (margins aligned to the held-out model's),"
-            " PD level at their long-run default rate"
+            "out-of-time: train / validation (tuning, early stopping, choice of candidate,"
+            " calibration shape) / test; final model refit on train + validation (margins"
+            " aligned to the held-out model's), PD level at their long-run default rate"
         )
         windows: dict[str, Any] = describe_windows(split, frame)
     else:
@@ -164,12 +179,25 @@ def train(
         params, rounds = best_params(study, base, len(m.y_train))
         train_set, _ = _datasets(m, params)
         final_params = lgb_params(params)
-        oof = np.zeros((KFOLD_REPEATS, len(y)))
+        lgb_oof = np.zeros((KFOLD_REPEATS, len(y)))
+        card_oof: np.ndarray | None = np.zeros((KFOLD_REPEATS, len(y)))
         for r in range(KFOLD_REPEATS):
             folds = StratifiedKFold(5, shuffle=True, random_state=seed + r)
             for fit_idx, held in folds.split(x, y):
                 fold_booster = lgb.train(final_params, train_set.subset(fit_idx), rounds)
-                oof[r, held] = fold_booster.predict(x[held], raw_score=True)
+                lgb_oof[r, held] = fold_booster.predict(x[held], raw_score=True)
+                if card_oof is not None:
+                    try:
+                        card = fit_scorecard(frame[fit_idx], y[fit_idx], x[fit_idx], features,
+                                             categories, data.directions, seed)  # fmt: skip
+                        card_oof[r, held] = card.log_odds(x[held])
+                    except ScorecardError:
+                        card_oof = None  # no scorecard in some fold: LightGBM only
+        chosen = _kfold_candidates(
+            data, x, y, categories, lgb_oof, card_oof,
+            lambda: lgb.train(final_params, train_set, rounds), seed,
+        )  # fmt: skip
+        booster, oof = chosen.booster, chosen.held_margin.reshape(KFOLD_REPEATS, len(y))
         # calibrate on one repeat's out-of-fold margins, report on the other's: no row is judged
         # by a calibration fitted on its own prediction
         first_calibration, _ = fit_calibrator(oof[0], y)
@@ -177,9 +205,11 @@ def train(
         m_eval, ref_idx = oof[1], np.arange(len(y))
         metrics = binary_metrics(y, p_eval)
         metrics["auc_repeats_mean"] = float(np.mean([roc_auc_score(y, o) for o in oof]))
-        booster = lgb.train(final_params, train_set, rounds)
         calibrator, losses = fit_calibrator(oof.ravel(), np.tile(y, KFOLD_REPEATS))
-        validation = f"repeated stratified K-fold (5 folds, {KFOLD_REPEATS} repeats): no timestamp"
+        validation = (
+            f"repeated stratified K-fold (5 folds, {KFOLD_REPEATS} repeats): no timestamp;"
+            " candidates chosen on their out-of-fold margins"
+        )
         windows = {"all": {"window": "no timestamp", "rows": float(len(y)),
                            "bad_rate": float(y.mean())}}  # fmt: skip
 
@@ -205,6 +235,8 @@ def train(
                 "kapok.optuna_study": study_name,
                 "kapok.optuna_search": SEARCH.name,
                 "kapok.optuna_trials": tuning.line(),
+                "kapok.model_kind": chosen.kind,
+                "kapok.candidates": chosen.choice,
             }
         )
         mlflow.log_params(
@@ -228,6 +260,7 @@ def train(
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         mlflow.log_metrics({f"calibration_logloss_{k}": v for k, v in losses.items()})
         _log_study(study, tuning)
+        _log_candidates(chosen)
         mlflow.log_dict(windows, "windows.json")
         mlflow.log_dict(segments, "segments.json")
         mlflow.log_dict(
@@ -246,8 +279,10 @@ def train(
         plots.log(
             plots.calibration(y_eval, p_eval, f"{name}: calibration"), "plots/calibration.png"
         )
-        gain = booster.feature_importance(importance_type="gain")
-        plots.log(plots.importance(features, gain, f"{name}: importance"), "plots/importance.png")
+        plots.log(
+            plots.importance(features, _mean_abs_shap(scorer, eval_frame), f"{name}: importance"),
+            "plots/importance.png",
+        )
         _log_evaluation(data, scorer, eval_idx, p_eval, m_eval, ref_idx, seed)
         version = _log_model(scorer, frame, name)
         run_id = run.info.run_id
@@ -258,8 +293,197 @@ def train(
         if key in metrics:
             client.set_model_version_tag(name, version, f"test_{key}", f"{metrics[key]:.4f}")
     return TrainResult(
-        name, version, alias, run_id, validation, metrics, windows, scorer, study_name, tuning
+        name,
+        version,
+        alias,
+        run_id,
+        validation,
+        metrics,
+        windows,
+        scorer,
+        study_name,
+        tuning,
+        chosen.kind,
+        chosen.candidates,
+        chosen.choice,
     )
+
+
+@dataclass
+class Chosen:
+    """The candidate that ships: its final Booster, the held-out (train-window) model's margins on
+    the development rows (train, then validation) that calibrate it, and the record."""
+
+    kind: str
+    booster: lgb.Booster
+    held_margin: np.ndarray
+    candidates: list[Candidate]
+    choice: str
+    scorecard: Scorecard | None = None  # the scorecard in the shipped model, or the candidate's
+    weight: float = 1.0  # the scorecard's weight in the shipped model's log-odds
+
+
+def _candidates(
+    data: TrainingData,
+    x: np.ndarray,
+    y: np.ndarray,
+    split: Split,
+    categories: dict[str, list[str]],
+    held_out: lgb.Booster,
+    params: dict,
+    rounds: int,
+    seed: int,
+) -> Chosen:
+    """Scorecard, tuned LightGBM and blend fitted on the training window, judged on the
+    validation window (training.candidates); the winner refit on train + validation.
+
+    The scorecard that ships is refit (binning, sign check and regression) on train +
+    validation, as the LightGBM is: the validation months are the most recent before the test
+    window, and a scorecard's bins and weights drift with the population as much as trees do.
+    Its calibration, like LightGBM's, takes its shape from the train-window fit's validation
+    log-odds, mapped onto the refit's scale (training.calibration.aligned)."""
+    develop = np.concatenate([split.train, split.valid])
+    n_train, y_valid, y_test = len(split.train), y[split.valid], y[split.test]
+    lgb_held = held_out.predict(x[develop], raw_score=True)
+    lgb_test = held_out.predict(x[split.test], raw_score=True)
+
+    def tested(margin: np.ndarray) -> dict[str, float]:
+        if not 0 < y_test.sum() < len(y_test):
+            return {}
+        return {"test_auc": float(roc_auc_score(y_test, margin)), "test_ks": ks(y_test, margin)}
+
+    candidates = [judge(LIGHTGBM, y_valid, lgb_held[n_train:], **tested(lgb_test))]
+    card: Scorecard | None = None
+    try:
+        card = fit_scorecard(
+            data.frame[split.train], y[split.train], x[split.train], data.features,
+            categories, data.directions, seed,
+        )  # fmt: skip
+    except ScorecardError as e:
+        candidates[0].note = f"scorecard failed: {e}"
+    if card is not None:
+        card_held, card_test = card.log_odds(x[develop]), card.log_odds(x[split.test])
+        w = blend_weight(y_valid, card_held[n_train:], lgb_held[n_train:])
+        blend_held, blend_test = (
+            w * card_held + (1 - w) * lgb_held,
+            w * card_test + (1 - w) * lgb_test,
+        )
+        candidates += [
+            judge(SCORECARD, y_valid, card_held[n_train:], **tested(card_test),
+                  note=f"{len(card.characteristics)} characteristics"),
+            judge(BLEND, y_valid, blend_held[n_train:], **tested(blend_test), weight=w,
+                  note=f"scorecard weight {w:.2f}"),
+        ]  # fmt: skip
+    premium = complexity_premium()
+    winner = choose(candidates, premium)
+    choice = reason(candidates, premium)
+    candidates.sort(key=lambda c: c.steps)
+
+    def final_lgb() -> lgb.Booster:
+        return refit(x[develop], y[develop], data.features, params, rounds)
+
+    def final_card() -> Scorecard:
+        try:
+            return fit_scorecard(
+                data.frame[develop], y[develop], x[develop], data.features, categories,
+                data.directions, seed,
+            )  # fmt: skip
+        except ScorecardError:  # the train-window card did survive: it ships as it was judged
+            return card  # type: ignore[return-value]
+
+    if winner.kind == LIGHTGBM:
+        return Chosen(LIGHTGBM, final_lgb(), lgb_held, candidates, choice, card, 0.0)
+    shipped = final_card()
+    if winner.kind == SCORECARD:
+        return Chosen(SCORECARD, shipped.booster(), card_held, candidates, choice, shipped)
+    booster = blend(final_lgb(), shipped.steps(), shipped.intercept, w)
+    return Chosen(BLEND, booster, blend_held, candidates, choice, shipped, w)
+
+
+def _kfold_candidates(
+    data: TrainingData,
+    x: np.ndarray,
+    y: np.ndarray,
+    categories: dict[str, list[str]],
+    lgb_oof: np.ndarray,
+    card_oof: np.ndarray | None,
+    final_lgb: Callable[[], lgb.Booster],
+    seed: int,
+) -> Chosen:
+    """Without timestamps the candidates are judged on their out-of-fold margins of the
+    repeated K-fold (every row once per repeat, pooled): the same rule, with out-of-fold AUC in
+    place of the validation window's (its `valid_` figures; there is no test window). The blend's
+    weight is chosen on the same margins. The winner is refit on every row; `held_margin` holds
+    its out-of-fold margins, repeat after repeat, for calibration."""
+    y_all = np.tile(y, len(lgb_oof))
+    note = "out-of-fold margins of the repeated K-fold (no timestamp)"
+    candidates = [judge(LIGHTGBM, y_all, lgb_oof.ravel(), note=note)]
+    if card_oof is None:
+        candidates[0].note += "; scorecard failed in a fold"
+    else:
+        w = blend_weight(y_all, card_oof.ravel(), lgb_oof.ravel())
+        blend_oof = w * card_oof + (1 - w) * lgb_oof
+        candidates += [
+            judge(SCORECARD, y_all, card_oof.ravel(), note=note),
+            judge(BLEND, y_all, blend_oof.ravel(), weight=w, note=f"scorecard weight {w:.2f}"),
+        ]
+    premium = complexity_premium()
+    winner = choose(candidates, premium)
+    choice = reason(candidates, premium)
+    candidates.sort(key=lambda c: c.steps)
+    if winner.kind == LIGHTGBM or card_oof is None:
+        return Chosen(LIGHTGBM, final_lgb(), lgb_oof.ravel(), candidates, choice, None, 0.0)
+    card = fit_scorecard(data.frame, y, x, data.features, categories, data.directions, seed)
+    if winner.kind == SCORECARD:
+        return Chosen(SCORECARD, card.booster(), card_oof.ravel(), candidates, choice, card)
+    booster = blend(final_lgb(), card.steps(), card.intercept, w)
+    return Chosen(BLEND, booster, blend_oof.ravel(), candidates, choice, card, w)
+
+
+def _log_candidates(chosen: Chosen) -> None:
+    """candidates.json, each candidate's validation and test figures as metrics and, when a
+    scorecard was fitted, its points table on the policy's score scale (scorecard/points.csv:
+    the shipped scorecard's when the chosen model holds one, else the candidate's)."""
+    from serving.policy import load_policy
+
+    record = {
+        "chosen": chosen.kind,
+        "choice": chosen.choice,
+        "complexity_premium": complexity_premium(),
+        "candidates": [c.to_dict() for c in chosen.candidates],
+    }
+    for c in chosen.candidates:
+        for key in ("valid_auc", "valid_ks", "test_auc", "test_ks"):
+            value = getattr(c, key)
+            if value is not None:
+                mlflow.log_metric(f"candidate_{c.kind}_{key}", value)
+    if chosen.kind == BLEND:
+        mlflow.log_param("blend_scorecard_weight", chosen.weight)
+    card = chosen.scorecard
+    if card is not None:
+        scale = load_policy().scale
+        shipped = chosen.kind != LIGHTGBM
+        weight = chosen.weight if shipped else 1.0
+        record["points"] = {
+            "of": "the shipped scorecard" if shipped else "the scorecard candidate (not shipped)",
+            "weight": weight,
+            "score_scale": {"factor": scale.factor, "offset": scale.offset},
+            "characteristics": [c.feature for c in card.characteristics],
+            "dropped": card.dropped,
+        }
+        table = card.points(scale.factor, scale.offset, weight)
+        mlflow.log_text(table.write_csv(), "scorecard/points.csv")
+    mlflow.log_dict(record, "candidates.json")
+
+
+def _mean_abs_shap(scorer: Scorer, frame: pl.DataFrame, rows: int = 2_000) -> np.ndarray:
+    """Mean |TreeSHAP| per feature on (a seeded sample of) the evaluation rows: gain would be
+    zero for a compiled scorecard's hand-built trees and only count the trained half of a
+    blend."""
+    if frame.height > rows:
+        frame = frame.sample(n=rows, seed=7)
+    contrib = scorer.booster.predict(scorer.matrix(frame), pred_contrib=True)
+    return np.abs(contrib[:, :-1]).mean(axis=0)
 
 
 def _log_study(study: optuna.Study, tuning: Summary) -> None:
