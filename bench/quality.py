@@ -25,10 +25,12 @@ What it prints (plain text, to paste into an issue note):
 
 * per simulated product: the out-of-time windows and row counts, then one row per model, all on
   the same split and scored on the same test window (the most recent months): Kapok (`train()`:
-  Optuna-tuned LightGBM with monotone constraints, tuned, early-stopped and calibrated on the
-  validation window, then refit on train + validation), LightGBM with default parameters (100
-  rounds, no tuning, calibration or constraints), the toad and optbinning scorecards, and the
-  oracle. The baselines are fitted on the train + validation months too.
+  the candidate it chose on the validation window, shown as "Kapok (chosen: blend)" -- WOE
+  scorecard, Optuna-tuned LightGBM with monotone constraints, or their blend -- early-stopped
+  and calibrated on the validation window, then refit on train + validation), LightGBM with
+  default parameters (100 rounds, no tuning, calibration or constraints), the toad and
+  optbinning scorecards, and the oracle. The baselines are fitted on the train + validation
+  months too.
   Columns: AUC, KS, Brier, ECE (10 equal-count bins), fit time; below the table the observed
   bad rate against each model's mean PD (the level part of ECE). Then the goal checks with the
   measured distance: Kapok AUC - best scorecard AUC >= 0.02, Kapok AUC >= LightGBM default AUC,
@@ -102,7 +104,7 @@ GOAL_ORACLE_SHARE = 0.85
 GOAL_ECE = 0.01
 TIMING_ROWS, TIMING_TRIALS, TIMING_SECONDS = 50_000, 50, 600.0
 
-KAPOK = "Kapok (tuned LightGBM)"
+KAPOK = "Kapok"  # the model train() chose; tables show which (kapok_label)
 LGB_DEFAULT = "LightGBM default"
 TOAD = "toad scorecard"
 OPTBINNING = "optbinning scorecard"
@@ -127,6 +129,19 @@ class Row:
     metrics: dict[str, float]  # auc, ks, brier, ece (empty if the model failed)
     fit_seconds: float | None  # None: not fitted (oracle)
     error: str = ""
+    label: str = ""  # the name tables show, when it says more than `model` (the key)
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.model
+
+
+def kapok_label(kinds: list[str]) -> str:
+    """ "Kapok (chosen: blend)"; per fold, "Kapok (chosen: scorecard 2, lightgbm 3)"."""
+    counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
+    if len(counts) == 1:
+        return f"{KAPOK} (chosen: {kinds[0]})"
+    return f"{KAPOK} (chosen: " + ", ".join(f"{k} {n}" for k, n in counts.items()) + ")"
 
 
 @dataclass
@@ -147,12 +162,12 @@ def fmt_table(rows: list[Row]) -> str:
     body = []
     for r in rows:
         if r.error:
-            body.append([r.model, "failed", "", "", "", r.error[:60]])
+            body.append([r.shown, "failed", "", "", "", r.error[:60]])
             continue
         m = r.metrics
         body.append(
             [
-                r.model,
+                r.shown,
                 f"{m['auc']:.4f}",
                 f"{m['ks']:.4f}",
                 f"{m['brier']:.4f}",
@@ -367,7 +382,7 @@ def out_of_time(data: TrainingData, run_paths: Paths, trials: int, seed: int) ->
             f"reported {kapok_metrics['auc']:.6f} (test window {result.windows['test']['window']},"
             f" here {split.windows['test']})"
         )
-    rows = [Row(KAPOK, kapok_metrics, kapok_seconds)]
+    rows = [Row(KAPOK, kapok_metrics, kapok_seconds, label=kapok_label([result.model_kind]))]
     rows += baselines(fit_rows, test, data, seed)
     return OutOfTime(split, y, fit_rows, test, rows, kapok_seconds, clock, warning)
 
@@ -521,6 +536,7 @@ def bench_real_kfold(
     errors: dict[str, str] = {}
     internal_auc: list[float] = []
     trials_run: list[int] = []
+    kinds: list[str] = []
     order = [KAPOK, *PEERS]
     for k, (fit_idx, test_idx) in enumerate(folds.split(np.zeros(len(y)), y)):
         fit_rows, test = frame[fit_idx], frame[test_idx]
@@ -528,6 +544,7 @@ def bench_real_kfold(
         fold_data = dataclasses.replace(data, frame=fit_rows)
         result, kapok_seconds, clock = kapok_train(fold_data, run_paths, trials, seed)
         trials_run.append(clock.finished)
+        kinds.append(result.model_kind)
         internal_auc.append(result.metrics["auc"])
         p = result.scorer.pd(test)
         rows = [Row(KAPOK, metrics_of(y[test_idx], p), kapok_seconds)]
@@ -545,7 +562,8 @@ def bench_real_kfold(
             continue
         keys = ("auc", "gini", "ks", "brier", "ece", "mean_pd", "bad_rate")
         mean = {key: float(np.mean([m[key] for m in per_model[model]])) for key in keys}
-        rows.append(Row(model, mean, seconds[model]))
+        label = kapok_label(kinds) if model == KAPOK else ""
+        rows.append(Row(model, mean, seconds[model], label=label))
 
     say(
         f"== {name} ({source}): {frame.height:,} rows, {int(y.sum()):,} bad (bad rate "
