@@ -5,6 +5,7 @@ identity and lineage, the training run's metrics and study, the scorer, and the 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -64,6 +65,15 @@ class ModelEvidence:
     # look-back features hold their whole window only from history_start + lookback
     history_start: date | None = None
     history_source: str = "unknown"  # where history_start was read
+    # candidates.json and scorecard/points.csv (training.train); None for models trained before
+    # Kapok fitted candidates, or (points) when no scorecard was fitted
+    candidates: dict[str, Any] | None = None
+    points: pl.DataFrame | None = None
+
+    @property
+    def model_kind(self) -> str:
+        """scorecard, blend or lightgbm (models from before the candidates: lightgbm)."""
+        return self.tags.get("kapok.model_kind", "lightgbm")
 
     @property
     def features(self) -> list[str]:
@@ -160,6 +170,10 @@ def load_evidence(
         trials = pl.read_csv(_artifact(mv.run_id, "optuna/trials.csv", folder))
         test = pl.read_parquet(_artifact(mv.run_id, "evaluation/test.parquet", folder))
         train = pl.read_parquet(_artifact(mv.run_id, "evaluation/train.parquet", folder))
+        candidates = _optional(lambda: read_json("candidates.json"))
+        points = _optional(
+            lambda: pl.read_csv(_artifact(mv.run_id, "scorecard/points.csv", folder))
+        )
     tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
     start, start_source = history_start(tags, paths.raw)
     return ModelEvidence(
@@ -182,4 +196,14 @@ def load_evidence(
         train=train,
         history_start=start,
         history_source=start_source,
+        candidates=candidates,
+        points=points,
     )
+
+
+def _optional(read: Callable[[], Any]) -> Any:
+    """An artifact older runs lack: None instead of an error."""
+    try:
+        return read()
+    except EvidenceError:
+        return None

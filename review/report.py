@@ -291,10 +291,17 @@ class _Report:
                     ("features", f"{len(ev.features)} ({len(ev.categorical)} categorical)"),
                     ("code version (git)", ev.tags.get("kapok.code_version", "unknown")),
                     ("Kapok version", ev.tags.get("kapok.version", "unknown")),
+                    ("model", ev.model_kind),
                     ("calibration", ev.params.get("calibration", ev.scorer.calibrator.method)),
-                    ("boosting rounds", ev.params.get("rounds", "unknown")),
+                    (
+                        "boosting rounds",
+                        "none: a scorecard"
+                        if ev.model_kind == "scorecard"
+                        else ev.params.get("rounds", "unknown"),
+                    ),
                 ]
             )
+            self._candidates()
             doc.heading("Training data fingerprint", "训练数据指纹")
             doc.key_values(
                 [
@@ -316,7 +323,7 @@ class _Report:
                 ]
             )
             self._study()
-            doc.heading("LightGBM parameters", "LightGBM 参数")
+            doc.heading("LightGBM parameters (the tuned candidate)", "LightGBM 参数")
             doc.key_values(
                 [
                     (k.removeprefix("lgb."), v)
@@ -324,6 +331,57 @@ class _Report:
                     if k.startswith("lgb.")
                 ]
             )
+
+    def _candidates(self) -> None:
+        """The candidates side by side and, when the model holds a scorecard, its points."""
+        ev, doc, record = self.ev, self.doc, self.ev.candidates
+        if not record:
+            doc.note("This model was trained before Kapok fitted candidates: LightGBM only.")
+            return
+        doc.heading("Candidates", "候选模型")
+        doc.paragraph(
+            f"{record.get('choice', '')}. Each candidate is fitted on the training window and "
+            "judged on the validation window by AUC minus the complexity premium "
+            f"({record.get('complexity_premium')} per step, training/promotion.toml) times its "
+            "steps; the test figures are the same train-window fits on the test window, for the "
+            "record only (the chosen model's test metrics in section 2 are those of its refit)."
+        )
+        doc.table(
+            [
+                {
+                    "candidate": c["kind"],
+                    "valid AUC": c["valid_auc"],
+                    "valid KS": c["valid_ks"],
+                    "test AUC": c.get("test_auc"),
+                    "test KS": c.get("test_ks"),
+                    "complexity (steps)": c["steps"],
+                    "score": c.get("score"),
+                    "chosen": bool(c.get("chosen")),
+                    "note": c.get("note", ""),
+                }
+                for c in record.get("candidates", [])
+            ]
+        )
+        points = record.get("points")
+        if ev.points is None or not points or ev.model_kind == "lightgbm":
+            return
+        weight = float(points.get("weight", 1.0))
+        doc.heading("Scorecard points", "评分卡分值")
+        share = "" if weight == 1 else f" (its weight in the blend, {weight:g}, included)"
+        scale = points.get("score_scale", {})
+        doc.paragraph(
+            f"The scorecard in this model{share}, on the policy's score scale (score = "
+            f"{scale.get('offset', float('nan')):.2f} + {scale.get('factor', float('nan')):.2f}"
+            " x ln(good:bad odds)): an applicant's points are the base points plus one bin's "
+            "points per characteristic. points_lost is what a bin costs against the "
+            "characteristic's best bin, the size of the reason it gives. The served score comes "
+            "from the calibrated PD (section 2), so it differs from this raw sum by the "
+            "calibration."
+        )
+        doc.table(ev.points)
+        dropped = points.get("dropped", {})
+        if dropped:
+            doc.table([{"left out": f, "why": why} for f, why in sorted(dropped.items())])
 
     def _study(self) -> None:
         from training.plots import history
@@ -459,6 +517,15 @@ class _Report:
                 "with the base value to the model's margin. Categorical features are shown grey "
                 "in the beeswarm (their codes have no order)."
             )
+            if ev.model_kind in ("scorecard", "blend"):
+                doc.paragraph(
+                    f"This model is a {ev.model_kind}: the scorecard's trees are built by hand "
+                    "(training/trees.py), so their gain is zero and importance here is mean "
+                    "|SHAP|. A scorecard tree's reference is its characteristic's best bin: its "
+                    "SHAP value is the log-odds the characteristic loses against that bin, never "
+                    "negative (in a blend, times the scorecard's weight, plus the trained trees' "
+                    "share)."
+                )
             names = list(ev.features)
             colour_data = x.copy()
             for i, name in enumerate(names):

@@ -157,6 +157,12 @@ def test_report_has_every_section_and_figure(challenger_report: Built) -> None:
     assert "kapok-microloan v2" in html and challenger_report.result.version == "2"
     assert "microloan_v1" in html  # FeatureService
     assert "90+ days past due" in html  # label definition
+    # the candidates side by side: every kind with its validation AUC, the chosen one marked
+    candidates = html[html.index("<h3>Candidates<") :]
+    candidates = candidates[: candidates.index("</table>")]
+    for kind in ("scorecard", "blend", "lightgbm"):
+        assert f'<td class="text">{kind}</td>' in candidates, kind
+    assert "chose " in candidates and "complexity premium" in candidates
     # the sign-off is left to a human: every field blank, no decision ticked
     signoff = html[html.index('<table class="signoff">') :]
     signoff = signoff[: signoff.index("</table>")]
