@@ -22,7 +22,7 @@ from kapok.settings import Paths
 from training.candidates import BLEND, LIGHTGBM, SCORECARD, Candidate, choose, complexity_premium
 from training.data import LABEL, TIME, TrainingData
 from training.pyfunc import model_input
-from training.scorecard import Characteristic, Scorecard, fit_scorecard
+from training.scorecard import Characteristic, Scorecard, fit_scorecard, score_scale
 from training.scorer import Scorer, category_levels, encode
 from training.tracking import configure
 from training.trees import REFERENCE_COUNT, blend
@@ -352,3 +352,12 @@ def test_kfold_data_choose_among_the_candidates_too(toy, tmp_path, monkeypatch):
     model = mlflow.pyfunc.load_model(f"models:/{result.model_name}/{result.version}")
     served = model.predict(model_input(frame, result.scorer), params={"output": "margin"})
     assert np.max(np.abs(np.asarray(served) - result.scorer.margin(frame))) < 1e-9
+
+
+def test_points_use_the_policy_score_scale():
+    """The scorecard's points are on serving.policy's scale, read without importing serving."""
+    from serving.policy import load_policy
+
+    factor, offset = score_scale()
+    scale = load_policy().scale
+    assert (factor, offset) == pytest.approx((scale.factor, scale.offset))

@@ -27,9 +27,13 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import math
+import os
+import tomllib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
@@ -41,6 +45,21 @@ from training.trees import Step, compile_steps
 
 MIN_IV = 0.02  # the textbook "useless predictor" cut-off, as bench/scorecards.py uses
 MAX_ITER = 1000
+
+
+POLICY_FILE = Path(__file__).parents[1] / "serving" / "policy.toml"
+
+
+def score_scale() -> tuple[float, float]:
+    """(factor, offset) of the policy's score scale: score = offset + factor x ln(good:bad odds),
+    factor = pdo / ln 2, offset = base_points - factor x ln(base_odds), as serving.policy.Scale
+    computes them from the same [scale] table ($KAPOK_POLICY, else serving/policy.toml). Read
+    here rather than imported: bench/ scripts run with bench/ first on sys.path, where
+    bench/serving.py hides the serving package."""
+    path = Path(os.environ.get("KAPOK_POLICY") or POLICY_FILE)
+    scale = tomllib.loads(path.read_text())["scale"]
+    factor = float(scale["pdo"]) / math.log(2.0)
+    return factor, float(scale["base_points"]) - factor * math.log(float(scale["base_odds"]))
 
 
 class ScorecardError(ValueError):

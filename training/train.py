@@ -40,7 +40,7 @@ from training.candidates import (
 from training.data import LABEL, TIME, Split, TrainingData, describe_windows
 from training.metrics import binary_metrics, ks, psi
 from training.pyfunc import KapokModel, model_input
-from training.scorecard import Scorecard, ScorecardError, fit_scorecard
+from training.scorecard import Scorecard, ScorecardError, fit_scorecard, score_scale
 from training.scorer import Scorer, category_levels, encode
 from training.tracking import CHALLENGER, CHAMPION, alias_version, configure, experiment
 from training.tracking import model_name as registered_name
@@ -444,8 +444,6 @@ def _log_candidates(chosen: Chosen) -> None:
     """candidates.json, each candidate's validation and test figures as metrics and, when a
     scorecard was fitted, its points table on the policy's score scale (scorecard/points.csv:
     the shipped scorecard's when the chosen model holds one, else the candidate's)."""
-    from serving.policy import load_policy
-
     record = {
         "chosen": chosen.kind,
         "choice": chosen.choice,
@@ -461,17 +459,17 @@ def _log_candidates(chosen: Chosen) -> None:
         mlflow.log_param("blend_scorecard_weight", chosen.weight)
     card = chosen.scorecard
     if card is not None:
-        scale = load_policy().scale
+        factor, offset = score_scale()
         shipped = chosen.kind != LIGHTGBM
         weight = chosen.weight if shipped else 1.0
         record["points"] = {
             "of": "the shipped scorecard" if shipped else "the scorecard candidate (not shipped)",
             "weight": weight,
-            "score_scale": {"factor": scale.factor, "offset": scale.offset},
+            "score_scale": {"factor": factor, "offset": offset},
             "characteristics": [c.feature for c in card.characteristics],
             "dropped": card.dropped,
         }
-        table = card.points(scale.factor, scale.offset, weight)
+        table = card.points(factor, offset, weight)
         mlflow.log_text(table.write_csv(), "scorecard/points.csv")
     mlflow.log_dict(record, "candidates.json")
 
