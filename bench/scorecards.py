@@ -4,17 +4,16 @@ Both take a polars frame and return a `Fitted` whose `predict` maps rows to PD (
 
 from __future__ import annotations
 
-import contextlib
-import io
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import polars as pl
 from sklearn.linear_model import LogisticRegression
+
+from training.scorecard import quiet_libraries
 
 __all__ = ["Fitted", "fit_optbinning", "fit_toad"]
 
@@ -35,20 +34,6 @@ class Fitted:
     fit_seconds: float
     selected: list[str]
     """Features kept in the final model."""
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the libraries' prints and warnings (toad, optbinning, sklearn, numpy)."""
-    sink = io.StringIO()
-    with (
-        warnings.catch_warnings(),
-        np.errstate(all="ignore"),
-        contextlib.redirect_stdout(sink),
-        contextlib.redirect_stderr(sink),
-    ):
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _to_pandas(frame: pl.DataFrame, features: list[str], categorical: list[str]) -> pd.DataFrame:
@@ -102,7 +87,7 @@ def fit_toad(
     y = _label(train, label)
     x = _to_pandas(train, features, categorical)
     cats = [c for c in features if c in set(categorical)]
-    with _quiet():
+    with quiet_libraries():
         # 1. pre-selection; numerics keep NaN (a sentinel would hide them from the emptiness check
         # and distort the Pearson correlations), categoricals get the MISSING category they bin with
         pre = x.copy()
@@ -157,7 +142,7 @@ def fit_toad(
 
     def predict(frame: pl.DataFrame) -> np.ndarray:
         rows = _toad_fill(_to_pandas(frame, selected, categorical), categorical)
-        with _quiet():
+        with quiet_libraries():
             return np.asarray(card.predict_proba(rows)[:, 1], dtype=float)
 
     return Fitted("toad scorecard", predict, fit_seconds, selected)
@@ -178,7 +163,7 @@ def fit_optbinning(
     y = _label(train, label)
     x = _to_pandas(train, features, categorical)
     cats = [c for c in features if c in set(categorical)]
-    with _quiet():
+    with quiet_libraries():
         process = BinningProcess(
             variable_names=list(features),
             categorical_variables=cats,
@@ -196,7 +181,7 @@ def fit_optbinning(
 
     def predict(frame: pl.DataFrame) -> np.ndarray:
         rows = _to_pandas(frame, features, categorical)
-        with _quiet():
+        with quiet_libraries():
             return np.asarray(scorecard.predict_proba(rows)[:, 1], dtype=float)
 
     return Fitted("optbinning scorecard", predict, fit_seconds, selected)

@@ -153,8 +153,9 @@ class Scorecard:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """optbinning and ortools print and warn; training output stays readable."""
+def quiet_libraries() -> Iterator[None]:
+    """optbinning, ortools, toad and sklearn print and warn; output stays readable (also used by
+    bench/scorecards.py)."""
     sink = io.StringIO()
     with (
         warnings.catch_warnings(),
@@ -228,7 +229,7 @@ def fit_scorecard(
     categorical = set(categories)
     usable = [f for f in features if frame[f].null_count() < frame.height]
     dropped = {f: "no value in the training rows" for f in features if f not in usable}
-    with _quiet():
+    with quiet_libraries():
         process = BinningProcess(
             variable_names=usable,
             categorical_variables=[f for f in usable if f in categorical],
