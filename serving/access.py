@@ -140,10 +140,12 @@ class RateLimiter:
         if self._db is None or self._pid != os.getpid():  # never a connection across a fork
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA busy_timeout = 2000")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = OFF")
-            db.execute(self._SCHEMA)
+            try:
+                db.execute("PRAGMA busy_timeout = 2000")
+                _set_up(db, self._SCHEMA)
+            except sqlite3.Error:
+                db.close()
+                raise
             self._db, self._pid = db, os.getpid()
         return self._db
 
@@ -171,6 +173,24 @@ class RateLimiter:
             f"more than {self.limit} for this key (KAPOK_RATE_LIMIT): try again in "
             f"{retry_after} s (Retry-After)"
         )
+
+
+def _set_up(db: sqlite3.Connection, schema: str, attempts: int = 8) -> None:
+    """WAL and the table, on a connection to a rate store that other worker processes may be
+    creating at the same moment. SQLite can refuse one side at once with "database is locked",
+    without waiting out busy_timeout (waiting could deadlock); a refused set-up let that
+    worker's requests through uncounted until it reconnected. The other side's set-up is short:
+    wait a little and try again."""
+    for attempt in range(attempts):
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = OFF")
+            db.execute(schema)
+            return
+        except sqlite3.OperationalError as e:
+            if ("locked" not in str(e) and "busy" not in str(e)) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
 
 
 def default_path() -> Path:
