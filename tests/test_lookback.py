@@ -106,12 +106,17 @@ def test_a_lookback_feature_missing_only_because_of_the_history_start_is_stable(
     rng = np.random.default_rng(2)
     at = _days(dt.date(2024, 7, 1), dt.date(2024, 12, 1), 150, rng)
     current = pl.DataFrame({YOY: _yoy(at, rng), AGE: rng.integers(6, 200, len(at)).astype(float)})
-    table = lb.feature_stability(
-        lb.Sample(reference, reference["applied_at"]),
-        lb.Sample(current, pl.Series(at)),
-        FEATURES,
-        start=START,
-    )
+
+    def stability(ref: pl.DataFrame, start: dt.date | None) -> pl.DataFrame:
+        """The same current window against a reference, with or without the history start."""
+        return lb.feature_stability(
+            lb.Sample(ref, ref["applied_at"]),
+            lb.Sample(current, pl.Series(at)),
+            FEATURES,
+            start=start,
+        )
+
+    table = stability(reference, START)
     yoy = table.filter(pl.col("feature") == YOY).row(0, named=True)
     assert yoy["verdict"] == "stable", yoy
     assert yoy["rows_reference"] == reference.filter(pl.col(YOY).is_not_null()).height
@@ -121,22 +126,11 @@ def test_a_lookback_feature_missing_only_because_of_the_history_start_is_stable(
     assert table.filter(pl.col("feature") == AGE)["rows_reference"][0] == reference.height
 
     # without the history start (a dataset spec) every row counts, and the same data acts
-    blind = lb.feature_stability(
-        lb.Sample(reference, reference["applied_at"]),
-        lb.Sample(current, pl.Series(at)),
-        FEATURES,
-        start=None,
-    )
+    blind = stability(reference, None)
     assert blind.filter(pl.col("feature") == YOY)["verdict"][0] == "act"
 
     # fewer than 200 whole-window rows in the reference: n/a with the reason, not act
-    thin = _reference(per_month=60)
-    few = lb.feature_stability(
-        lb.Sample(thin, thin["applied_at"]),
-        lb.Sample(current, pl.Series(at)),
-        FEATURES,
-        start=START,
-    )
+    few = stability(_reference(per_month=60), START)
     row = few.filter(pl.col("feature") == YOY).row(0, named=True)
     assert row["verdict"] == "n/a" and row["csi"] is None
     assert "too few whole-window rows (reference" in row["compared"]
