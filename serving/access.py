@@ -32,6 +32,7 @@ from functools import cache
 from pathlib import Path
 
 from kapok.settings import RateLimit, paths
+from serving.sqlite_race import retry_racing
 
 logger = logging.getLogger("kapok.api")
 
@@ -175,22 +176,20 @@ class RateLimiter:
         )
 
 
-def _set_up(db: sqlite3.Connection, schema: str, attempts: int = 8) -> None:
+def _set_up(db: sqlite3.Connection, schema: str) -> None:
     """WAL and the table, on a connection to a rate store that other worker processes may be
-    creating at the same moment. SQLite can refuse one side at once with "database is locked",
-    without waiting out busy_timeout (waiting could deadlock); a refused set-up let that
-    worker's requests through uncounted until it reconnected. The other side's set-up is short:
-    wait a little and try again."""
-    for attempt in range(attempts):
-        try:
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = OFF")
-            db.execute(schema)
-            return
-        except sqlite3.OperationalError as e:
-            if ("locked" not in str(e) and "busy" not in str(e)) or attempt == attempts - 1:
-                raise
-            time.sleep(0.05 * 2**attempt)
+    creating at the same moment (serving.sqlite_race); a refused set-up let that worker's
+    requests through uncounted until it reconnected."""
+
+    def step() -> None:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute(schema)
+
+    def racing(e: BaseException) -> bool:
+        return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
+
+    retry_racing(step, racing)
 
 
 def default_path() -> Path:

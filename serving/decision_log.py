@@ -44,6 +44,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
 from kapok.settings import paths
+from serving.sqlite_race import retry_racing
 
 if TYPE_CHECKING:
     import polars as pl
@@ -709,26 +710,17 @@ class DecisionLog:
             self._ready = True
 
     def _create_schema(self) -> None:
-        # Two API worker processes starting on a new SQLite log race to create it. Either one of
-        # the two CREATEs fails with "already exists" (the table is there: check again), or
-        # SQLite answers "database is locked" at once, without waiting out busy_timeout: a
-        # transaction that read the schema and then wants to write while the other holds the
-        # write lock could deadlock, so SQLite refuses it. The other worker's transaction is
-        # short: wait a little and try again (seen in the soak: the first /screen of a fresh
-        # server answered 503 decision_log_unavailable).
-        attempts = 8
-        for attempt in range(attempts):
-            try:
-                self._create_schema_once()
-                return
-            except DecisionLogError as e:
-                text = str(e)
-                racing = any(
-                    s in text for s in ("already exists", "duplicate column", "database is locked")
-                )
-                if not racing or attempt == attempts - 1:
-                    raise
-                time.sleep(0.05 * 2**attempt)  # 0.05 s .. 3.2 s, 6.35 s in all
+        # two API worker processes starting on a new SQLite log race to create it
+        # (serving.sqlite_race): one of the two CREATEs fails with "already exists", or SQLite
+        # refuses one side at once with "database is locked" (seen in the soak: the first
+        # /screen of a fresh server answered 503 decision_log_unavailable)
+        def racing(e: BaseException) -> bool:
+            text = str(e)
+            return isinstance(e, DecisionLogError) and any(
+                s in text for s in ("already exists", "duplicate column", "database is locked")
+            )
+
+        retry_racing(self._create_schema_once, racing)
 
     def _create_schema_once(self) -> None:
         try:
