@@ -119,12 +119,13 @@ def _running(start: str, as_of: datetime) -> pl.Expr:
 
 
 def from_decision_log(url: str | None, product: str, as_of: datetime) -> pl.DataFrame:
-    """Running approved loans of `product` at `as_of`: enterprise_id, requested_amount (the
+    """Running approved loans of `product` at `as_of` (approved applications and officers'
+    approvals of referred ones): enterprise_id, requested_amount (the
     exposure: the approved limit when one was set, else the amount requested), term_months, start
     (decided_at), request_id; the latest approval per enterprise."""
     import sqlalchemy as sa
 
-    from serving.decision_log import decisions, default_url
+    from serving.decision_log import APPLICATION_ENDPOINTS, decisions, default_url
 
     parsed = sa.make_url(url or default_url())
     database = parsed.database or ""
@@ -141,6 +142,9 @@ def from_decision_log(url: str | None, product: str, as_of: datetime) -> pl.Data
     ).where(
         (decisions.c.product == product)
         & (decisions.c.decision == "approve")
+        # a loan is an approved application or a referred one an officer approved, never a
+        # prospect offer that no one has taken up
+        & decisions.c.endpoint.in_([*APPLICATION_ENDPOINTS, "override"])
         & (decisions.c.decided_at <= as_of)
     )
     try:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -50,7 +51,14 @@ if TYPE_CHECKING:
     import polars as pl
 
 ENV_VAR = "KAPOK_DECISION_LOG"
-ENDPOINTS = frozenset({"score", "limit", "price", "screen"})
+# the lending decisions an applicant asked for: what monitoring, back-tests, the watch's book
+# and replay read by default
+APPLICATION_ENDPOINTS = ("score", "limit", "price", "screen")
+# a pre-approved offer made without an application (`kapok prospect`) and a credit officer's
+# decision on a referred application (its request names the decision it overrides): records in
+# the same hash-chained log, never mixed into the applications' figures unless asked for
+ENDPOINTS = frozenset({*APPLICATION_ENDPOINTS, "prospect", "override"})
+_ENDPOINT_CHECK = "endpoint IN ({})".format(", ".join(f"'{e}'" for e in sorted(ENDPOINTS)))
 APPEND_ONLY_MESSAGE = "decision log is append-only"
 
 _JSON_FIELDS = ("request", "features", "feature_timestamps", "price", "reasons", "response")
@@ -427,10 +435,9 @@ decisions = sa.Table(
     sa.Column("seq", sa.BigInteger, nullable=True),
     sa.Column("prev_hash", sa.Text, nullable=True),
     sa.Column("hash", sa.Text, nullable=True),
-    sa.CheckConstraint(
-        "endpoint IN ('score', 'limit', 'price', 'screen')", name="decisions_endpoint_check"
-    ),
+    sa.CheckConstraint(_ENDPOINT_CHECK, name="decisions_endpoint_check"),
     sa.Index("decisions_decided_at_idx", "decided_at"),
+    sa.Index("decisions_endpoint_idx", "endpoint", "decided_at"),
     sa.Index("decisions_enterprise_idx", "enterprise_id", "decided_at"),
 )
 CHAIN_COLUMNS = ("seq", "prev_hash", "hash")
@@ -735,6 +742,7 @@ class DecisionLog:
                     )
                 _metadata.create_all(conn, checkfirst=True)
                 _add_chain_columns(conn)
+                _widen_endpoints(conn, self._backend)
                 if self._backend == "sqlite":
                     for statement in _SQLITE_TRIGGERS:
                         conn.exec_driver_sql(statement)
@@ -953,9 +961,12 @@ class DecisionLog:
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
         product: str | None = None,
+        endpoints: Iterable[str] | None = APPLICATION_ENDPOINTS,
     ) -> list[DecisionRecord]:
-        """Decisions with since <= decided_at < until (either bound optional), oldest first."""
-        query = self._window(sa.select(decisions), since, until, product)
+        """Decisions with since <= decided_at < until (either bound optional), oldest first.
+        `endpoints`: the kinds of record (default: the applications' decisions, not prospect
+        offers or officers' overrides; None for every record)."""
+        query = self._window(sa.select(decisions), since, until, product, endpoints)
         query = query.order_by(decisions.c.decided_at.asc(), decisions.c.request_id.asc())
         return [_from_row(row) for row in self._select(query, "between")]
 
@@ -965,8 +976,10 @@ class DecisionLog:
         until: dt.datetime | None = None,
         product: str | None = None,
         columns: Iterable[str] | None = None,
+        endpoints: Iterable[str] | None = APPLICATION_ENDPOINTS,
     ) -> pl.DataFrame:
-        """The same window as `between` as one polars frame, oldest first, for volume work.
+        """The same window (and kinds of record) as `between` as one polars frame, oldest first,
+        for volume work.
 
         JSON fields (features, request, reasons, ...) stay JSON text; decode what you need with
         `pl.col("features").str.json_decode(dtype)`. `decided_at` is a UTC datetime column.
@@ -982,7 +995,7 @@ class DecisionLog:
         if "response" in names:  # restoring it reads the columns it derives from
             fetched += [n for n in _RESPONSE_SOURCES if n not in fetched]
         query = self._window(
-            sa.select(*(decisions.c[n] for n in fetched)), since, until, product
+            sa.select(*(decisions.c[n] for n in fetched)), since, until, product, endpoints
         ).order_by(decisions.c.decided_at.asc(), decisions.c.request_id.asc())
         rows = self._select(query, "frame")
         types = {"decided_at": pl.Datetime("us", "UTC"), "pd": pl.Float64,
@@ -1011,6 +1024,7 @@ class DecisionLog:
         since: dt.datetime | None,
         until: dt.datetime | None,
         product: str | None,
+        endpoints: Iterable[str] | None = None,
     ) -> sa.Select:
         for name, bound in (("since", since), ("until", until)):
             if bound is not None and (not isinstance(bound, dt.datetime) or bound.tzinfo is None):
@@ -1021,6 +1035,12 @@ class DecisionLog:
             query = query.where(decisions.c.decided_at < until)
         if product is not None:
             query = query.where(decisions.c.product == product)
+        if endpoints is not None:
+            kinds = sorted(set(endpoints))
+            unknown = [e for e in kinds if e not in ENDPOINTS]
+            if unknown:
+                raise ValueError(f"unknown endpoint(s) {', '.join(unknown)}")
+            query = query.where(decisions.c.endpoint.in_(kinds))
         return query
 
     def count(self) -> int:
@@ -1113,6 +1133,45 @@ def _add_chain_columns(conn: sa.Connection) -> None:
         ),
         {"genesis": GENESIS_HASH, "started": started},
     )
+
+
+def _widen_endpoints(conn: sa.Connection, backend: str) -> None:
+    """A log created before `prospect` and `override` records existed: widen its endpoint
+    CHECK constraint to today's ENDPOINTS and add the endpoint index. No row is rewritten. On
+    SQLite, which cannot alter a constraint, the table's schema text is edited in place the way
+    SQLite documents for changes that leave the stored rows valid (writable_schema, in this
+    transaction, with the schema version bumped)."""
+    if backend == "sqlite":
+        sql = conn.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'decisions'"
+        ).scalar_one()
+        widened = re.sub(r"endpoint IN \([^)]*\)", _ENDPOINT_CHECK, sql, count=1)
+        if widened != sql:
+            version = conn.exec_driver_sql("PRAGMA schema_version").scalar_one()
+            conn.exec_driver_sql("PRAGMA writable_schema = ON")
+            conn.execute(
+                sa.text(
+                    "UPDATE sqlite_master SET sql = :sql "
+                    "WHERE type = 'table' AND name = 'decisions'"
+                ),
+                {"sql": widened},
+            )
+            conn.exec_driver_sql(f"PRAGMA schema_version = {int(version) + 1}")
+            conn.exec_driver_sql("PRAGMA writable_schema = OFF")
+    else:
+        current = conn.execute(
+            sa.text(
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE conname = 'decisions_endpoint_check' AND conrelid = 'decisions'::regclass"
+            )
+        ).scalar()
+        if current is None or any(f"'{e}'" not in current for e in ENDPOINTS):
+            conn.exec_driver_sql(
+                "ALTER TABLE decisions DROP CONSTRAINT IF EXISTS decisions_endpoint_check, "
+                f"ADD CONSTRAINT decisions_endpoint_check CHECK ({_ENDPOINT_CHECK})"
+            )
+    for index in decisions.indexes:
+        index.create(conn, checkfirst=True)
 
 
 def _create_pg_triggers(conn: sa.Connection) -> None:

@@ -783,3 +783,92 @@ def test_workers_starting_together_on_a_new_sqlite_log_all_write(tmp_path) -> No
     for round_ in range(6):
         errors = _first_writes(f"sqlite:///{tmp_path / f'race{round_}' / 'decisions.db'}", 4)
         assert not errors, f"round {round_}: {errors[0]}"
+
+
+# the endpoint CHECK of a log created before prospect offers and officers' overrides existed
+_OLD_CHECK = "endpoint IN ('score', 'limit', 'price', 'screen')"
+
+
+def _old_log(url: str) -> None:
+    """A log as an earlier Kapok created it: the narrower endpoint CHECK, one chained record."""
+    from serving import decision_log as dlog
+
+    with DecisionLog(url) as old:
+        old.write(record("req_before"))
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            sql = conn.exec_driver_sql(
+                "SELECT sql FROM sqlite_master WHERE name = 'decisions'"
+            ).scalar_one()
+            version = conn.exec_driver_sql("PRAGMA schema_version").scalar_one()
+            conn.exec_driver_sql("PRAGMA writable_schema = ON")
+            conn.execute(
+                sa.text("UPDATE sqlite_master SET sql = :s WHERE name = 'decisions'"),
+                {"s": sql.replace(dlog._ENDPOINT_CHECK, _OLD_CHECK)},
+            )
+            conn.exec_driver_sql(f"PRAGMA schema_version = {version + 1}")
+            conn.exec_driver_sql("PRAGMA writable_schema = OFF")
+        else:
+            conn.exec_driver_sql(
+                "ALTER TABLE decisions DROP CONSTRAINT decisions_endpoint_check, "
+                f"ADD CONSTRAINT decisions_endpoint_check CHECK ({_OLD_CHECK})"
+            )
+        conn.exec_driver_sql("DROP INDEX decisions_endpoint_idx")
+    engine.dispose()
+    with pytest.raises(Exception, match=r"(?i)check"):  # the old log refuses a prospect offer
+        _raw_sql(
+            url,
+            "INSERT INTO decisions SELECT 'req_x', decided_at, caller, 'prospect', enterprise_id,"
+            " product, request, model_name, model_version, features, feature_timestamps, pd,"
+            " score, grade, decision, limit_amount, price, reasons, response, NULL, NULL, NULL"
+            " FROM decisions",
+        )
+
+
+def _widened(url: str) -> None:
+    from serving.audit import verify
+
+    _old_log(url)
+    offer = record("req_offer", endpoint="prospect", decided_at=T0 + dt.timedelta(seconds=1))
+    override = record("req_override", endpoint="override", decided_at=T0 + dt.timedelta(seconds=2))
+    with DecisionLog(url) as log:
+        log.write_many([offer, override])
+        assert log.get("req_offer") == offer and log.get("req_override") == override
+        # monitoring reads applications only unless it asks for the other kinds
+        assert [r.request_id for r in log.between()] == ["req_before"]
+        assert log.frame(columns=["request_id"])["request_id"].to_list() == ["req_before"]
+        everything = log.between(endpoints=None)
+        assert [r.request_id for r in everything] == ["req_before", "req_offer", "req_override"]
+        assert [r.request_id for r in log.between(endpoints=["prospect"])] == ["req_offer"]
+        with pytest.raises(ValueError, match="unknown endpoint"):
+            log.between(endpoints=["nonsense"])
+        with pytest.raises(DecisionLogError):  # still append-only, still checked
+            log.write(record("req_offer"))
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        indexes = {i["name"] for i in sa.inspect(conn).get_indexes("decisions")}
+    engine.dispose()
+    assert "decisions_endpoint_idx" in indexes
+    assert verify(url).intact  # the widening rewrote no record: the chain still verifies
+
+
+def test_an_older_sqlite_log_is_widened_to_offers_and_overrides(tmp_path):
+    _widened(f"sqlite:///{tmp_path / 'old.db'}")
+
+
+@pytest.mark.postgres
+def test_an_older_postgres_log_is_widened_to_offers_and_overrides(pg_url: str):
+    _widened(pg_url)
+
+
+def test_the_book_holds_approved_applications_and_overrides_not_offers(tmp_path):
+    from review.portfolio import from_decision_log
+
+    url = f"sqlite:///{tmp_path / 'book.db'}"
+    kinds = {"91110000MA00000001": "score", "91110000MA00000002": "prospect",
+             "91110000MA00000003": "override"}  # fmt: skip
+    with DecisionLog(url) as log:
+        log.write_many([record(enterprise_id=e, endpoint=k) for e, k in kinds.items()])
+    book = from_decision_log(url, "working_capital", T0 + dt.timedelta(days=1))
+    assert sorted(book["enterprise_id"]) == ["91110000MA00000001", "91110000MA00000003"]
