@@ -24,8 +24,9 @@ schema and the change in its value in words ("Court enforcement cases, last 12 m
 borrower's `exposure` is the amount lent: the approved limit when the decision set one.
 
 Outputs, written atomically (temporary file, then rename) to the output folder:
-`watch-<product>-<DATE>.parquet` (flags, reasons, reasons_zh, risk_drivers, risk_drivers_zh and
-driver_features, the drivers' feature names, as lists), `.csv` (the same rows, lists joined with
+`watch-<product>-<DATE>.parquet` (flags, reasons, reasons_zh, reason_flags (the flag each reason
+explains, or "risk_drivers"), risk_drivers, risk_drivers_zh and driver_features, the drivers'
+feature names, as lists), `.csv` (the same rows, lists joined with
 "; " and " | "), `.html` (counts per flag, grade migration matrix of the whole portfolio, top
 deteriorations, PD-ratio histogram; headings in English and Chinese).
 """
@@ -58,6 +59,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "power_collapse": ("Electricity use collapsed", "用电量骤降"),
 }
 MODEL_FLAGS = ("grade_drop", "pd_doubled")
+NAME_LISTS = ("flags", "driver_features", "reason_flags")  # lists of names, not texts
+RISK_DRIVERS = "risk_drivers"  # reason_flags of the reason naming the drivers of a model flag
 
 
 @dataclass(frozen=True)
@@ -299,11 +302,11 @@ def _flagged_frame(
     s_dict = s.to_dict(as_series=False)
     f_dict = f.to_dict(as_series=False)
     all_flags: list[list[str]] = []
-    all_reasons: list[list[tuple[str, str]]] = []
+    all_reasons: list[list[tuple[str, str, str]]] = []
     all_drivers: list[list[Driver]] = []
     for k, row in enumerate(idx):
         names = [name for name in FLAGS if f_dict[name][k]]
-        reasons: list[tuple[str, str]] = []  # (English, Chinese)
+        reasons: list[tuple[str, str, str]] = []  # (English, Chinese, the flag it explains)
         pd0, pd1 = s_dict["pd_previous"][k], s_dict["pd_now"][k]
         if "grade_drop" in names:
             g0, g1, down = (s_dict[c][k] for c in ("grade_previous", "grade_now", "grades_down"))
@@ -312,6 +315,7 @@ def _flagged_frame(
                     f"grade fell from {g0} to {g1} ({down} grades down; PD rose from "
                     f"{_pct(pd0)} to {_pct(pd1)})",
                     f"评级由{g0}降至{g1}（下调{down}级；违约概率由{_pct(pd0)}升至{_pct(pd1)}）",
+                    "grade_drop",
                 )
             )
         if "pd_doubled" in names:
@@ -320,6 +324,7 @@ def _flagged_frame(
                 (
                     f"PD rose from {_pct(pd0)} to {_pct(pd1)}, {times} times the previous",
                     f"违约概率由{_pct(pd0)}升至{_pct(pd1)}，为上期的{times}倍",
+                    "pd_doubled",
                 )
             )
         if names and set(names) & set(MODEL_FLAGS) and drivers.get(row):
@@ -328,6 +333,7 @@ def _flagged_frame(
                 (
                     "risk raised most by: " + "; ".join(d[1] for d in moved),
                     "风险上升的主要因素：" + "；".join(d[2] for d in moved),
+                    RISK_DRIVERS,
                 )
             )
         for flag, feature in (
@@ -335,7 +341,7 @@ def _flagged_frame(
             ("dishonest_debtor", "jud_dishonest_debtor_listed"),
         ):
             if flag in names:
-                reasons.append(change(feature, p[feature][k], n[feature][k]))
+                reasons.append((*change(feature, p[feature][k], n[feature][k]), flag))
         for flag, level, yoy in (
             ("tax_collapse", "tax_sales_3m", "tax_sales_growth_yoy"),
             ("power_collapse", "power_kwh_3m", "power_kwh_growth_yoy"),
@@ -348,11 +354,12 @@ def _flagged_frame(
                 en, zh = change(level, a, b)
                 down = f"{1 - b / a:.0%}"
                 reasons.append(
-                    (f"{en} (down {down} vs the previous snapshot)", f"{zh}（较上期下降{down}）")
-                )
+                    (f"{en} (down {down} vs the previous snapshot)", f"{zh}（较上期下降{down}）",
+                     flag)
+                )  # fmt: skip
             ya, yb = p[yoy][k], n[yoy][k]
             if yb is not None and yb <= -drop and (ya is None or math.isnan(ya) or ya > -drop):
-                reasons.append(change(yoy, ya, yb))
+                reasons.append((*change(yoy, ya, yb), flag))
         all_flags.append(names)
         all_reasons.append(reasons)
         all_drivers.append(drivers.get(row, []))
@@ -370,6 +377,7 @@ def _flagged_frame(
                     "flags": pl.Series(all_flags, dtype=pl.List(pl.String)),
                     "reasons": texts(all_reasons, 0),
                     "reasons_zh": texts(all_reasons, 1),
+                    "reason_flags": texts(all_reasons, 2),
                     "risk_drivers": texts(all_drivers, 1),
                     "risk_drivers_zh": texts(all_drivers, 2),
                     "driver_features": texts(all_drivers, 0),
@@ -391,7 +399,7 @@ def csv_frame(flagged: pl.DataFrame) -> pl.DataFrame:
     """Lists joined: flag and feature names with "; ", texts with " | "."""
     lists = [c for c, dtype in flagged.schema.items() if dtype == pl.List(pl.String)]
     return flagged.with_columns(
-        pl.col(c).list.join("; " if c in ("flags", "driver_features") else " | ") for c in lists
+        pl.col(c).list.join("; " if c in NAME_LISTS else " | ") for c in lists
     )
 
 
