@@ -40,6 +40,10 @@ audit_app = typer.Typer(
     help="Tamper evidence of the decision log: verify its hash chain, print its head to anchor."
 )
 app.add_typer(audit_app, name="audit", no_args_is_help=True)
+actions_app = typer.Typer(
+    help="Early-warning actions (处置) that `kapok watch` opens: list them, record outcomes."
+)
+app.add_typer(actions_app, name="actions", no_args_is_help=True)
 
 
 @app.callback()
@@ -103,6 +107,7 @@ _KNOWN_ERRORS = {
     ("features.spec", "SpecError"),
     ("features.store", "OnlineStoreConfigError"),
     ("kapok.uscc", "USCCError"),
+    ("review.actions", "ActionsError"),
 }
 
 
@@ -1068,13 +1073,15 @@ def watch_command(
     from the Feast offline store read point in time, and flags: a drop of 2+ grades, PD at least
     doubled, a new court enforcement or dishonest-debtor listing, a collapse (50%+) in declared
     sales or electricity use. Each flag comes with its reasons; model-driven flags name the
-    features that moved the risk (TreeSHAP). Writes watch-<product>-<DATE>.parquet, .csv and
-    .html (grade migration matrix, top deteriorations, PD-ratio histogram).
+    features that moved the risk (TreeSHAP). Opens the policy's early-warning actions for the
+    flagged borrowers, with their due dates, in the actions store (`kapok actions list`; a re-run
+    for the same date opens nothing twice). Writes watch-<product>-<DATE>.parquet, .csv and
+    .html (action counts, grade migration matrix, top deteriorations, PD-ratio histogram).
     """
     from review.watch import run
 
     _quiet_mlflow()
-    steps = ("champion", "portfolio", "features", "scoring", "flags", "explain", "write")
+    steps = ("champion", "portfolio", "features", "scoring", "flags", "explain", "actions", "write")
     t0 = time.perf_counter()
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -1105,6 +1112,16 @@ def watch_command(
     console.print(f"model: {result.model}; portfolio: {result.source}")
     if result.no_data:
         console.print(f"{result.no_data:,} borrowers have no feature snapshot at either date")
+    if result.actions is not None and result.action_summary is not None:
+        summary = result.action_summary
+        console.print(
+            f"actions: {result.actions.height:,} for the flagged borrowers, "
+            f"{result.new_actions:,} new in the actions store; {int(summary['open'].sum()):,} "
+            f"{result.product} actions open, {int(summary['overdue'].sum()):,} overdue on "
+            f"{result.as_of} (kapok actions list)",
+            soft_wrap=True,
+            highlight=False,
+        )
     for path in result.files.values():
         console.print(f"wrote {path}")
     console.print(f"done in {time.perf_counter() - t0:.1f} s")
@@ -1190,6 +1207,112 @@ def keys_revoke(
         "a running kapok serve loaded its keys at start and still accepts this one "
         "until it is restarted",
         soft_wrap=True,
+    )
+
+
+# -- actions: what the lender does about a flagged borrower ------------------------------------
+@actions_app.command("list")
+@friendly_errors
+def actions_list(
+    product: Annotated[
+        str | None, typer.Option(help="Only this product's actions (default: every product).")
+    ] = None,
+    overdue: Annotated[
+        bool, typer.Option("--overdue", help="Only the open actions past their due date.")
+    ] = False,
+    every: Annotated[
+        bool,
+        typer.Option("--all", help="Closed actions too, with the outcome that closed them."),
+    ] = False,
+    on: Annotated[
+        str | None,
+        typer.Option(help="Judge overdue on this date, YYYY-MM-DD (default: today, UTC)."),
+    ] = None,
+) -> None:
+    """The open early-warning actions, most overdue first: id, borrower, action, why, due date;
+    an overdue one is marked OVERDUE with its days late. Record what came of one with
+    `kapok actions record ACTION_ID --outcome TEXT --officer NAME [--close]`."""
+    import datetime as dt
+
+    import polars as pl
+    from rich.markup import escape
+    from rich.table import Column
+
+    from review.actions import ActionStore
+    from review.portfolio import parse_date
+
+    if product is not None:
+        _check_product(product)
+    day = parse_date(on, "--on") if on else dt.datetime.now(dt.UTC).date()
+    with ActionStore() as store:
+        frame = store.frame(product, day, include_closed=every)
+        where = store.url
+    if overdue:
+        frame = frame.filter(pl.col("overdue"))
+    fixed = {"no_wrap": True, "min_width": 10}
+    table = Table(
+        Column("action id", **fixed), Column("enterprise", **fixed), Column("product"),
+        Column("action", overflow="fold"), Column("trigger", overflow="fold"),
+        Column("as of", **fixed), Column("due", **fixed), Column("status", no_wrap=True),
+        Column("why / outcome", overflow="fold", ratio=1),
+        title=escape(f"{'actions' if every else 'open actions'} in {where} on {day}"),
+    )  # fmt: skip
+    for r in frame.iter_rows(named=True):
+        if r["status"] == "closed":
+            status = "closed"
+            why = f"{r['last_outcome']} ({r['officer']}, {r['outcome_at'][:10]})"
+        elif r["overdue"]:
+            status = f"[bold red]OVERDUE {r['days_overdue']} d[/]"
+            why = r["details"] or r["description"]
+        else:
+            status = "open"
+            why = r["details"] or r["description"]
+        if r["status"] == "open" and r["outcomes"]:
+            why += f"; last note: {r['last_outcome']} ({r['officer']})"
+        table.add_row(
+            r["action_id"], r["enterprise_id"], r["product"], r["action"], r["trigger"],
+            str(r["as_of"]), str(r["due_date"]), status, escape(why),
+        )  # fmt: skip
+    # a terminal wraps the reasons; a file or a pipe gets whole lines
+    out = console if console.is_terminal else Console(stderr=True, width=240)
+    out.print(table)
+    n_overdue = int(frame["overdue"].sum())
+    console.print(
+        f"{frame.height:,} actions listed, {n_overdue:,} overdue"
+        + ("" if frame.height else " (kapok watch opens actions for flagged borrowers)"),
+        highlight=False,
+    )
+
+
+def _check_product(product: str) -> None:
+    from features.schema import PRODUCTS
+
+    if product not in PRODUCTS:
+        raise ValueError(f"--product must be one of {', '.join(PRODUCTS)}, got {product!r}")
+
+
+@actions_app.command("record")
+@friendly_errors
+def actions_record(
+    action_id: Annotated[
+        str, typer.Argument(help="The action's id, as `kapok actions list` shows it.")
+    ],
+    outcome: Annotated[str, typer.Option(help="What was done or found, e.g. 'limit reduced'.")],
+    officer: Annotated[str, typer.Option(help="Who records it.")],
+    close: Annotated[
+        bool, typer.Option("--close", help="The outcome closes the action (else: a note).")
+    ] = False,
+) -> None:
+    """Append an outcome to an action (a new row; the action's own row never changes). With
+    --close the action is closed and leaves `kapok actions list`; an action is closed once."""
+    from review.actions import ActionStore
+
+    with ActionStore() as store:
+        done = store.record(action_id, outcome, officer, close=close)
+    state = "closed" if done.status == "closed" else "still open"
+    console.print(
+        f"recorded the outcome of {done.action_id} ({done.action}, {done.enterprise_id}): {state}",
+        highlight=False,
     )
 
 
