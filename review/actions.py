@@ -26,6 +26,7 @@ import datetime as dt
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -245,12 +246,8 @@ class ActionStore:
 
     def _create_schema_once(self) -> None:
         try:
-            if self._backend == "sqlite":
-                database = self._url.database
-                if database and database != ":memory:" and not database.startswith("file:"):
-                    from pathlib import Path
-
-                    Path(database).parent.mkdir(parents=True, exist_ok=True)
+            if (file := self._local_file()) is not None:
+                file.parent.mkdir(parents=True, exist_ok=True)
             with self._engine.begin() as conn:
                 if self._backend == "postgresql":
                     conn.execute(
@@ -265,10 +262,23 @@ class ActionStore:
         except (OSError, exc.SQLAlchemyError) as e:
             raise self._error(e, "cannot create the actions table") from e
 
+    def _local_file(self) -> Path | None:
+        """The SQLite database file, None for PostgreSQL or an in-memory database."""
+        database = self._url.database or ""
+        if (
+            self._backend != "sqlite"
+            or database in ("", ":memory:")
+            or database.startswith("file:")
+        ):
+            return None
+        return Path(database)
+
     def _exists(self) -> bool:
-        """Whether the table is there (reading creates nothing)."""
+        """Whether the table is there (reading creates nothing, not even the SQLite file)."""
         if self._ready:
             return True
+        if (file := self._local_file()) is not None and not file.exists():
+            return False
         try:
             with self._engine.connect() as conn:
                 return sa.inspect(conn).has_table("actions")
@@ -326,6 +336,11 @@ class ActionStore:
             raise ActionsError("--outcome must not be empty: say what was done or found")
         if not officer:
             raise ActionsError("--officer must not be empty: who records this outcome")
+        if not self._exists():
+            raise ActionsError(
+                f"no action {action_id!r}: the actions store {self.url} holds no action yet "
+                "(kapok watch opens them)"
+            )
         self._ensure_schema()
         c = actions.c
         status = "closed" if close else "open"

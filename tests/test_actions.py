@@ -194,15 +194,23 @@ def test_store_on_postgres(pg_url: str) -> None:
 
 
 def test_cli_record_rejects_an_unknown_id_in_one_line(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("KAPOK_DECISION_LOG", f"sqlite:///{tmp_path / 'd.db'}")
+    db = tmp_path / "decisions" / "decisions.db"
+    monkeypatch.setenv("KAPOK_DECISION_LOG", f"sqlite:///{db}")
     runner = CliRunner()
-    out = runner.invoke(app, ["actions", "record", "act_nope", "--outcome", "x", "--officer", "y"])
+    record = ["actions", "record", "act_nope", "--outcome", "x", "--officer", "y"]
+    empty = runner.invoke(app, ["actions", "list"])  # a home where nothing was logged yet
+    assert empty.exit_code == 0, empty.output
+    assert "0 actions listed" in empty.output
+    out = runner.invoke(app, record)
+    assert out.exit_code == 2
+    assert out.output.startswith("error: no action 'act_nope': the actions store")
+    assert not db.exists()  # reading and refusing created nothing
+    with act.ActionStore(f"sqlite:///{db}") as store:
+        store.open(pl.DataFrame(schema=act.PLANNED_SCHEMA), "microloan", AS_OF)  # the table
+    out = runner.invoke(app, record)
     assert out.exit_code == 2
     assert out.output.startswith("error: no action 'act_nope' in the actions store")
     assert len(out.output.strip().splitlines()) == 1
-    empty = runner.invoke(app, ["actions", "list"])
-    assert empty.exit_code == 0, empty.output
-    assert "0 actions listed" in empty.output
     bad = runner.invoke(app, ["actions", "list", "--product", "leasing"])
     assert bad.exit_code == 2 and "--product must be one of" in bad.output
 
