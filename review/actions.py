@@ -34,13 +34,13 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 
 from review.portfolio import ID
+from review.watch import RISK_DRIVERS
 from serving.decision_log import _reason, _sqlite_pragmas, default_url
 from serving.policy import EarlyWarningAction
 from serving.sqlite_race import retry_racing
 
 APPEND_ONLY_MESSAGE = "actions store is append-only"
 _ADVISORY_LOCK_KEY = 7_460_318_215  # serialises schema set-up (PostgreSQL); the log's key + 1
-RISK_DRIVERS = "risk_drivers"  # review/watch.py's tag of the reason naming a model flag's drivers
 CHUNK = 5_000  # rows per INSERT
 MEASURES = {"grade_drop": "grades_down", "pd_doubled": "pd_ratio"}  # what at_least compares
 
