@@ -424,7 +424,7 @@ def _actions_html(doc: Any, result: WatchResult) -> None:
     summary, plan = result.action_summary, result.actions
     if summary is None or plan is None:
         doc.paragraph(
-            "No actions were recorded with this watchlist (`kapok watch` opens the policy's "
+            "No actions were recorded with this watchlist (kapok watch opens the policy's "
             "early-warning actions in the actions store)."
         )
         return
@@ -435,8 +435,8 @@ def _actions_html(doc: Any, result: WatchResult) -> None:
         f"days; {result.new_actions:,} new in the actions store {result.actions_store}"
         + (f", {already:,} already there from an earlier run for this date" if already else "")
         + f". Open, overdue (due before {result.as_of}) and closed count every "
-        f"{result.product} action in the store. `kapok actions list` shows them, "
-        "`kapok actions record` records what came of one."
+        f"{result.product} action in the store: kapok actions list shows them, "
+        "kapok actions record records what came of one."
     )
     overdue = int(summary["overdue"].sum())
     if overdue:
