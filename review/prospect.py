@@ -502,6 +502,7 @@ def run(
     log = DecisionLog(log_url)
     step(f"loading the {req.product} champion")
     model = load_champion(paths, req.product)
+    champion_seconds = time.perf_counter() - t_start
     step("reading the book and the region")
     t0 = time.perf_counter()
     borrowers, source = book(req, portfolio, log_url)
@@ -528,7 +529,12 @@ def run(
         book_source=source,
         decided=screened.decided,
         not_offered=screened.not_offered,
-        seconds={"book and region": region_seconds, **screened.seconds, **seconds},
+        seconds={
+            "champion": champion_seconds,
+            "book and region": region_seconds,
+            **screened.seconds,
+            **seconds,
+        },
         grades=tuple(policy.grades),
     )
     step("writing the offers")
