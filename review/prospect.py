@@ -307,6 +307,8 @@ def make_offers(
     """Sort the approvals by PD, keep the top N, decide each again at its limit with TreeSHAP,
     log them; the offers frame, how many were logged and the seconds spent."""
     seconds = {"explain": 0.0, "log": 0.0}
+    if approvals.height == 0:  # nobody qualifies (or the filters left no enterprise)
+        return _empty_offers(req.product), 0, seconds
     ranked = approvals.sort("pd_at_limit", ID)
     if req.top is not None:
         ranked = ranked.head(req.top)

@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
+from features.raw_tables import DISTRICTS, INDUSTRY_SECTIONS
 from features.request import request_features
 from features.schema import FEATURES
 from kapok.cli import app
@@ -260,6 +261,16 @@ def test_cli_district_filter_top_and_files(trained_home, plain, tmp_path, monkey
     best = first.frame.filter(pl.col("industry") == "F").head(7)
     assert top["enterprise_id"].to_list() == best["enterprise_id"].to_list()
     assert "7 offers" in " ".join(ran.output.split())
+
+    # a district and an industry with no offer at all: an empty list, with its columns
+    taken = set(first.frame.select("district", "industry").iter_rows())
+    district, industry = next(
+        (d, i) for _, d, _ in DISTRICTS for i in INDUSTRY_SECTIONS if (d, i) not in taken
+    )
+    ran = runner.invoke(app, [*base, "--district", district, "--industry", industry])
+    assert ran.exit_code == 0, ran.output
+    empty = pl.read_csv(out / f"prospect-microloan-{AS_OF}.csv")
+    assert empty.height == 0 and "enterprise_id" in empty.columns
 
 
 @pytest.mark.slow
