@@ -301,3 +301,32 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(trained_home, tmp_path, mo
         assert message in lines[0], ran.output
         assert "Traceback" not in ran.output
     assert not out.exists() and not database.exists()
+
+
+@pytest.mark.slow
+def test_failures_as_a_process_are_one_line_on_stderr(trained_home, tmp_path):
+    """As a user runs it: exit 2, one line on stderr, nothing on stdout (no library warning, no
+    progress bar), nothing written."""
+    from tests.cli_processes import run_forked
+    from tests.test_cli import assert_one_line_error
+
+    env = {"KAPOK_HOME": str(trained_home.paths.home),
+           "KAPOK_DECISION_LOG": f"sqlite:///{tmp_path / 'decisions.db'}"}  # fmt: skip
+    base = ["prospect", "--as-of", str(AS_OF), "--out", str(tmp_path / "out")]
+    cases = {
+        "unknown --district 'Atlantis'": [
+            *base,
+            "--product",
+            "microloan",
+            "--district",
+            "Atlantis",
+        ],
+        "no @champion model for kapok-guarantee": [*base, "--product", "guarantee"],
+        "--product must be one of": [*base, "--product", "car"],
+    }
+    preload = ["review.prospect", "serving.model", "training.pyfunc"]
+    runs, imports = run_forked([(args, env) for args in cases.values()], preload, tmp_path)
+    assert imports == ""
+    for message, ran in zip(cases, runs, strict=True):
+        assert_one_line_error(ran, message)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "decisions.db").exists()
