@@ -520,6 +520,9 @@ def run(
         frame, logged, seconds = make_offers(
             req, model, policy, screened.approvals, log, run_id, advance
         )
+    # an approval the limit search found that the decision at its limit does not confirm (PD on
+    # the cut-off to the last bit) is not offered: counted, so that the figures add up
+    screened.not_offered["not_approved"] += kept - frame.height
     result = Offers(
         request=req,
         run_id=run_id,

@@ -112,6 +112,9 @@ def test_no_borrower_and_no_knocked_out_or_unapproved_enterprise_is_offered(
     _, _, first = plain
     offered = first.frame["enterprise_id"].to_list()
     assert len(offered) > 50
+    # every enterprise of the region is an offer or counted with why it is not
+    assert first.decided == first.region == len(offered) + sum(first.not_offered.values())
+    assert first.not_offered["knocked_out"] > 0 and first.not_offered["not_approved"] > 0
 
     # the book: five of those enterprises borrow now (approved, still running); one applied and
     # was declined, one borrowed and repaid: those two are not borrowers and stay on the list
