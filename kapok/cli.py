@@ -865,6 +865,113 @@ def explain_command(
     console.print(f"report: {target}")
 
 
+# -- what-if: kapok whatif ------------------------------------------------------------------------
+def _numbers(text: str | None, option: str, kind: type) -> list[Any] | None:
+    """A comma-separated list of numbers (None when the option is not given)."""
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(kind(part.strip()))
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{option}: {part.strip()!r} is not {what}") from None
+    return out
+
+
+_WHATIF_OPTIONS = {
+    "grid.amounts": "--amounts",
+    "grid.terms": "--terms",
+    "grid": "--amounts x --terms",
+    "term_months": "--term",
+    "amount": "--amount",
+}
+
+
+@app.command("whatif")
+@friendly_errors
+def whatif_command(
+    enterprise_id: Annotated[str, typer.Argument(help="Unified Social Credit Code (18 chars).")],
+    product: Annotated[str, typer.Option(help="microloan, guarantee or insurance.")] = "microloan",
+    amount: Annotated[float, typer.Option(help="Requested amount, CNY.")] = 100_000.0,
+    term: Annotated[int, typer.Option(help="Requested term, months.")] = 12,
+    amounts: Annotated[
+        str | None, typer.Option(help="Amounts to decide, CNY, comma-separated: 100000,200000.")
+    ] = None,
+    terms: Annotated[
+        str | None, typer.Option(help="Terms to decide, months, comma-separated: 6,12,24.")
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the answer of POST /whatif as JSON.")
+    ] = False,
+) -> None:
+    """What would get this approved: the decision at other amounts and terms (at most 20
+    cells), and the smallest change to what the enterprise can act on (overdue tax, overdue
+    receivables, debt) that would approve, from the online features, the champion and the
+    policy the API uses. An estimate: nothing is decided and nothing is logged."""
+    import json
+
+    from features.schema import PRODUCTS
+    from kapok import uscc
+    from serving.engine import EnterpriseNotFound, LendingEngine
+    from serving.whatif import WhatIfInputError, what_if
+
+    if product not in PRODUCTS:
+        raise ValueError(f"--product must be one of {', '.join(PRODUCTS)}, got {product!r}")
+    code = uscc.validate(enterprise_id)
+    grid_amounts = _numbers(amounts, "--amounts", float)
+    grid_terms = _numbers(terms, "--terms", int)
+    _quiet_mlflow()
+    with console.status("loading the champion and the online features"):
+        engine = LendingEngine(paths(), products=(product,))
+    try:
+        w = what_if(engine, code, product, amount, term, grid_amounts, grid_terms)
+    except EnterpriseNotFound as e:
+        raise ValueError(f"the online feature store has no data for {code}") from e
+    except WhatIfInputError as e:
+        option = _WHATIF_OPTIONS.get(e.field.split("[")[0], e.field)
+        raise ValueError(f"{option}{str(e)[len(e.field.split('[')[0]) :]}") from None
+    answer = w.as_dict()
+    if json_out:
+        print(json.dumps(answer, ensure_ascii=False, indent=2))
+        return
+    now = answer["current"]
+    console.print(
+        f"[bold]what-if[/] {code} {product}: CNY {amount:,.0f} over {term} months, "
+        f"model {answer['model_name']} v{answer['model_version']}, features as of "
+        f"{answer['features_as_of']}",
+        highlight=False,
+    )
+    console.print(f"[bold yellow]estimate:[/] {answer['note']}", highlight=False)
+    console.print(
+        f"now: {now['decision']}, PD {now['pd']:.4f}, grade {now['grade']}, score "
+        f"{now['score']:.0f}, {now['rate_name']} {now['rate']:.2%}"
+        + ("" if now["within_cap"] else " (above the cap)"),
+        highlight=False,
+    )
+    grid = Table("amount", "term", "decision", "PD", "grade", "rate", "limit", "binding",
+                 title="other amounts and terms")  # fmt: skip
+    for c in answer["grid"]:
+        grid.add_row(
+            f"{c['amount']:,.0f}", str(c["term_months"]), c["decision"], f"{c['pd']:.4f}",
+            c["grade"], f"{c['rate']:.2%}" + ("" if c["within_cap"] else " > cap"),
+            f"{c['limit']:,.0f}", c["binding_constraint"],
+        )  # fmt: skip
+    console.print(grid)
+    changes = answer["changes"]
+    console.print(f"[bold]what the enterprise can change:[/] {changes['message']}", highlight=False)
+    if changes["changes"]:
+        table = Table("action", "change", "of the way", "PD alone", title="smallest change")
+        for c in changes["changes"]:
+            table.add_row(c["action"], c["text_en"], f"{c['share_of_way']:.0%}",
+                          f"{c['pd_alone']:.4f} ({c['decision_alone']})")  # fmt: skip
+        console.print(table)
+        console.print(
+            f"PD with every change: {changes['final_pd']:.4f} ({changes['final_decision']})"
+        )
+
+
 # -- monitoring and back-testing: kapok monitor --------------------------------------------------
 @app.command("monitor")
 @friendly_errors

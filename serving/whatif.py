@@ -33,12 +33,13 @@ from features.schema import ACTIONABLE, Feature
 from serving import columnar_policy as cp
 from serving import core
 from serving import policy as pol
+from serving.api_models import MAX_WHATIF_CELLS
 from serving.reasons import descriptions, shown
 
 if TYPE_CHECKING:
     from serving.engine import EnterpriseFeatures, LendingEngine
 
-MAX_CELLS = 20  # amounts x terms in one what-if grid
+MAX_CELLS = MAX_WHATIF_CELLS  # amounts x terms in one what-if grid
 STEPS = (0.25, 0.5, 0.75, 1.0)  # how far along the way to its bound a feature is moved
 MAX_REFINE_ROWS = 4096  # step combinations decided in the refining call
 NOTE = "an estimate from the current model and policy; not a decision or an offer"
