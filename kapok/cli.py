@@ -943,7 +943,7 @@ def whatif_command(
         f"{answer['features_as_of']}",
         highlight=False,
     )
-    console.print(f"[bold yellow]estimate:[/] {answer['note']}", highlight=False)
+    console.print(f"[bold yellow]estimate:[/] {answer['note']}", highlight=False, soft_wrap=True)
     console.print(
         f"now: {now['decision']}, PD {now['pd']:.4f}, grade {now['grade']}, score "
         f"{now['score']:.0f}, {now['rate_name']} {now['rate']:.2%}"
@@ -960,7 +960,11 @@ def whatif_command(
         )  # fmt: skip
     console.print(grid)
     changes = answer["changes"]
-    console.print(f"[bold]what the enterprise can change:[/] {changes['message']}", highlight=False)
+    console.print(
+        f"[bold]what the enterprise can change:[/] {changes['message']}",
+        highlight=False,
+        soft_wrap=True,
+    )
     if changes["changes"]:
         table = Table("action", "change", "of the way", "PD alone", title="smallest change")
         for c in changes["changes"]:

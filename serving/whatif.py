@@ -82,7 +82,7 @@ def grid_for(
     check_term(product, term, "term_months")
     check_amount(amount, "amount")
     if default and amounts is None and terms is None:
-        amounts = [amount] + [round(amount * f / 1000) * 1000 for f in (0.75, 0.5)]
+        amounts = [amount] + [round(amount * f / 1000) * 1000.0 for f in (0.75, 0.5)]
         amounts = [a for a in amounts if a > 0]
         terms = [term] + [
             t for t in (12, 24, 36) if product.term_months_min <= t <= product.term_months_max

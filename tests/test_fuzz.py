@@ -250,6 +250,17 @@ def bodies(path: str, ids: list[str], request_ids: list[str]) -> st.SearchStrate
         )
         rows = st.lists(st.one_of(applicant, applicant, junk), max_size=6)
         return st.fixed_dictionaries({"product": st.sampled_from(PRODUCTS), "applicants": rows})
+    if path == "/whatif":  # a grid of amounts and terms, or none
+        grid = st.fixed_dictionaries(
+            {},
+            optional={
+                "amounts": st.lists(AMOUNTS, max_size=5),
+                "terms": st.lists(TERMS, max_size=5),
+            },
+        )
+        return st.tuples(loan_bodies(ids, "amount"), st.one_of(st.none(), grid)).map(
+            lambda b: b[0] if b[1] is None else {**b[0], "grid": b[1]}
+        )
     if path == "/decision":
         known = st.sampled_from(request_ids)
         return st.fixed_dictionaries(
