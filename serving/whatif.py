@@ -369,12 +369,17 @@ def smallest_changes(d: core.Decisions, r: int = 0, steps: Sequence[float] = STE
     fits = [i for i in range(len(subsets)) if ok[i]]
     if not fits:
         best = int(np.argmin(first.pd))
+        short = []
+        if first.pd[best] > prod.approve_max_pd:
+            short.append(f"above the approve cut-off {prod.approve_max_pd:.4f}")
+        if not first.price.within_cap[best]:
+            short.append("priced above the cap")
+        if first.knockouts.worst[best] > cp.APPROVE:
+            short.append("a knock-out still applies")
         return Changes(
             "out_of_reach",
             f"no actionable change within reach approves: the lowest PD reached is "
-            f"{first.pd[best]:.4f} ({first.decision[best]}), against the approve cut-off "
-            f"{prod.approve_max_pd:.4f}"
-            + ("" if first.price.within_cap[best] else " and the price cap"),
+            f"{first.pd[best]:.4f} ({first.decision[best]}), " + " and ".join(short),
             pd0, decision0, best_pd=float(first.pd[best]), candidates=decided,
         )  # fmt: skip
     fewest = min(sizes[i] for i in fits)
