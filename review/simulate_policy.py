@@ -89,8 +89,10 @@ class Simulation:
         rows = []
         for key, label, kind in _METRICS:
             a, b = figures["current"][key], figures["candidate"][key]
+            shown = [_show(f[key], kind) if f["approved"] or key != "bad_rate" else "–"
+                     for f in (figures["current"], figures["candidate"])]  # fmt: skip
             rows.append({"metric": label.format(income=self.income_name),
-                         "current": _show(a, kind), "candidate": _show(b, kind),
+                         "current": shown[0], "candidate": shown[1],
                          "change": _change(a, b, kind)})  # fmt: skip
         return rows
 
@@ -117,15 +119,26 @@ class Simulation:
             out = out.sort(pl.col("grade").replace_strict(rank, default=len(rank)))
         else:
             out = out.sort("applications", segment, descending=[True, False])
-        return out.with_columns(
-            pl.col(c).cast(pl.String).fill_null(NOT_MATURED) if c.startswith("bad rate") else
-            pl.col(c) for c in out.columns
-        ).with_columns(  # rates as percentages, as the summary shows them
-            pl.when(pl.col(c) == NOT_MATURED).then(pl.col(c))
-            .otherwise((pl.col(c).cast(pl.Float64, strict=False) * 100).round(2).cast(pl.String)
-                       + "%")
-            for c in out.columns if c.startswith("bad rate")
-        )  # fmt: skip
+        return out
+
+
+def shown(frame: pl.DataFrame) -> pl.DataFrame:
+    """A breakdown as the report shows it: rates as percentages (a bad rate without a matured
+    approval as "not matured"), money in whole CNY."""
+
+    def rate(name: str) -> pl.Expr:
+        text = pl.col(name).map_elements(lambda x: f"{x:.2%}", return_dtype=pl.String)
+        if not name.startswith("bad rate"):
+            return text.fill_null("–").alias(name)
+        approvals = pl.col(name.replace("bad rate", "approved"))
+        return text.fill_null(pl.when(approvals > 0).then(pl.lit(NOT_MATURED)).otherwise(
+            pl.lit("–"))).alias(name)  # fmt: skip
+
+    return frame.with_columns(
+        rate(c) if "rate" in c else pl.col(c).round(0).cast(pl.Int64)
+        for c in frame.columns
+        if "rate" in c or c.split(" ")[0] in ("volume", "EL", "income")
+    )
 
 
 SWAP_COLUMNS = ["swap", "request_id", "enterprise_id", "decided_at", "pd", "grade_current",
@@ -262,35 +275,39 @@ def models_for(
 
 
 # -- deciding ------------------------------------------------------------------------------------
-def _side(d: core.Decisions, side: str) -> dict[str, Any]:
-    """One policy's columns: decision, grade, limit and, for approvals, the exposure lent (the
-    request capped at the limit), its expected loss and income a year at the limit's PD and
-    price.
+def _side(model: ProductModel, frame: pl.DataFrame, d: core.Decisions, side: str) -> dict:
+    """One policy's columns: decision, grade and, for approvals, the limit, the exposure lent
+    (the request capped at the limit), its expected loss and income a year at the limit's PD
+    and price.
 
     The decision is the core's at the requested amount, as the API and the backfill decided
     it, plus the product's term range, which the API checks before deciding (a request outside
     it is refused): a candidate that narrows it declines those rows (TERM_OUT_OF_RANGE). The
-    amount range is not a decision step in the core: it caps the limit, hence the volume."""
-    prod, lim = d.product, d.limits
-    assert lim is not None
+    amount range is not a decision step in the core: it caps the limit, hence the volume. The
+    limit search (most of the time) runs on the approved rows only: nothing is lent to others."""
+    prod, n = d.product, len(d)
     outside = (d.term < prod.term_months_min) | (d.term > prod.term_months_max)
     severity = np.where(outside, cp.DECLINE, d.severity)
-    limit = lim.limit.copy()
-    pd_at = lim.pd_at_limit.copy()
-    rate = lim.price.rate.copy()
-    for r, ref in lim.reference.items():  # rows the reference searched (PD not monotone)
-        rate[r] = ref.price.rate if ref.price is not None else 0.0
-    exposure = np.where((severity == cp.APPROVE) & (limit > 0), limit, 0.0)
-    lent = exposure > 0
-    el = np.where(lent, np.nan_to_num(pd_at) * prod.lgd * exposure, 0.0)
-    income = np.where(lent, rate * exposure, 0.0)
+    approved = np.flatnonzero(severity == cp.APPROVE)
+    limit, pd_at, rate = np.full(n, np.nan), np.zeros(n), np.zeros(n)
+    if len(approved):
+        lim = core.decide(model, frame[approved], d.policy, reasons="none", limits=True).limits
+        assert lim is not None
+        limit[approved] = lim.limit
+        pd_at[approved] = np.nan_to_num(lim.pd_at_limit)
+        rates = lim.price.rate.copy()
+        for r, ref in lim.reference.items():  # rows the reference searched (PD not monotone)
+            rates[r] = ref.price.rate if ref.price is not None else 0.0
+        rate[approved] = rates
+    lent = np.nan_to_num(limit)  # NaN: not approved
+    exposure = np.where(lent > 0, lent, 0.0)
     return {
         f"grade_{side}": d.grade.astype(str),
         f"decision_{side}": cp.OUTCOMES[severity].astype(str),
         f"limit_{side}": limit,
         f"exposure_{side}": exposure,
-        f"el_{side}": el,
-        f"income_{side}": income,
+        f"el_{side}": pd_at * prod.lgd * exposure,
+        f"income_{side}": rate * exposure,
         "_severity": severity,
     }
 
@@ -309,17 +326,18 @@ def _why(d: core.Decisions, r: int) -> tuple[str, str]:
 def decide_chunk(
     logged: pl.DataFrame, model: ProductModel, current: pol.Policy, candidate: pol.Policy
 ) -> pl.DataFrame:
-    """Both policies' decisions on logged rows (one core call per policy)."""
+    """Both policies' decisions on logged rows (one core call per policy, and one for the
+    limits of its approvals)."""
     frame = requests_frame(logged)
     decided = {
-        side: core.decide(model, frame, policy, reasons="none", limits=True)
+        side: core.decide(model, frame, policy, reasons="none")
         for side, policy in (("current", current), ("candidate", candidate))
     }
     d = decided["current"]
     columns: dict[str, Any] = {"pd": d.pd, "model_used": np.full(len(d), model.version)}
     severity = {}
     for side, dec in decided.items():
-        part = _side(dec, side)
+        part = _side(model, frame, dec, side)
         severity[side] = part.pop("_severity")
         columns.update(part)
     swap = np.full(len(d), None, dtype=object)
@@ -518,7 +536,7 @@ def render(s: Simulation) -> str:
         with doc.section(f"By {title}", f"按{zh}"):
             if title == "grade":
                 doc.paragraph("Grades of the current policy's master scale, for both policies.")
-            doc.table(s.breakdown(title), digits=4)
+            doc.table(shown(s.breakdown(title)))
     for kind, title, zh, text in (
         ("in", "Swap-in", "换入", "declined or referred now, approved under the candidate; rule: "
          "what the current policy held against them"),
@@ -527,18 +545,18 @@ def render(s: Simulation) -> str:
     ):  # fmt: skip
         with doc.section(title, zh):
             rows = s.swaps.filter(pl.col("swap") == kind)
-            shown = rows.head(100)
-            more = rows.height > shown.height
+            top = rows.head(100)
+            more = rows.height > top.height
             doc.paragraph(
                 f"{rows.height:,} applications {text}. "
                 + (
-                    f"The {shown.height} riskiest by PD here; all in the CSV and parquet."
+                    f"The {top.height} riskiest by PD here; all in the CSV and parquet."
                     if more
                     else ""
                 )
             )
             if rows.height:
-                doc.table(shown.drop("swap").with_columns(
+                doc.table(top.drop("swap").with_columns(
                     pl.col("outcome").cast(pl.String).fill_null(NOT_MATURED)))  # fmt: skip
     with doc.section("Method", "方法说明"):
         doc.bullets([

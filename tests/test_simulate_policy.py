@@ -90,6 +90,13 @@ def test_the_current_policy_as_its_own_candidate_changes_nothing(env, tmp_path):
     assert s.swaps.height == 0
     # and the re-decision under the current policy is what the backfill logged
     assert (s.rows["decision_current"] == s.rows["logged_decision"]).all()
+    # the bad rate: the backfill's matured outcomes of the approvals, joined by hand
+    outcomes = pl.read_parquet(home.data / "outcomes" / "microloan.parquet")
+    approved = s.rows.filter(pl.col("decision_current") == "approve").select("request_id")
+    matured = approved.join(outcomes, on="request_id")["outcome"]
+    assert matured.len() > 0
+    assert figures["approvals with a matured outcome"][0] == f"{matured.len():,}"
+    assert figures["observed bad rate among matured approvals"][0] == f"{matured.mean():.2%}"
     swaps = list(out.glob("simulate-policy-microloan-*-swaps.parquet"))
     assert len(swaps) == 1 and pl.read_parquet(swaps[0]).height == 0
 
@@ -173,3 +180,36 @@ def test_an_empty_window_says_what_the_log_holds(env):
     text = " ".join(result.output.split())
     assert "no microloan application decisions in the window 2031-01-01" in text
     assert re.search(r"holds [\d,]+, decided \d{4}-\d{2}-\d{2} \.\. \d{4}-\d{2}-\d{2}", text)
+
+
+def test_each_record_is_decided_by_its_logged_model_or_else_the_champion(env, tmp_path):
+    """Records of a version still in the registry are re-decided by it; of one that is gone,
+    by the current champion, and the report says which. Without outcomes: "not matured"."""
+    import dataclasses
+
+    from review.simulate_policy import simulate
+    from serving.decision_log import DecisionLog
+
+    home, current = env
+    logged = DecisionLog().between()[:60]
+    copies = [
+        dataclasses.replace(r, request_id=f"live_{i}", caller="test",
+                            model_version="2" if i % 2 else "99")
+        for i, r in enumerate(logged)
+    ]  # fmt: skip
+    log = DecisionLog(f"sqlite:///{tmp_path / 'live.db'}")
+    log.write_many(copies)
+    s = simulate(home, "microloan", current, log=log)
+    assert s.rows.height == 60
+    assert any("kapok-microloan v2, as logged (30 records)" in m for m in s.models), s.models
+    gone = "kapok-microloan v99 is no longer in the registry: the current champion v1"
+    assert any(gone in m and "(30 records)" in m for m in s.models), s.models
+    by_id = {r.request_id: r for r in copies}
+    pds = dict(zip(s.rows["request_id"], s.rows["pd"], strict=True))
+    # the champion (v1) decided the backfill: its re-decisions give the logged PDs back
+    assert all(abs(pds[i] - by_id[i].pd) < 1e-9 for i in pds if by_id[i].model_version == "99")
+    # v2 is another model: its PDs are its own
+    assert any(abs(pds[i] - by_id[i].pd) > 1e-6 for i in pds if by_id[i].model_version == "2")
+    figures = summary(s)
+    assert int(figures["approved"][0]) > 0
+    assert figures["observed bad rate among matured approvals"][0] == "not matured"
