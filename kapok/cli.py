@@ -1113,6 +1113,7 @@ def simulate_policy_command(
     from review.backfill import window_bounds
     from review.simulate_policy import simulate, window_text, write_outputs
 
+    t0 = time.perf_counter()
     start, end = window_bounds(since, until)
     _quiet_mlflow()
     p = paths()
@@ -1137,7 +1138,10 @@ def simulate_policy_command(
         console.print(f"note: {note}")
     for path in files.values():
         console.print(f"wrote {path}")
-    console.print(f"done in {result.seconds:.1f} s")
+    console.print(
+        f"done in {time.perf_counter() - t0:.1f} s ({result.seconds:.1f} s reading the log and "
+        "deciding)"
+    )
 
 
 # -- batch decisions: kapok decide ---------------------------------------------------------------
