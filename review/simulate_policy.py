@@ -100,11 +100,12 @@ class Simulation:
         """Per value of a segment: applications and each side's approvals, approval rate,
         volume, expected loss, income and observed bad rate among matured approvals."""
         aggs: list[pl.Expr] = [pl.len().alias("applications")]
+        per_side: dict[str, list[pl.Expr]] = {}
         for side in SIDES:
             s = "cur" if side == "current" else "cand"
             approved = pl.col(f"decision_{side}") == "approve"
             matured = approved & pl.col("outcome").is_not_null()
-            aggs += [
+            per_side[side] = [
                 approved.sum().alias(f"approved {s}"),
                 approved.mean().alias(f"approval rate {s}"),
                 pl.col(f"exposure_{side}").sum().alias(f"volume {s}"),
@@ -113,6 +114,8 @@ class Simulation:
                 matured.sum().alias(f"matured {s}"),
                 pl.col("outcome").filter(matured).mean().alias(f"bad rate {s}"),
             ]
+        for pair in zip(*per_side.values(), strict=True):  # each figure, current then candidate
+            aggs += pair
         out = self.rows.group_by(segment).agg(aggs)
         if segment == "grade":
             rank = {g: i for i, g in enumerate(self.current.grades)}
@@ -556,8 +559,22 @@ def render(s: Simulation) -> str:
                 )
             )
             if rows.height:
-                doc.table(top.drop("swap").with_columns(
-                    pl.col("outcome").cast(pl.String).fill_null(NOT_MATURED)))  # fmt: skip
+                doc.paragraph("The policy step behind each rule is in the swap list's detail "
+                              "column (CSV, parquet).")  # fmt: skip
+                lent = "limit_candidate" if kind == "in" else "limit_current"
+                doc.table(top.select(
+                    "request_id", "enterprise_id",
+                    pl.col("decided_at").dt.date().cast(pl.String).alias("decided"),
+                    pl.col("pd").map_elements(lambda x: f"{x:.2%}", return_dtype=pl.String),
+                    pl.col("grade_current").alias("grade"),
+                    pl.col("requested_amount").round(0).cast(pl.Int64).alias("amount"),
+                    pl.col("term_months").alias("term"),
+                    pl.col("decision_current").alias("now"),
+                    pl.col("decision_candidate").alias("candidate"),
+                    pl.col(lent).round(0).cast(pl.Int64).alias("limit (approving policy)"),
+                    "rule",
+                    pl.col("outcome").cast(pl.String).fill_null(NOT_MATURED),
+                ))  # fmt: skip
     with doc.section("Method", "方法说明"):
         doc.bullets([
             "Rows: every application decision of the product in the decision log in the window "
