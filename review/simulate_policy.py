@@ -219,12 +219,12 @@ def logged_applications(
     window = f"{_day(since, 'the start')} .. {_day(until, 'now', end=True)}"
     if held.len() == 0:
         raise ValueError(
-            f"no {product} application decisions in the decision log {log.url}: nothing to "
+            f"no {product} application decisions in {log.describe()}: nothing to "
             f"simulate (on simulated data, `kapok backfill --product {product}` writes a history)"
         )
     raise ValueError(
-        f"no {product} application decisions in the window {window}: the decision log "
-        f"{log.url} holds {held.len():,}, decided {held.min():%Y-%m-%d} .. {held.max():%Y-%m-%d}"
+        f"no {product} application decisions in the window {window}: {log.describe()} "
+        f"holds {held.len():,}, decided {held.min():%Y-%m-%d} .. {held.max():%Y-%m-%d}"
     )
 
 
