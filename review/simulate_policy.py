@@ -207,14 +207,15 @@ def _change(a: float | int | None, b: float | int | None, kind: str) -> str:
 
 
 # -- reading the log -----------------------------------------------------------------------------
-def logged_applications(
+def logged_index(
     log: DecisionLog, product: str, since: dt.datetime | None, until: dt.datetime | None
 ) -> pl.DataFrame:
-    """The product's application decisions in [since, until) with amount and term; a clear
-    error saying what the log does hold when the window has none."""
-    frame = log.frame(since, until, product, columns=LOG_COLUMNS)
-    if frame.height:
-        return frame.with_columns(pl.col("request").str.json_decode(REQUEST)).unnest("request")
+    """decided_at and model of the product's application decisions in [since, until) (the
+    narrow read that plans the work); a clear error saying what the log does hold when the
+    window has none."""
+    index = log.frame(since, until, product, columns=["decided_at", "model_name", "model_version"])
+    if index.height:
+        return index
     held = log.frame(product=product, columns=["decided_at"])["decided_at"]
     window = f"{_day(since, 'the start')} .. {_day(until, 'now', end=True)}"
     if held.len() == 0:
@@ -226,6 +227,31 @@ def logged_applications(
         f"no {product} application decisions in the window {window}: {log.describe()} "
         f"holds {held.len():,}, decided {held.min():%Y-%m-%d} .. {held.max():%Y-%m-%d}"
     )
+
+
+def months(
+    index: pl.DataFrame, since: dt.datetime | None, until: dt.datetime | None
+) -> list[tuple[dt.datetime, dt.datetime]]:
+    """[start, end) of each calendar month (UTC) the decisions fall in, within the window: the
+    log is read a month at a time, so memory follows a month's decisions, not the window's."""
+    first, last = index["decided_at"].min(), index["decided_at"].max()
+    start = dt.datetime(first.year, first.month, 1, tzinfo=dt.UTC)  # type: ignore[union-attr]
+    out = []
+    while start <= last:  # type: ignore[operator]
+        end = dt.datetime(start.year + start.month // 12, start.month % 12 + 1, 1, tzinfo=dt.UTC)
+        lo = max(start, since) if since is not None else start
+        hi = min(end, until) if until is not None else end
+        out.append((lo, hi))
+        start = end
+    return out
+
+
+def logged_applications(
+    log: DecisionLog, product: str, since: dt.datetime | None, until: dt.datetime | None
+) -> pl.DataFrame:
+    """The product's application decisions in [since, until), with amount and term."""
+    frame = log.frame(since, until, product, columns=LOG_COLUMNS)
+    return frame.with_columns(pl.col("request").str.json_decode(REQUEST)).unnest("request")
 
 
 def _day(at: dt.datetime | None, default: str, end: bool = False) -> str:
@@ -404,18 +430,23 @@ def simulate(
     candidate = pol.load_policy(Path(candidate_path))  # first: a bad file writes nothing
     current = current or pol.load_policy()
     log = log or DecisionLog()
-    logged = logged_applications(log, product, since, until)
+    index = logged_index(log, product, since, until)
     if on_total:
-        on_total(logged.height)
-    versions = logged.select("model_name", "model_version").unique().sort(pl.all())
-    models = models_for(paths, product, [tuple(v) for v in versions.iter_rows()])
+        on_total(index.height)
+    counts = index.group_by("model_name", "model_version").len().sort("model_name", "model_version")
+    used = {(n, v): c for n, v, c in counts.iter_rows()}
+    models = models_for(paths, product, list(used))
     parts = []
-    for (name, version), (model, _) in models.items():
-        mine = logged.filter((pl.col("model_name") == name) & (pl.col("model_version") == version))
-        for chunk in _chunks(mine, CHUNK):
-            parts.append(decide_chunk(chunk, model, current, candidate))
-            if progress:
-                progress(chunk.height)
+    for start, end in months(index, since, until):
+        logged = logged_applications(log, product, start, end)
+        for (name, version), (model, _) in models.items():
+            mine = logged.filter(
+                (pl.col("model_name") == name) & (pl.col("model_version") == version)
+            )
+            for chunk in _chunks(mine, CHUNK):
+                parts.append(decide_chunk(chunk, model, current, candidate))
+                if progress:
+                    progress(chunk.height)
     rows = pl.concat(parts).sort("decided_at", "request_id")
     notes = []
     bad = rows.filter(pl.col("error").is_not_null())
@@ -450,8 +481,6 @@ def simulate(
             "says they were (the policy or the model changed since, or a /limit decision was "
             "logged at its limit): every figure here is the re-decision, never the log's"
         )
-    counts = logged.group_by("model_name", "model_version").len()
-    used = {(n, v): c for n, v, c in counts.iter_rows()}
     return Simulation(
         product=product, since=since, until=until, current=current, candidate=candidate,
         rows=rows.with_columns(pl.col("grade_current").alias("grade")),
