@@ -281,7 +281,7 @@ def models_for(
 
     from serving.model import load_champion
     from training.pyfunc import load_scorer
-    from training.tracking import configure
+    from training.tracking import _NOT_THERE, configure
 
     client = configure(paths)
     champion: ProductModel | None = None
@@ -289,7 +289,9 @@ def models_for(
     for name, version in versions:
         try:
             client.get_model_version(name, version)
-        except MlflowException:
+        except MlflowException as e:
+            if e.error_code not in _NOT_THERE:  # the store failing is not a model gone
+                raise
             champion = champion or load_champion(paths, product)
             out[(name, version)] = (
                 champion,
@@ -539,7 +541,7 @@ def render(s: Simulation) -> str:
         f"Policy simulation · {s.product} · {s.current.source} vs {s.candidate.source}",
         subtitle=(
             f"{s.rows.height:,} logged {s.product} applications decided "
-            f"{window_text(s)}, re-decided under both policies"
+            f"{window_text(s)}, re-decided under both policies by {'; '.join(s.models)}"
         ),
     )
     swaps_in, swaps_out = s.swap_count("in"), s.swap_count("out")

@@ -144,6 +144,8 @@ def test_a_looser_cutoff_swaps_in_and_the_report_names_both_policies(env, tmp_pa
     assert f"swap-in {swaps.height:,} " in text and "swap-out 0 " in text
     page = html.read_text()
     assert str(current) in page and str(loose) in page
+    # the header says which model re-decided the records
+    assert "re-decided under both policies by kapok-microloan v1, as logged" in page
     # the changed cut-off is listed, and the segments are named, not coded
     assert "products.microloan.approve_max_pd" in page
     assert "By district" in page and "区" in page and "observed bad rate" in page
