@@ -1114,7 +1114,7 @@ def watch_command(
 @friendly_errors
 def keys_add(
     name: Annotated[str, typer.Argument(help="Who the key is for, e.g. acme-microloans.")],
-    role: Annotated[str, typer.Option(help="lender, reviewer or admin.")] = "lender",
+    role: Annotated[str, typer.Option(help="lender, reviewer, officer or admin.")] = "lender",
 ) -> None:
     """Create an API key; only its hash is stored. The key is printed once."""
     from serving.auth import add_key, keys_path

@@ -188,7 +188,7 @@ def openapi() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "An API key from `kapok keys add NAME --role ROLE` "
-                    "(roles: lender, reviewer, admin), sent as "
+                    "(roles: lender, reviewer, officer, admin), sent as "
                     "`Authorization: Bearer kpk_…`.",
                 }
             },
