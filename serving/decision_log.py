@@ -1101,6 +1101,25 @@ class DecisionLog:
             query = query.limit(limit)
         return [_from_row(row) for row in self._select(query, "referrals")], int(total)
 
+    def tally(
+        self,
+        by: Iterable[str],
+        *,
+        endpoints: Iterable[str] | None = APPLICATION_ENDPOINTS,
+        model_name: str | None = None,
+        model_version: str | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """How many records there are per value of the columns `by` (one GROUP BY): rows of
+        (*values, count), of the kinds of record `endpoints` (None: every kind), optionally of
+        one model (and version)."""
+        columns = [decisions.c[name] for name in by]
+        query = self._window(sa.select(*columns, sa.func.count()), None, None, None, endpoints)
+        if model_name is not None:
+            query = query.where(decisions.c.model_name == model_name)
+        if model_version is not None:
+            query = query.where(decisions.c.model_version == model_version)
+        return [tuple(row) for row in self._select(query.group_by(*columns), "tally")]
+
     def count(self) -> int:
         """Number of logged decisions."""
         rows = self._select(sa.select(sa.func.count()).select_from(decisions), "count")
