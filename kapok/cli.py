@@ -1237,21 +1237,26 @@ def queue_list(
     if not items:
         console.print("the referral queue is empty" + (f" for {product}" if product else ""))
         return
-    table = Table(
-        "request_id", "referred at (UTC)", "product", "enterprise", "amount", "term", "pd",
-        "grade", "why referred",
-        title=f"{queue['count']:,} open referrals, {queue['order']}"
-        + (f" (showing {len(items):,})" if len(items) < queue["count"] else ""),
-    )  # fmt: skip
+    shown = f" (showing {len(items):,})" if len(items) < queue["count"] else ""
+    table = Table(title=f"{queue['count']:,} open referrals, {queue['order']}{shown}")
+    for name in ("request_id", "referred (UTC)", "product", "enterprise"):
+        table.add_column(name, no_wrap=True)
+    for name in ("amount", "term", "pd", "grade"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("why referred")
     for item in items:
-        why = ", ".join(item["knockouts"]) or "; ".join(item["referred_because"][-1:])
+        steps = [s for s in item["referred_because"] if s.endswith("-> refer")]
+        why = ", ".join(item["knockouts"]) or "; ".join(steps[:1])
         amount = f"{item['amount']:,.0f}" if item["amount"] is not None else ""
         table.add_row(
-            item["request_id"], item["decided_at"][:19].replace("T", " "), item["product"],
+            item["request_id"], item["decided_at"][:16].replace("T", " "), item["product"],
             item["enterprise_id"], amount, str(item["term_months"] or ""), f"{item['pd']:.2%}",
             item["grade"], why,
         )  # fmt: skip
-    Console().print(table)
+    out = Console()
+    if not out.is_terminal:  # a file or a pipe: whole request ids, one row a line
+        out = Console(width=240)
+    out.print(table)
 
 
 @queue_app.command("decide")
