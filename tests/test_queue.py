@@ -30,6 +30,7 @@ from serving.queue import (
     override,
 )
 from tests.test_decision_log import pg_url  # noqa: F401
+from tests.test_service import served  # noqa: F401
 
 T0 = dt.datetime(2026, 3, 2, 9, 30, tzinfo=dt.UTC)
 EID = "91440112554351777N"
@@ -231,7 +232,7 @@ def racing(url: str) -> None:
     with DecisionLog(url) as log:
         refers = [application() for _ in range(3)]
         log.write_many(refers)
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")  # no re-import of this module in the child
     for refer in refers:
         start, out = ctx.Barrier(2), ctx.Queue()
         procs = [
@@ -268,3 +269,180 @@ def test_a_race_past_the_check_is_stopped_by_the_log(log, policy, monkeypatch) -
     with pytest.raises(AlreadyOverridden, match=first.request_id):
         override(log, policy, refer.request_id, approve(), caller="k")
     assert len(log.between(endpoints=["override"])) == 1
+
+
+def test_override_rates_and_report_counts(log, policy, tmp_path) -> None:
+    """Monitor's override rates (share of the referrals an officer decided, approve vs decline,
+    by grade and by officer) and the model-risk report's counts of overrides against the model
+    count the overrides; a report without a decision log says so instead of failing."""
+    import polars as pl
+
+    from review.monitor import officer_overrides, override_rates
+    from review.report import override_counts
+
+    refers = [application(grade="C2"), application(grade="C2"), application(grade="C3")]
+    log.write_many([*refers, application("approve", grade="B1")])
+    override(log, policy, refers[0].request_id, approve(), caller="li")
+    override(log, policy, refers[2].request_id, Override("decline", "x", "officer-wu"), caller="wu")
+    current = log.frame(columns=["request_id", "grade", "decision"])
+    overrides = officer_overrides(log, "microloan", None)
+    by_grade, totals = override_rates(current, overrides, "grade")
+    assert totals == {"referred": 3, "overridden": 2, "approved": 1, "declined": 1}
+    rows = {r["grade"]: r for r in by_grade.iter_rows(named=True)}
+    assert set(rows) == {"C2", "C3"}  # grades with a referral only
+    assert (rows["C2"]["referred"], rows["C2"]["approved"], rows["C2"]["override_rate"]) == (
+        2,
+        1,
+        0.5,
+    )
+    assert (rows["C3"]["declined"], rows["C3"]["approve_share"]) == (1, 0.0)
+    by_officer, _ = override_rates(current, overrides, "officer")
+    assert by_officer.select("officer", "approved", "declined").rows() == [
+        ("officer-li", 1, 0),
+        ("officer-wu", 0, 1),
+    ]
+    counts = override_counts("kapok-microloan", "1", log.url)
+    assert isinstance(counts, pl.DataFrame)
+    assert counts.rows() == [
+        ("refer", "approve", 1),
+        ("refer", "decline", 1),
+        ("refer", "still open", 1),
+    ]
+    missing = override_counts("kapok-microloan", "1", f"sqlite:///{tmp_path / 'none' / 'x.db'}")
+    assert isinstance(missing, str) and missing.startswith("no decision log")
+    assert not (tmp_path / "none").exists()
+
+
+# -- over HTTP: a served API (tests/test_service.py's `served`) ----------------------------------
+def get(api: Any, path: str, role: str | None) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {api.keys[role]}"} if role else {}
+    request = urllib.request.Request(api.base + path, headers=headers, method="GET")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.slow
+def test_the_queue_over_http(served) -> None:  # noqa: F811
+    """A referred /score decision shows up in GET /queue; POSTing an override logs a new
+    override record linked to it (the original unchanged, the chain intact) and it leaves the
+    queue; the approval is a loan in the lender's book and monitor counts it; roles, 404, 409,
+    422 and bad bodies answer Kapok's error shape."""
+    from review.monitor import monitor
+    from review.portfolio import from_decision_log
+    from serving.api_models import ErrorBody, OverrideAnswer, QueueAnswer
+    from serving.policy import load_policy as policy_at
+    from tests.test_service import request
+
+    api, home, ids, _ = served
+    referred, approved = None, None
+    for eid in ids[:600]:
+        status, body = api.call("/score", request(eid, amount=300_000), role="lender")
+        assert status == 200, body
+        if body["decision"] == "refer" and referred is None:
+            referred = {**body, "enterprise_id": eid}
+        if body["decision"] == "approve" and approved is None:
+            approved = body
+        if referred and approved:
+            break
+    assert referred and approved, "no refer and approve among the first 600 enterprises"
+    rid = referred["request_id"]
+
+    status, queue = get(api, "/queue?product=microloan&limit=1000", "officer")
+    assert status == 200, queue
+    QueueAnswer.model_validate(queue)
+    item = next(i for i in queue["items"] if i["request_id"] == rid)
+    assert (item["enterprise_id"], item["amount"], item["term_months"]) == (
+        referred["enterprise_id"],
+        300_000,
+        12,
+    )
+    assert item["grade"] == referred["grade"] and item["reasons"] == referred["reasons"]
+    assert any(s.endswith("-> refer") for s in item["referred_because"]), item
+
+    # roles: a lender may not see the queue, an officer may not score
+    for status, body in (
+        get(api, "/queue", "lender"),
+        api.call(f"/queue/{rid}", {"decision": "approve", "reason": "x"}, role="lender"),
+        api.call("/score", request(ids[0]), role="officer"),
+    ):
+        assert status == 403 and body["error"]["code"] == "forbidden", body
+    assert get(api, "/queue", None)[0] == 401
+
+    # bad bodies: 400 in the error shape, nothing logged
+    for bad in (
+        {"decision": "maybe", "reason": "x"},
+        {"decision": "approve"},
+        {"decision": "approve", "reason": "   "},
+        {"decision": "approve", "reason": "x", "extra": 1},
+        {"decision": "decline", "reason": "x", "limit": -5},
+        [1],
+    ):
+        status, body = api.call(f"/queue/{rid}", bad, role="officer")
+        assert status == 400, (bad, body)
+        ErrorBody.model_validate(body)
+    status, body = api.call(f"/queue/{rid}", None, role="officer", raw=b"not json")
+    assert (status, body["error"]["code"]) == (400, "invalid_json"), body
+    status, body = api.call(
+        f"/queue/{rid}", {"decision": "approve", "reason": "x", "limit": 2_500_000}, role="officer"
+    )
+    assert (status, body["error"]["code"], body["error"]["field"]) == (
+        422,
+        "override_refused",
+        "limit",
+    ), body
+
+    url = f"sqlite:///{home.home / 'decisions' / 'decisions.db'}"
+    with DecisionLog(url) as log:
+        original = log.get(rid)
+    status, answer = api.call(
+        f"/queue/{rid}",
+        {"decision": "approve", "reason": "site visit: orders confirmed", "limit": 250_000},
+        role="officer",
+    )
+    assert status == 200, answer
+    OverrideAnswer.model_validate(answer)
+    assert answer["overrides"] == rid and answer["officer"] == "test-officer"
+    with DecisionLog(url) as log:
+        made = log.get(answer["request_id"])
+        assert log.get(rid) == original  # the referral itself is never touched
+    assert made.endpoint == "override" and made.request["overrides"] == rid
+    assert made.caller == "test-officer" and made.limit_amount == 250_000
+    assert made.decision == "approve" and made.response == answer
+    assert audit.verify(url).intact
+    _, queue = get(api, "/queue?limit=1000", "officer")
+    assert rid not in {i["request_id"] for i in queue["items"]}
+
+    status, body = api.call(f"/queue/{rid}", {"decision": "decline", "reason": "x"}, "admin")
+    assert (status, body["error"]["code"]) == (409, "already_overridden"), body
+    assert answer["request_id"] in body["error"]["message"] and "test-officer" in str(body)
+    status, body = api.call(
+        f"/queue/{approved['request_id']}", {"decision": "decline", "reason": "x"}, "officer"
+    )
+    assert (status, body["error"]["code"]) == (409, "not_referred"), body
+    assert "'approve'" in body["error"]["message"]
+    status, body = api.call("/queue/req_unknown", {"decision": "decline", "reason": "x"}, "officer")
+    assert (status, body["error"]["code"]) == (404, "decision_not_found"), body
+
+    # the approval is a loan in the lender's book, on the officer's limit
+    book = from_decision_log(url, "microloan", dt.datetime.now(dt.UTC))
+    loan = book.filter(book["request_id"] == answer["request_id"])
+    assert loan.height == 1 and loan["requested_amount"][0] == 250_000
+    # monitor's override rates count it
+
+    result = monitor(
+        home, "microloan", log=DecisionLog(url), policy=policy_at(home.home / "policy.toml")
+    )
+    grade = result.overrides_by_grade.filter(result.overrides_by_grade["grade"] == made.grade)
+    assert grade["approved"][0] >= 1 and grade["overridden"][0] >= 1
+    officer = result.overrides_by_officer.filter(
+        result.overrides_by_officer["officer"] == "test-officer"
+    )
+    assert officer["approved"][0] == 1
+    assert any(c.name == "officer overrides" for c in result.checks)
