@@ -162,6 +162,7 @@ RequestId = Annotated[
     Field(
         min_length=1,
         max_length=100,
+        pattern=r"^[^/.][^/]*$",  # one path segment (req_…, bf_…, <batch id>_<row>)
         description="The request_id of a referred /score, /limit, /price or /screen decision.",
         examples=["req_d905f440373c45eaba39caa7b2ddb28a"],
     ),

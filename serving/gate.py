@@ -62,16 +62,18 @@ def _route(key: str) -> tuple[str, str]:
 
 
 def _pattern(path: str) -> re.Pattern[str]:
-    """A route path with `{name}` segments as a regular expression ({name}: one segment)."""
+    """A route path with `{name}` segments as a regular expression. A `{name}` matches the rest
+    of the path, whatever it is (empty, or with slashes): every request under the route's
+    prefix is gated, and the endpoint says what is wrong with a parameter it cannot use."""
     parts = re.split(r"(\{[^/{}]+\})", path)
     return re.compile(
-        "".join("[^/]+" if p.startswith("{") and p.endswith("}") else re.escape(p) for p in parts)
+        "".join(".*" if p.startswith("{") and p.endswith("}") else re.escape(p) for p in parts)
     )
 
 
 class RequestGate:
     """ASGI: a request to a route of `permissions` (route → the permission it needs; a route is
-    a path, meaning POST, or 'METHOD /path', whose `{name}` segments match any one segment, e.g.
+    a path, meaning POST, or 'METHOD /path', whose `{name}` matches the rest of the path, e.g.
     'POST /queue/{request_id}') is answered 401, 403 or 415 before anything reads its body, or
     let in with its caller in the request's state (`gated_caller`); every other request passes
     untouched."""

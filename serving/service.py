@@ -201,7 +201,9 @@ async def queue_decide(request: Request) -> JSONResponse:
 QUEUE_APP = Starlette(
     routes=[
         Route("/queue", queue_list, methods=["GET"]),
-        Route("/queue/{request_id}", queue_decide, methods=["POST"]),
+        # any rest of the path, so that a request id it cannot be (empty, with a slash) is a
+        # 400 naming request_id rather than BentoML's redirect or 404
+        Route("/queue/{request_id:path}", queue_decide, methods=["POST"]),
     ]
 )
 
