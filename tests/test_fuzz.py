@@ -317,7 +317,9 @@ def referred_ids(served, request_ids: list[str]) -> list[str]:  # noqa: F811
     api: Api = served[0]
     referred: list[str] = []
     for eid in served[2][:400]:
-        status, answer = api.call("/score", request(eid, amount=300_000), role="lender")
+        # guarantees: no price cap turns a PD in the refer band into a decline
+        body = request(eid, product="guarantee", amount=500_000)
+        status, answer = api.call("/score", body, role="lender")
         assert status == 200, answer
         if answer["decision"] == "refer":
             referred.append(answer["request_id"])

@@ -343,7 +343,9 @@ def test_the_queue_over_http(served) -> None:  # noqa: F811
     api, home, ids, _ = served
     referred, approved = None, None
     for eid in ids[:600]:
-        status, body = api.call("/score", request(eid, amount=300_000), role="lender")
+        # a guarantee: no price cap turns a PD in the refer band into a decline
+        application = request(eid, product="guarantee", amount=500_000)
+        status, body = api.call("/score", application, role="lender")
         assert status == 200, body
         if body["decision"] == "refer" and referred is None:
             referred = {**body, "enterprise_id": eid}
@@ -354,13 +356,13 @@ def test_the_queue_over_http(served) -> None:  # noqa: F811
     assert referred and approved, "no refer and approve among the first 600 enterprises"
     rid = referred["request_id"]
 
-    status, queue = get(api, "/queue?product=microloan&limit=1000", "officer")
+    status, queue = get(api, "/queue?product=guarantee&limit=1000", "officer")
     assert status == 200, queue
     QueueAnswer.model_validate(queue)
     item = next(i for i in queue["items"] if i["request_id"] == rid)
     assert (item["enterprise_id"], item["amount"], item["term_months"]) == (
         referred["enterprise_id"],
-        300_000,
+        500_000,
         12,
     )
     assert item["grade"] == referred["grade"] and item["reasons"] == referred["reasons"]
@@ -390,7 +392,7 @@ def test_the_queue_over_http(served) -> None:  # noqa: F811
     status, body = api.call(f"/queue/{rid}", None, role="officer", raw=b"not json")
     assert (status, body["error"]["code"]) == (400, "invalid_json"), body
     status, body = api.call(
-        f"/queue/{rid}", {"decision": "approve", "reason": "x", "limit": 2_500_000}, role="officer"
+        f"/queue/{rid}", {"decision": "approve", "reason": "x", "limit": 800_000}, role="officer"
     )
     assert (status, body["error"]["code"], body["error"]["field"]) == (
         422,
@@ -403,7 +405,7 @@ def test_the_queue_over_http(served) -> None:  # noqa: F811
         original = log.get(rid)
     status, answer = api.call(
         f"/queue/{rid}",
-        {"decision": "approve", "reason": "site visit: orders confirmed", "limit": 250_000},
+        {"decision": "approve", "reason": "site visit: orders confirmed", "limit": 400_000},
         role="officer",
     )
     assert status == 200, answer
@@ -413,7 +415,7 @@ def test_the_queue_over_http(served) -> None:  # noqa: F811
         made = log.get(answer["request_id"])
         assert log.get(rid) == original  # the referral itself is never touched
     assert made.endpoint == "override" and made.request["overrides"] == rid
-    assert made.caller == "test-officer" and made.limit_amount == 250_000
+    assert made.caller == "test-officer" and made.limit_amount == 400_000
     assert made.decision == "approve" and made.response == answer
     assert audit.verify(url).intact
     _, queue = get(api, "/queue?limit=1000", "officer")
@@ -431,13 +433,13 @@ def test_the_queue_over_http(served) -> None:  # noqa: F811
     assert (status, body["error"]["code"]) == (404, "decision_not_found"), body
 
     # the approval is a loan in the lender's book, on the officer's limit
-    book = from_decision_log(url, "microloan", dt.datetime.now(dt.UTC))
+    book = from_decision_log(url, "guarantee", dt.datetime.now(dt.UTC))
     loan = book.filter(book["request_id"] == answer["request_id"])
-    assert loan.height == 1 and loan["requested_amount"][0] == 250_000
+    assert loan.height == 1 and loan["requested_amount"][0] == 400_000
     # monitor's override rates count it
 
     result = monitor(
-        home, "microloan", log=DecisionLog(url), policy=policy_at(home.home / "policy.toml")
+        home, "guarantee", log=DecisionLog(url), policy=policy_at(home.home / "policy.toml")
     )
     grade = result.overrides_by_grade.filter(result.overrides_by_grade["grade"] == made.grade)
     assert grade["approved"][0] >= 1 and grade["overridden"][0] >= 1
