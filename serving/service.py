@@ -131,6 +131,32 @@ def freeze_loaded_heap() -> None:
     gc.freeze()
 
 
+def caller_name(service: Any, scope: Any, path: str, permission: str) -> str:
+    """The caller's name (the decision log's `caller`). RequestGate checked the key and the
+    role before BentoML read the body and handed on the caller it let in: the key is not
+    checked again. A request that reached the endpoint without it (a route the gate does
+    not know) is refused, never answered unchecked; the role is checked again against the
+    endpoint's own permission (a set lookup), should the gate's map and the endpoint differ.
+    """
+    if not service.ready:
+        raise ApiError(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "starting: the models are not loaded yet (GET /readyz answers 200 once they are)",
+            code="starting",
+        )
+    caller = gated_caller(scope)
+    if caller is None:
+        raise ApiError(
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+            f"{path} was reached without the request gate's key check (serving/gate.py): refused",
+        )
+    try:
+        service.keys.authorize(caller, permission)
+    except AuthError as e:
+        raise ApiError(e.status, str(e)) from None
+    return caller.name
+
+
 # -- the referral queue: GET /queue and POST /queue/{request_id} ----------------------------------
 # BentoML 1.4's @bentoml.api routes answer POST only (its app adds each as a Starlette Route with
 # methods=["POST"]) and hand the endpoint the body, not the path's parameters: the queue's two
@@ -163,7 +189,7 @@ async def queue_list(request: Request) -> JSONResponse:
         from serving.queue import open_queue
 
         service: Kapok = bentoml.get_current_service()
-        service.gated(request.scope, request.url.path, "queue")
+        caller_name(service, request.scope, request.url.path, "queue")
         query = check(m.QueueQuery, dict(request.query_params))
         with log_faults("cannot read the queue"):
             return open_queue(service.log, query.product, query.since, query.until, query.limit)
@@ -179,7 +205,7 @@ async def queue_decide(request: Request) -> JSONResponse:
         from serving.queue import Override, QueueError, override
 
         service: Kapok = bentoml.get_current_service()
-        caller = service.gated(request.scope, request.url.path, "queue")
+        caller = caller_name(service, request.scope, request.url.path, "queue")
         request_id = check(m.QueuePath, dict(request.path_params)).request_id
         try:
             body = json.loads(raw or b"{}")
@@ -269,33 +295,7 @@ class Kapok:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _caller(self, ctx: bentoml.Context, permission: str) -> str:
-        return self.gated(ctx.request.scope, ctx.request.url.path, permission)
-
-    def gated(self, scope: Any, path: str, permission: str) -> str:
-        """The caller's name (the decision log's `caller`). RequestGate checked the key and the
-        role before BentoML read the body and handed on the caller it let in: the key is not
-        checked again. A request that reached the endpoint without it (a route the gate does
-        not know) is refused, never answered unchecked; the role is checked again against the
-        endpoint's own permission (a set lookup), should the gate's map and the endpoint differ.
-        """
-        if not self.ready:
-            raise ApiError(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "starting: the models are not loaded yet (GET /readyz answers 200 once they are)",
-                code="starting",
-            )
-        caller = gated_caller(scope)
-        if caller is None:
-            raise ApiError(
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                f"{path} was reached without the request gate's key check "
-                "(serving/gate.py): refused",
-            )
-        try:
-            self.keys.authorize(caller, permission)
-        except AuthError as e:
-            raise ApiError(e.status, str(e)) from None
-        return caller.name
+        return caller_name(self, ctx.request.scope, ctx.request.url.path, permission)
 
     def _envelope(self, request_id: str, product: str, model: Any, feats: Any) -> dict[str, Any]:
         return {
