@@ -160,19 +160,11 @@ def caller_name(service: Any, scope: Any, path: str, permission: str) -> str:
 # -- the referral queue: GET /queue and POST /queue/{request_id} ----------------------------------
 # BentoML 1.4's @bentoml.api routes answer POST only (its app adds each as a Starlette Route with
 # methods=["POST"]) and hand the endpoint the body, not the path's parameters: the queue's two
-# routes are a small Starlette app mounted into the service (bentoml.mount_asgi_app), behind the
+# routes are a small Starlette app mounted into the service (bentoml.asgi_app), behind the
 # same middlewares as every endpoint (error shape, request gate: key, role, rate, content type,
 # body size), documented in serving/api_docs.py with the others. Its handlers reach the worker's
 # Kapok instance (its decision log, its policy, its readiness) through
 # bentoml.get_current_service().
-def _queue_error(e: Exception) -> ApiError:
-    from serving.queue import QueueError
-
-    if isinstance(e, QueueError):
-        return ApiError(e.status, e.message, code=e.code, field=e.field)
-    raise e
-
-
 async def _queue_answer(work: Callable[[], dict[str, Any]]) -> JSONResponse:
     from starlette.concurrency import run_in_threadpool
 
@@ -217,8 +209,8 @@ async def queue_decide(request: Request) -> JSONResponse:
             decided = Override(given.decision, given.reason, caller, given.limit, given.price)
             with log_faults("nothing recorded"):
                 record = override(service.log, service.engine.policy, request_id, decided, caller)
-        except QueueError as e:
-            raise _queue_error(e) from None
+        except QueueError as e:  # 400, 404, 409, 422 with the queue's own code
+            raise ApiError(e.status, e.message, code=e.code, field=e.field) from None
         return record.response
 
     return await _queue_answer(work)
