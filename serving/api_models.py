@@ -8,12 +8,14 @@ these models, so the documented shape is the served one.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
@@ -169,26 +171,45 @@ RequestId = Annotated[
 ]
 
 
+def _iso_time(value: Any) -> Any:
+    """A query parameter's time must be ISO 8601 text (pydantic alone also takes a number of
+    seconds since 1970, which no one means by `until=0.5`)."""
+    if not isinstance(value, str) or not _ISO_DATE.match(value):
+        raise ValueError("should be an ISO 8601 time with an offset, e.g. 2026-12-01T00:00:00Z")
+    return value
+
+
+def _whole_number(value: Any) -> Any:
+    """A query parameter's count must be written as a whole number ('1.0' is not one)."""
+    if isinstance(value, str) and not value.strip().isdigit():
+        raise ValueError(f"should be a whole number, got {value!r}")
+    return value
+
+
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+QueryTime = Annotated[AwareDatetime, BeforeValidator(_iso_time)]
+
+
 class QueueQuery(_Request):
     """GET /queue's query parameters (all optional)."""
 
     product: ProductName | None = None
     since: Annotated[
-        AwareDatetime | None,
+        QueryTime | None,
         Field(
             description="Only referrals decided at or after this time (ISO 8601 with offset).",
             examples=["2026-12-01T00:00:00Z"],
         ),
     ] = None
     until: Annotated[
-        AwareDatetime | None,
+        QueryTime | None,
         Field(description="Only referrals decided before this time (ISO 8601 with offset)."),
     ] = None
     limit: Annotated[
         int,
+        Field(ge=1, le=MAX_QUEUE),
+        BeforeValidator(_whole_number),
         Field(
-            ge=1,
-            le=MAX_QUEUE,
             description=f"At most this many items (1-{MAX_QUEUE:,}); `count` says how many "
             "are open in all.",
             examples=[100],
