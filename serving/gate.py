@@ -178,6 +178,8 @@ class RequestGate:
             verdict = self.limiter.take(caller.name)
             if not verdict.allowed:
                 return TooManyRequests(self.limiter.message(verdict.retry_after), verdict)
+        if scope.get("method") in ("GET", "HEAD"):
+            return caller  # no body to type or size (GET /queue reads its query only)
         content_type = headers.get("content-type", "").strip()
         if content_type and media_type(content_type) != JSON:
             said = media_type(content_type)
