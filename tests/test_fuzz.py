@@ -186,7 +186,8 @@ def test_generated_requests(case: schemathesis.Case, served) -> None:  # noqa: F
             continue
         conforms(path, status, body, said)
         if who in allowed(path):
-            if sent_as(response) not in ("", "application/json"):
+            has_body = BY_PATH[path].request is not None  # GET /queue takes none to type
+            if has_body and sent_as(response) not in ("", "application/json"):
                 assert status == 415, f"{said}: {status} {body}"
                 assert body["error"]["code"] == "unsupported_media_type", f"{said}: {body}"
             continue
