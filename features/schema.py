@@ -20,6 +20,19 @@ DType = Literal["float", "int", "string"]
 
 
 @dataclass(frozen=True)
+class Actionable:
+    """How an enterprise can move a feature in the near term (paying overdue tax, collecting
+    overdue receivables, paying down debt; never its history, age, court records or industry):
+    which way (`direction` -1 down, +1 up) and how far (`bound`, the value the action reaches),
+    with the action in English and Chinese. Used by the what-if search (serving/whatif.py)."""
+
+    direction: int
+    bound: float
+    action: str
+    action_zh: str
+
+
+@dataclass(frozen=True)
 class Family:
     """A source family: one feature table and one Feast feature view."""
 
@@ -56,6 +69,9 @@ class Feature:
     # snapshot ever holds its whole window. Derived from features.pipelines, and checked against
     # it by tests/test_schema.py.
     lookback: int | None = 0
+    # Whether the enterprise can act on it, which way and how far (None: it cannot, in the
+    # near term); moving it that way must not be expected to raise the risk (`direction`).
+    actionable: Actionable | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in (-1, 0, 1):
@@ -64,6 +80,18 @@ class Feature:
             raise ValueError(f"{self.name}: a categorical feature has no risk direction")
         if self.lookback is not None and self.lookback < 0:
             raise ValueError(f"{self.name}: lookback is a number of months, at least 0")
+        if self.actionable is not None:
+            move = self.actionable
+            if move.direction not in (-1, 1) or move.direction != -self.direction:
+                raise ValueError(
+                    f"{self.name}: actionable direction {move.direction} must lower the risk "
+                    f"(the feature's risk direction is {self.direction})"
+                )
+            low, high = self.bounds
+            if not low <= move.bound <= high:
+                raise ValueError(
+                    f"{self.name}: actionable bound {move.bound} outside {low}..{high}"
+                )
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -107,7 +135,7 @@ FAMILIES: tuple[Family, ...] = (
            "credit_history", PUBLICATION_DAY["credit_history"], _TTL),
 )  # fmt: skip
 
-F = Feature
+F, A = Feature, Actionable
 FEATURES: tuple[Feature, ...] = (
     # registration
     F("reg_firm_age_months", "registration", "int", "months", -1,
@@ -123,7 +151,9 @@ FEATURES: tuple[Feature, ...] = (
     F("reg_legal_rep_changes_24m", "registration", "int", "count", 1,
       "Legal-representative changes in the last 24 months", "近24个月法定代表人变更次数", lookback=23),
     F("reg_abnormal_ops_listed", "registration", "int", "0/1", 1,
-      "Currently on the abnormal-operations list", "当前列入经营异常名录", lookback=None),
+      "Currently on the abnormal-operations list", "当前列入经营异常名录", lookback=None,
+      actionable=A(-1, 0, "Correct the annual report or registered address and apply to be removed from the abnormal-operations list",
+                   "补报年报或更正登记住所，申请移出经营异常名录")),
     F("reg_abnormal_ops_listings_24m", "registration", "int", "count", 1,
       "Abnormal-operations listings in the last 24 months", "近24个月列入经营异常名录次数", lookback=23),
     # tax
@@ -143,7 +173,9 @@ FEATURES: tuple[Feature, ...] = (
     F("tax_paid_to_sales_12m", "tax", "float", "ratio", -1,
       "VAT and income tax paid / declared sales, last 12 months", "近12个月税负率", lookback=11),
     F("tax_overdue_12m", "tax", "float", "CNY", 1,
-      "Overdue tax, last 12 months", "近12个月欠税金额", lookback=11),
+      "Overdue tax, last 12 months", "近12个月欠税金额", lookback=11,
+      actionable=A(-1, 0, "Pay the overdue tax (the 12-month figure falls as months without arrears replace the overdue ones)",
+                   "缴清欠税（此后无欠税的月份逐月替代欠税月份，近12个月欠税金额随之降低）")),
     F("tax_overdue_months_12m", "tax", "int", "months", 1,
       "Months with overdue tax, last 12 months", "近12个月欠税月数", lookback=11),
     F("tax_late_filings_12m", "tax", "int", "count", 1,
@@ -192,11 +224,13 @@ FEATURES: tuple[Feature, ...] = (
     F("arap_receivables", "receivables_payables", "float", "CNY", 0,
       "Receivables balance, latest month", "最近一月应收账款余额", lookback=2),
     F("arap_overdue_receivables_ratio", "receivables_payables", "float", "share", 1,
-      "Overdue receivables / receivables, latest month", "最近一月逾期应收账款占比", lookback=2),
+      "Overdue receivables / receivables, latest month", "最近一月逾期应收账款占比", lookback=2,
+      actionable=A(-1, 0, "Collect the overdue receivables from customers", "向客户催收逾期应收账款")),
     F("arap_overdue_receivables_ratio_6m", "receivables_payables", "float", "share", 1,
       "Overdue receivables / receivables, last 6 months", "近6个月逾期应收账款占比", lookback=5),
     F("arap_days_payable", "receivables_payables", "float", "days", 1,
-      "Days payable outstanding, latest month", "最近一月应付账款周转天数", lookback=2),
+      "Days payable outstanding, latest month", "最近一月应付账款周转天数", lookback=2,
+      actionable=A(-1, 30, "Pay suppliers within 30 days (settle the overdue payables)", "在30天内向供应商付款（结清逾期应付账款）")),
     F("arap_days_payable_change_6m", "receivables_payables", "float", "days", 1,
       "Change in days payable outstanding vs 6 months earlier", "应付账款周转天数较6个月前变化",
       signed=True, lookback=6),
@@ -219,9 +253,11 @@ FEATURES: tuple[Feature, ...] = (
     F("cred_balance", "credit_history", "float", "CNY", 0,
       "Outstanding balance reported, latest month", "最近一月贷款余额", lookback=2),
     F("cred_nonbank_share", "credit_history", "float", "share", 1,
-      "Share of the balance owed to microloan companies", "小贷余额占比", lookback=2),
+      "Share of the balance owed to microloan companies", "小贷余额占比", lookback=2,
+      actionable=A(-1, 0, "Repay the microloan-company debt (or refinance it with a bank loan)", "偿还小额贷款公司借款（或以银行贷款置换）")),
     F("cred_balance_growth_6m", "credit_history", "float", "ratio", 1,
-      "Change in the outstanding balance vs 6 months earlier", "贷款余额较6个月前增长率", lookback=6),
+      "Change in the outstanding balance vs 6 months earlier", "贷款余额较6个月前增长率", lookback=6,
+      actionable=A(-1, 0, "Pay debt down to no more than its level of 6 months ago", "将贷款余额压降至不高于6个月前的水平")),
     F("cred_dpd30_months_12m", "credit_history", "int", "months", 1,
       "Months with a 30+ days past due report, last 12 months", "近12个月逾期30天以上月数", lookback=11),
     F("cred_dpd90_months_24m", "credit_history", "int", "months", 1,
@@ -245,10 +281,12 @@ REQUEST_FEATURES: tuple[Feature, ...] = (
     F("req_term_months", "request", "int", "months", 0,
       "Requested term", "申请期限"),
 )  # fmt: skip
-del F
+del F, A
 
 ALL_FEATURES: tuple[Feature, ...] = FEATURES + REQUEST_FEATURES
 BY_NAME: dict[str, Feature] = {f.name: f for f in ALL_FEATURES}
+# what the enterprise can act on in the near term (the what-if search's features)
+ACTIONABLE: tuple[Feature, ...] = tuple(f for f in FEATURES if f.actionable is not None)
 
 PRODUCTS = ("microloan", "guarantee", "insurance")
 FEATURE_SERVICE = {product: f"{product}_v1" for product in PRODUCTS}

@@ -44,6 +44,10 @@ audit_app = typer.Typer(
     help="Tamper evidence of the decision log: verify its hash chain, print its head to anchor."
 )
 app.add_typer(audit_app, name="audit", no_args_is_help=True)
+actions_app = typer.Typer(
+    help="Early-warning actions (处置) that `kapok watch` opens: list them, record outcomes."
+)
+app.add_typer(actions_app, name="actions", no_args_is_help=True)
 
 
 @app.callback()
@@ -108,6 +112,7 @@ _KNOWN_ERRORS = {
     ("features.store", "OnlineStoreConfigError"),
     ("kapok.uscc", "USCCError"),
     ("serving.queue", "QueueError"),
+    ("review.actions", "ActionsError"),
 }
 
 
@@ -865,6 +870,117 @@ def explain_command(
     console.print(f"report: {target}")
 
 
+# -- what-if: kapok whatif ------------------------------------------------------------------------
+def _numbers(text: str | None, option: str, kind: type) -> list[Any] | None:
+    """A comma-separated list of numbers (None when the option is not given)."""
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(kind(part.strip()))
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{option}: {part.strip()!r} is not {what}") from None
+    return out
+
+
+_WHATIF_OPTIONS = {
+    "grid.amounts": "--amounts",
+    "grid.terms": "--terms",
+    "grid": "--amounts x --terms",
+    "term_months": "--term",
+    "amount": "--amount",
+}
+
+
+@app.command("whatif")
+@friendly_errors
+def whatif_command(
+    enterprise_id: Annotated[str, typer.Argument(help="Unified Social Credit Code (18 chars).")],
+    product: Annotated[str, typer.Option(help="microloan, guarantee or insurance.")] = "microloan",
+    amount: Annotated[float, typer.Option(help="Requested amount, CNY.")] = 100_000.0,
+    term: Annotated[int, typer.Option(help="Requested term, months.")] = 12,
+    amounts: Annotated[
+        str | None, typer.Option(help="Amounts to decide, CNY, comma-separated: 100000,200000.")
+    ] = None,
+    terms: Annotated[
+        str | None, typer.Option(help="Terms to decide, months, comma-separated: 6,12,24.")
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the answer of POST /whatif as JSON.")
+    ] = False,
+) -> None:
+    """What would get this approved: the decision at other amounts and terms (at most 20
+    cells), and the smallest change to what the enterprise can act on (overdue tax, overdue
+    receivables, debt) that would approve, from the online features, the champion and the
+    policy the API uses. An estimate: nothing is decided and nothing is logged."""
+    import json
+
+    from features.schema import PRODUCTS
+    from kapok import uscc
+    from serving.engine import EnterpriseNotFound, LendingEngine
+    from serving.whatif import WhatIfInputError, what_if
+
+    if product not in PRODUCTS:
+        raise ValueError(f"--product must be one of {', '.join(PRODUCTS)}, got {product!r}")
+    code = uscc.validate(enterprise_id)
+    grid_amounts = _numbers(amounts, "--amounts", float)
+    grid_terms = _numbers(terms, "--terms", int)
+    _quiet_mlflow()
+    with console.status("loading the champion and the online features"):
+        engine = LendingEngine(paths(), products=(product,))
+    try:
+        w = what_if(engine, code, product, amount, term, grid_amounts, grid_terms)
+    except EnterpriseNotFound as e:
+        raise ValueError(f"the online feature store has no data for {code}") from e
+    except WhatIfInputError as e:
+        option = _WHATIF_OPTIONS.get(e.field.split("[")[0], e.field)
+        raise ValueError(f"{option}{str(e)[len(e.field.split('[')[0]) :]}") from None
+    answer = w.as_dict()
+    if json_out:
+        print(json.dumps(answer, ensure_ascii=False, indent=2))
+        return
+    now = answer["current"]
+    console.print(
+        f"[bold]what-if[/] {code} {product}: CNY {amount:,.0f} over {term} months, "
+        f"model {answer['model_name']} v{answer['model_version']}, features as of "
+        f"{answer['features_as_of']}",
+        highlight=False,
+    )
+    console.print(f"[bold yellow]estimate:[/] {answer['note']}", highlight=False, soft_wrap=True)
+    console.print(
+        f"now: {now['decision']}, PD {now['pd']:.4f}, grade {now['grade']}, score "
+        f"{now['score']:.0f}, {now['rate_name']} {now['rate']:.2%}"
+        + ("" if now["within_cap"] else " (above the cap)"),
+        highlight=False,
+    )
+    grid = Table("amount", "term", "decision", "PD", "grade", "rate", "limit", "binding",
+                 title="other amounts and terms")  # fmt: skip
+    for c in answer["grid"]:
+        grid.add_row(
+            f"{c['amount']:,.0f}", str(c["term_months"]), c["decision"], f"{c['pd']:.4f}",
+            c["grade"], f"{c['rate']:.2%}" + ("" if c["within_cap"] else " > cap"),
+            f"{c['limit']:,.0f}", c["binding_constraint"],
+        )  # fmt: skip
+    console.print(grid)
+    changes = answer["changes"]
+    console.print(
+        f"[bold]what the enterprise can change:[/] {changes['message']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if changes["changes"]:
+        table = Table("action", "change", "of the way", "PD alone", title="smallest change")
+        for c in changes["changes"]:
+            table.add_row(c["action"], c["text_en"], f"{c['share_of_way']:.0%}",
+                          f"{c['pd_alone']:.4f} ({c['decision_alone']})")  # fmt: skip
+        console.print(table)
+        console.print(
+            f"PD with every change: {changes['final_pd']:.4f} ({changes['final_decision']})"
+        )
+
+
 # -- monitoring and back-testing: kapok monitor --------------------------------------------------
 @app.command("monitor")
 @friendly_errors
@@ -1073,13 +1189,15 @@ def watch_command(
     from the Feast offline store read point in time, and flags: a drop of 2+ grades, PD at least
     doubled, a new court enforcement or dishonest-debtor listing, a collapse (50%+) in declared
     sales or electricity use. Each flag comes with its reasons; model-driven flags name the
-    features that moved the risk (TreeSHAP). Writes watch-<product>-<DATE>.parquet, .csv and
-    .html (grade migration matrix, top deteriorations, PD-ratio histogram).
+    features that moved the risk (TreeSHAP). Opens the policy's early-warning actions for the
+    flagged borrowers, with their due dates, in the actions store (`kapok actions list`; a re-run
+    for the same date opens nothing twice). Writes watch-<product>-<DATE>.parquet, .csv and
+    .html (action counts, grade migration matrix, top deteriorations, PD-ratio histogram).
     """
     from review.watch import run
 
     _quiet_mlflow()
-    steps = ("champion", "portfolio", "features", "scoring", "flags", "explain", "write")
+    steps = ("champion", "portfolio", "features", "scoring", "flags", "explain", "actions", "write")
     t0 = time.perf_counter()
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -1110,9 +1228,111 @@ def watch_command(
     console.print(f"model: {result.model}; portfolio: {result.source}")
     if result.no_data:
         console.print(f"{result.no_data:,} borrowers have no feature snapshot at either date")
+    if result.actions is not None and result.action_summary is not None:
+        summary = result.action_summary
+        console.print(
+            f"actions: {result.actions.height:,} for the flagged borrowers, "
+            f"{result.new_actions:,} new in the actions store; {int(summary['open'].sum()):,} "
+            f"{result.product} actions open, {int(summary['overdue'].sum()):,} overdue on "
+            f"{result.as_of} (kapok actions list)",
+            soft_wrap=True,
+            highlight=False,
+        )
     for path in result.files.values():
         console.print(f"wrote {path}")
     console.print(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+# -- prospecting: kapok prospect -----------------------------------------------------------------
+@app.command("prospect")
+@friendly_errors
+def prospect_command(
+    product: Annotated[str, typer.Option(help="microloan, guarantee or insurance.")],
+    as_of: Annotated[
+        str,
+        typer.Option(
+            "--as-of", help="Decide on the features known at the close of this date, YYYY-MM-DD."
+        ),
+    ],
+    top: Annotated[
+        int | None, typer.Option(help="Keep only the N offers with the lowest PD (default: all).")
+    ] = None,
+    district: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--district",
+            help="Only this district: division code, English or Chinese name (440113, Panyu, "
+            "番禺区). Repeat for several.",
+        ),
+    ] = None,
+    industry: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--industry",
+            help="Only this GB/T 4754 industry section letter (C: manufacturing, F: wholesale "
+            "and retail, ...). Repeat for several.",
+        ),
+    ] = None,
+    term: Annotated[
+        int, typer.Option(help="Term of the offered loan, guarantee or cover, in months.")
+    ] = 12,
+    portfolio: Annotated[
+        Path | None,
+        typer.Option(
+            help="The current borrowers, kept elsewhere: parquet or CSV with enterprise_id [, "
+            "requested_amount, term_months, start_date]. Default: running approved loans in the "
+            "decision log."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: KAPOK_HOME/reports).")
+    ] = None,
+) -> None:
+    """Pre-approved offers (精准营销): the enterprises of the region that qualify and are not yet
+    borrowers, with a limit, a price and the reasons they qualify.
+
+    Every enterprise with features at --as-of, minus the product's current borrowers, is decided
+    by the same decision core as the API, at a request of the product's house limit (policy_cap
+    in serving/policy.toml) for --term months, with the limit search. Only approvals with a
+    positive limit are offers: knock-outs, referrals and declines are never listed. Offers are
+    sorted by PD, lowest first. Each offer has its district, industry, size class, PD, score,
+    grade, pre-approved limit, price (rate, fee or premium), expected loss (PD x LGD x limit) and
+    revenue for one year, and the three features that lowered its risk the most.
+
+    Writes prospect-PRODUCT-DATE.parquet, .csv and .html (counts, limits, expected loss and
+    revenue by grade, district and industry; the top offers) to --out.
+
+    Offers are decisions: each is logged to the decision log (endpoint "prospect", new request
+    ids every run), so running it twice logs two sets of offers. They are never taken for loans:
+    `kapok watch` and `kapok monitor` read applications only.
+
+    Example: kapok prospect --product microloan --as-of 2025-06-30 --top 500 --district Panyu
+    """
+    from review import prospect as pr
+
+    _quiet_mlflow()
+    t0 = time.perf_counter()
+    home = paths()
+    req = pr.parse_request(home, product, as_of, term=term, top=top,
+                           districts=district or (), industries=industry or ())  # fmt: skip
+    result = pr.run(home, req, portfolio=portfolio, out=out, bar=progress_bar)
+    offers = result.frame
+    console.print(
+        f"{result.model}: {result.region:,} enterprises in the region, {result.borrowers:,} "
+        f"current borrowers left out, {result.decided:,} decided"
+    )
+    for key, n in result.not_offered.items():
+        console.print(f"  not offered, {pr.NOT_OFFERED[key]}: {n:,}")
+    console.print(
+        f"{offers.height:,} offers, total limit CNY {offers['limit'].sum():,.0f}, expected loss "
+        f"CNY {offers['expected_loss'].sum():,.0f} and revenue CNY "
+        f"{offers['expected_revenue'].sum():,.0f} a year; {result.logged:,} logged as run "
+        f"{result.run_id}"
+    )
+    for path in result.files.values():
+        console.print(f"wrote {path}")
+    spent = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items() if k != "total")
+    console.print(f"done in {time.perf_counter() - t0:.1f} s ({spent})")
 
 
 @keys_app.command("add")
@@ -1195,6 +1415,112 @@ def keys_revoke(
         "a running kapok serve loaded its keys at start and still accepts this one "
         "until it is restarted",
         soft_wrap=True,
+    )
+
+
+# -- actions: what the lender does about a flagged borrower ------------------------------------
+@actions_app.command("list")
+@friendly_errors
+def actions_list(
+    product: Annotated[
+        str | None, typer.Option(help="Only this product's actions (default: every product).")
+    ] = None,
+    overdue: Annotated[
+        bool, typer.Option("--overdue", help="Only the open actions past their due date.")
+    ] = False,
+    every: Annotated[
+        bool,
+        typer.Option("--all", help="Closed actions too, with the outcome that closed them."),
+    ] = False,
+    on: Annotated[
+        str | None,
+        typer.Option(help="Judge overdue on this date, YYYY-MM-DD (default: today, UTC)."),
+    ] = None,
+) -> None:
+    """The open early-warning actions, most overdue first: id, borrower, action, why, due date;
+    an overdue one is marked OVERDUE with its days late. Record what came of one with
+    `kapok actions record ACTION_ID --outcome TEXT --officer NAME [--close]`."""
+    import datetime as dt
+
+    import polars as pl
+    from rich.markup import escape
+    from rich.table import Column
+
+    from review.actions import ActionStore
+    from review.portfolio import parse_date
+
+    if product is not None:
+        _check_product(product)
+    day = parse_date(on, "--on") if on else dt.datetime.now(dt.UTC).date()
+    with ActionStore() as store:
+        frame = store.frame(product, day, include_closed=every)
+        where = store.url
+    if overdue:
+        frame = frame.filter(pl.col("overdue"))
+    fixed = {"no_wrap": True, "min_width": 10}
+    table = Table(
+        Column("action id", **fixed), Column("enterprise", **fixed), Column("product"),
+        Column("action", overflow="fold"), Column("trigger", overflow="fold"),
+        Column("as of", **fixed), Column("due", **fixed), Column("status", no_wrap=True),
+        Column("why / outcome", overflow="fold", ratio=1),
+        title=escape(f"{'actions' if every else 'open actions'} in {where} on {day}"),
+    )  # fmt: skip
+    for r in frame.iter_rows(named=True):
+        if r["status"] == "closed":
+            status = "closed"
+            why = f"{r['last_outcome']} ({r['officer']}, {r['outcome_at'][:10]})"
+        elif r["overdue"]:
+            status = f"[bold red]OVERDUE {r['days_overdue']} d[/]"
+            why = r["details"] or r["description"]
+        else:
+            status = "open"
+            why = r["details"] or r["description"]
+        if r["status"] == "open" and r["outcomes"]:
+            why += f"; last note: {r['last_outcome']} ({r['officer']})"
+        table.add_row(
+            r["action_id"], r["enterprise_id"], r["product"], r["action"], r["trigger"],
+            str(r["as_of"]), str(r["due_date"]), status, escape(why),
+        )  # fmt: skip
+    # a terminal wraps the reasons; a file or a pipe gets whole lines
+    out = console if console.is_terminal else Console(stderr=True, width=240)
+    out.print(table)
+    n_overdue = int(frame["overdue"].sum())
+    console.print(
+        f"{frame.height:,} actions listed, {n_overdue:,} overdue"
+        + ("" if frame.height else " (kapok watch opens actions for flagged borrowers)"),
+        highlight=False,
+    )
+
+
+def _check_product(product: str) -> None:
+    from features.schema import PRODUCTS
+
+    if product not in PRODUCTS:
+        raise ValueError(f"--product must be one of {', '.join(PRODUCTS)}, got {product!r}")
+
+
+@actions_app.command("record")
+@friendly_errors
+def actions_record(
+    action_id: Annotated[
+        str, typer.Argument(help="The action's id, as `kapok actions list` shows it.")
+    ],
+    outcome: Annotated[str, typer.Option(help="What was done or found, e.g. 'limit reduced'.")],
+    officer: Annotated[str, typer.Option(help="Who records it.")],
+    close: Annotated[
+        bool, typer.Option("--close", help="The outcome closes the action (else: a note).")
+    ] = False,
+) -> None:
+    """Append an outcome to an action (a new row; the action's own row never changes). With
+    --close the action is closed and leaves `kapok actions list`; an action is closed once."""
+    from review.actions import ActionStore
+
+    with ActionStore() as store:
+        done = store.record(action_id, outcome, officer, close=close)
+    state = "closed" if done.status == "closed" else "still open"
+    console.print(
+        f"recorded the outcome of {done.action_id} ({done.action}, {done.enterprise_id}): {state}",
+        highlight=False,
     )
 
 

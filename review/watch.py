@@ -24,10 +24,17 @@ schema and the change in its value in words ("Court enforcement cases, last 12 m
 borrower's `exposure` is the amount lent: the approved limit when the decision set one.
 
 Outputs, written atomically (temporary file, then rename) to the output folder:
-`watch-<product>-<DATE>.parquet` (flags, reasons, reasons_zh, risk_drivers, risk_drivers_zh and
-driver_features, the drivers' feature names, as lists), `.csv` (the same rows, lists joined with
+`watch-<product>-<DATE>.parquet` (flags, reasons, reasons_zh, reason_flags (the flag each reason
+explains, or "risk_drivers"), risk_drivers, risk_drivers_zh and driver_features, the drivers'
+feature names, as lists), `.csv` (the same rows, lists joined with
 "; " and " | "), `.html` (counts per flag, grade migration matrix of the whole portfolio, top
-deteriorations, PD-ratio histogram; headings in English and Chinese).
+deteriorations with their actions, the action counts, PD-ratio histogram; headings in English and
+Chinese).
+
+Actions (处置): `run` opens, per flagged borrower, the actions the policy's early-warning action
+table (`[[early_warning.actions]]` in serving/policy.toml) gives its flags, due on the as-of date +
+the action's days, in the append-only actions store (review/actions.py, in the decision log's
+database); a re-run for the same date opens nothing twice. `kapok actions` lists and closes them.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "power_collapse": ("Electricity use collapsed", "用电量骤降"),
 }
 MODEL_FLAGS = ("grade_drop", "pd_doubled")
+NAME_LISTS = ("flags", "driver_features", "reason_flags")  # lists of names, not texts
+RISK_DRIVERS = "risk_drivers"  # reason_flags of the reason naming the drivers of a model flag
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,12 @@ class WatchResult:
     thresholds: Thresholds
     grades: tuple[str, ...]
     files: dict[str, Path] = field(default_factory=dict)
+    # the early-warning actions (review/actions.py), set by record_actions: one row per flagged
+    # borrower and action of this watch, the count per action, how many were new in the store
+    actions: pl.DataFrame | None = None
+    action_summary: pl.DataFrame | None = None
+    new_actions: int = 0
+    actions_store: str = ""
 
     def flag_counts(self) -> dict[str, int]:
         return {f: int(self.flagged[f"flag_{f}"].sum()) for f in FLAGS}
@@ -299,11 +314,11 @@ def _flagged_frame(
     s_dict = s.to_dict(as_series=False)
     f_dict = f.to_dict(as_series=False)
     all_flags: list[list[str]] = []
-    all_reasons: list[list[tuple[str, str]]] = []
+    all_reasons: list[list[tuple[str, str, str]]] = []
     all_drivers: list[list[Driver]] = []
     for k, row in enumerate(idx):
         names = [name for name in FLAGS if f_dict[name][k]]
-        reasons: list[tuple[str, str]] = []  # (English, Chinese)
+        reasons: list[tuple[str, str, str]] = []  # (English, Chinese, the flag it explains)
         pd0, pd1 = s_dict["pd_previous"][k], s_dict["pd_now"][k]
         if "grade_drop" in names:
             g0, g1, down = (s_dict[c][k] for c in ("grade_previous", "grade_now", "grades_down"))
@@ -312,6 +327,7 @@ def _flagged_frame(
                     f"grade fell from {g0} to {g1} ({down} grades down; PD rose from "
                     f"{_pct(pd0)} to {_pct(pd1)})",
                     f"评级由{g0}降至{g1}（下调{down}级；违约概率由{_pct(pd0)}升至{_pct(pd1)}）",
+                    "grade_drop",
                 )
             )
         if "pd_doubled" in names:
@@ -320,6 +336,7 @@ def _flagged_frame(
                 (
                     f"PD rose from {_pct(pd0)} to {_pct(pd1)}, {times} times the previous",
                     f"违约概率由{_pct(pd0)}升至{_pct(pd1)}，为上期的{times}倍",
+                    "pd_doubled",
                 )
             )
         if names and set(names) & set(MODEL_FLAGS) and drivers.get(row):
@@ -328,6 +345,7 @@ def _flagged_frame(
                 (
                     "risk raised most by: " + "; ".join(d[1] for d in moved),
                     "风险上升的主要因素：" + "；".join(d[2] for d in moved),
+                    RISK_DRIVERS,
                 )
             )
         for flag, feature in (
@@ -335,7 +353,7 @@ def _flagged_frame(
             ("dishonest_debtor", "jud_dishonest_debtor_listed"),
         ):
             if flag in names:
-                reasons.append(change(feature, p[feature][k], n[feature][k]))
+                reasons.append((*change(feature, p[feature][k], n[feature][k]), flag))
         for flag, level, yoy in (
             ("tax_collapse", "tax_sales_3m", "tax_sales_growth_yoy"),
             ("power_collapse", "power_kwh_3m", "power_kwh_growth_yoy"),
@@ -348,11 +366,12 @@ def _flagged_frame(
                 en, zh = change(level, a, b)
                 down = f"{1 - b / a:.0%}"
                 reasons.append(
-                    (f"{en} (down {down} vs the previous snapshot)", f"{zh}（较上期下降{down}）")
-                )
+                    (f"{en} (down {down} vs the previous snapshot)", f"{zh}（较上期下降{down}）",
+                     flag)
+                )  # fmt: skip
             ya, yb = p[yoy][k], n[yoy][k]
             if yb is not None and yb <= -drop and (ya is None or math.isnan(ya) or ya > -drop):
-                reasons.append(change(yoy, ya, yb))
+                reasons.append((*change(yoy, ya, yb), flag))
         all_flags.append(names)
         all_reasons.append(reasons)
         all_drivers.append(drivers.get(row, []))
@@ -370,6 +389,7 @@ def _flagged_frame(
                     "flags": pl.Series(all_flags, dtype=pl.List(pl.String)),
                     "reasons": texts(all_reasons, 0),
                     "reasons_zh": texts(all_reasons, 1),
+                    "reason_flags": texts(all_reasons, 2),
                     "risk_drivers": texts(all_drivers, 1),
                     "risk_drivers_zh": texts(all_drivers, 2),
                     "driver_features": texts(all_drivers, 0),
@@ -382,6 +402,67 @@ def _flagged_frame(
     return out.sort(["grades_down", "pd_ratio"], descending=True)
 
 
+# -- actions -------------------------------------------------------------------------------------
+def record_actions(result: WatchResult, policy: Any = None, url: str | None = None) -> None:
+    """Open the policy's early-warning actions for the flagged borrowers in the actions store
+    (the decision log's database unless `url`); re-running for the same date opens nothing
+    twice. Sets result.actions, .action_summary, .new_actions and .actions_store."""
+    from review import actions as act
+    from serving.policy import load_policy
+
+    entries = (policy or load_policy()).early_warning_actions
+    plan = act.planned(result.flagged, entries, result.as_of)
+    with act.ActionStore(url) as store:
+        result.new_actions = store.open(plan, result.product, result.as_of)
+        counts = store.counts(result.product, result.as_of)
+        result.actions_store = store.url
+    result.actions = plan
+    result.action_summary = act.summary(plan, counts, entries)
+
+
+def _actions_html(doc: Any, result: WatchResult) -> None:
+    summary, plan = result.action_summary, result.actions
+    if summary is None or plan is None:
+        doc.paragraph(
+            "No actions were recorded with this watchlist (kapok watch opens the policy's "
+            "early-warning actions in the actions store)."
+        )
+        return
+    already = plan.height - result.new_actions
+    doc.paragraph(
+        f"{plan.height:,} actions for {plan['enterprise_id'].n_unique():,} flagged borrowers "
+        f"under the policy's early-warning action table, due {result.as_of} + the action's "
+        f"days; {result.new_actions:,} new in the actions store {result.actions_store}"
+        + (f", {already:,} already there from an earlier run for this date" if already else "")
+        + f". Open, overdue (due before {result.as_of}) and closed count every "
+        f"{result.product} action in the store: kapok actions list shows them, "
+        "kapok actions record records what came of one."
+    )
+    overdue = int(summary["overdue"].sum())
+    if overdue:
+        doc.flag(f"{overdue:,} open actions are overdue.")
+    doc.table(
+        summary.select(
+            "action",
+            "description",
+            pl.col("this_watch").alias("this watch (borrowers)"),
+            "open",
+            "overdue",
+            "closed",
+        )
+    )
+
+
+def _with_actions(top: pl.DataFrame, plan: pl.DataFrame | None) -> pl.DataFrame:
+    """The top table with each borrower's actions of this watch and their due dates."""
+    if plan is None or plan.height == 0:
+        return top
+    per = plan.group_by(ID).agg(
+        pl.format("{} (due {})", "action", "due_date").str.join(", ").alias("actions")
+    )
+    return top.join(per, on=ID, how="left", maintain_order="left")
+
+
 # -- outputs -------------------------------------------------------------------------------------
 def file_stem(product: str, as_of: date) -> str:
     return f"watch-{product}-{as_of.isoformat()}"
@@ -391,7 +472,7 @@ def csv_frame(flagged: pl.DataFrame) -> pl.DataFrame:
     """Lists joined: flag and feature names with "; ", texts with " | "."""
     lists = [c for c, dtype in flagged.schema.items() if dtype == pl.List(pl.String)]
     return flagged.with_columns(
-        pl.col(c).list.join("; " if c in ("flags", "driver_features") else " | ") for c in lists
+        pl.col(c).list.join("; " if c in NAME_LISTS else " | ") for c in lists
     )
 
 
@@ -455,6 +536,8 @@ def render_html(result: WatchResult) -> str:
             f"same for electricity (>= {t.power_drop:.0%}); new enforcement: "
             "jud_enforcements_12m increased; dishonest debtor: jud_dishonest_debtor_listed 0 → 1."
         )
+    with doc.section("Actions", "处置措施"):
+        _actions_html(doc, result)
     with doc.section("Grade migration, whole portfolio", "评级迁移矩阵（全部借款人）"):
         down = int((result.scores["grades_down"] > 0).sum())
         up = int((result.scores["grades_down"] < 0).sum())
@@ -473,7 +556,7 @@ def render_html(result: WatchResult) -> str:
                 "down then PD ratio. Every flagged borrower is in the parquet and CSV files."
             )
             doc.table(
-                top.select(
+                _with_actions(top, result.actions).select(
                     ID,
                     "grade_previous",
                     "grade_now",
@@ -483,6 +566,7 @@ def render_html(result: WatchResult) -> str:
                     pl.col("flags").list.join(", "),
                     pl.col("reasons").list.join(" | "),
                     pl.col("reasons_zh").list.join(" | ").alias("理由"),
+                    *(["actions"] if result.actions is not None and result.actions.height else []),
                 )
             )
     with doc.section("PD ratio, whole portfolio", "违约概率变化分布"):
@@ -581,8 +665,13 @@ def run(
         raise PortfolioError(f"empty portfolio: {source}")
     step(f"loading the {product} champion")
     scorer, model = champion(paths, product)
+    from serving.policy import load_policy
+
+    policy = load_policy()
     result = watch(paths.features, scorer, book, day, before, product=product, model=model,
-                   source=source, thresholds=thresholds, step=step)  # fmt: skip
+                   source=source, thresholds=thresholds, policy=policy, step=step)  # fmt: skip
+    step("opening the early-warning actions")
+    record_actions(result, policy)
     step("writing the watchlist")
     write_outputs(result, out or paths.home / "reports")
     return result

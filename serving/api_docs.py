@@ -92,6 +92,13 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         False,
     ),
     Endpoint(
+        "/whatif",
+        "What would get this approved: the decision at other amounts and terms, and the smallest "
+        "change the enterprise can make. An estimate: nothing is decided or logged.",
+        "whatif", m.WhatIfRequest, m.WhatIfAnswer, (400, 401, 403, 404, 413, 415, 422, 429, 503),
+        False,
+    ),
+    Endpoint(
         "/queue",
         "The referral queue: referred applications no officer has decided yet, the longest "
         "waiting first.",

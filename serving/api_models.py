@@ -478,3 +478,124 @@ class ErrorBody(_Answer):
     """Every error answers this shape, whatever its status."""
 
     error: ErrorDetail
+
+
+# -- what-if (POST /whatif): read only, nothing decided or logged --------------------------------
+MAX_WHATIF_CELLS = 20  # amounts x terms in one what-if grid
+
+
+class WhatIfGrid(_Request):
+    """Other amounts and terms to decide (a missing list: the requested amount or term)."""
+
+    amounts: Annotated[
+        list[Amount] | None,
+        Field(
+            min_length=1,
+            max_length=MAX_WHATIF_CELLS,
+            description="Amounts in CNY.",
+            examples=[[100_000, 200_000, 300_000]],
+        ),
+    ] = None
+    terms: Annotated[
+        list[Term] | None,
+        Field(
+            min_length=1,
+            max_length=MAX_WHATIF_CELLS,
+            description="Terms in whole months, each within the product's range.",
+            examples=[[6, 12, 24]],
+        ),
+    ] = None
+
+
+class WhatIfRequest(_Request):
+    """One enterprise, product, amount and term, and optionally a grid of other amounts and
+    terms (at most 20 cells, amounts x terms; without a grid: the requested amount, 75% and 50%
+    of it, at the requested term and 12, 24 and 36 months)."""
+
+    enterprise_id: EnterpriseId
+    product: ProductName
+    amount: Amount
+    term_months: Term
+    grid: WhatIfGrid | None = None
+
+
+class WhatIfCurrent(_Answer):
+    """The decision at the requested amount and term, as /score would give it (not logged)."""
+
+    decision: Literal["approve", "refer", "decline"]
+    pd: float = Field(ge=0, le=1)
+    score: float
+    grade: str
+    rate_name: Literal["annual_rate", "fee_rate", "premium_rate"]
+    rate: float
+    within_cap: bool
+    policy_path: list[str]
+    reasons: list[Reason]
+
+
+class WhatIfCell(_Answer):
+    """One amount and term of the grid."""
+
+    amount: float
+    term_months: int
+    decision: Literal["approve", "refer", "decline"]
+    pd: float = Field(ge=0, le=1)
+    score: float
+    grade: str
+    rate_name: Literal["annual_rate", "fee_rate", "premium_rate"]
+    rate: float
+    within_cap: bool
+    limit: float = Field(ge=0, description="The largest amount approved at this term (≤ amount).")
+    binding_constraint: str
+
+
+class WhatIfChange(_Answer):
+    """One change the enterprise can make, and the PD it gives on its own."""
+
+    feature: str
+    action: str = Field(description="What the enterprise would do, in English.")
+    action_zh: str
+    current_value: float
+    proposed_value: float
+    share_of_way: float = Field(gt=0, le=1, description="Of the way to the feature's bound.")
+    text_en: str
+    text_zh: str
+    pd_alone: float = Field(ge=0, le=1, description="The PD with this change only.")
+    decision_alone: Literal["approve", "refer", "decline"]
+
+
+class WhatIfChanges(_Answer):
+    """The smallest change to the features the enterprise can act on that would approve."""
+
+    status: Literal["approved_already", "found", "out_of_reach", "blocked"] = Field(
+        description="found: the changes approve; out_of_reach: none within reach does (best_pd: "
+        "the lowest PD reached); blocked: a knock-out on a feature the enterprise cannot act "
+        "on (blocked_by)."
+    )
+    message: str
+    pd_before: float = Field(ge=0, le=1)
+    decision_before: Literal["approve", "refer", "decline"]
+    changes: list[WhatIfChange]
+    final_pd: float | None = Field(ge=0, le=1)
+    final_decision: Literal["approve", "refer", "decline"] | None
+    best_pd: float | None = Field(ge=0, le=1)
+    blocked_by: list[str]
+    candidates_decided: int = Field(ge=0)
+
+
+class WhatIfAnswer(_Answer):
+    """/whatif: an estimate from the current model and policy; nothing decided or logged."""
+
+    estimate: Literal[True]
+    note: str
+    note_zh: str
+    enterprise_id: str
+    product: Product
+    model_name: str
+    model_version: str
+    features_as_of: str | None
+    amount: float
+    term_months: int
+    current: WhatIfCurrent
+    grid: list[WhatIfCell]
+    changes: WhatIfChanges

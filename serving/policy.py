@@ -21,9 +21,12 @@ from pydantic.fields import FieldInfo
 
 __all__ = [
     "DEFAULT_PATH",
+    "EARLY_WARNING_ACTIONS",
+    "EARLY_WARNING_TRIGGERS",
     "PRODUCTS",
     "Caps",
     "Decision",
+    "EarlyWarningAction",
     "Grade",
     "Knockout",
     "KnockoutRule",
@@ -274,6 +277,72 @@ class _Knockouts(_Frozen):
         return rules
 
 
+# What `kapok watch` flags (review/watch.py FLAGS, the same names) and what a lender can do about
+# it; [[early_warning.actions]] maps the one to the other (review/actions.py applies it).
+Trigger = Literal[
+    "grade_drop", "pd_doubled", "new_enforcement", "dishonest_debtor", "tax_collapse",
+    "power_collapse",
+]  # fmt: skip
+EarlyAction = Literal[
+    "review", "call_borrower", "request_documents", "site_visit", "freeze_undrawn_limit",
+    "reduce_limit", "demand_repayment",
+]  # fmt: skip
+EARLY_WARNING_TRIGGERS: tuple[str, ...] = get_args(Trigger)
+EARLY_WARNING_ACTIONS: tuple[str, ...] = get_args(EarlyAction)
+# the triggers that carry a size (grades down, PD now / PD previous) an action may require
+_MEASURED_TRIGGERS = ("grade_drop", "pd_doubled")
+
+
+class EarlyWarningAction(_Frozen):
+    """One row of the action table: when a flagged borrower has `trigger` (and, for grade_drop
+    and pd_doubled, grades down / PD ratio >= at_least), open `action`, due `due_days` after the
+    watch's as-of date."""
+
+    trigger: Trigger
+    at_least: _Number | None = None
+    action: EarlyAction
+    due_days: Annotated[int, Field(strict=True, gt=0)]
+    description: _Text
+    description_zh: _Text
+
+    @model_validator(mode="after")
+    def _measured(self) -> EarlyWarningAction:
+        if self.at_least is None:
+            return self
+        if self.trigger not in _MEASURED_TRIGGERS:
+            measured = " and ".join(_MEASURED_TRIGGERS)
+            raise _Invalid(
+                ("at_least",), f"is only for {measured}, not for trigger {self.trigger!r}"
+            )
+        if self.trigger == "grade_drop" and not (
+            self.at_least >= 1 and float(self.at_least).is_integer()
+        ):
+            raise _Invalid(
+                ("at_least",), f"must be a whole number of grades >= 1, got {self.at_least:g}"
+            )
+        if self.trigger == "pd_doubled" and not self.at_least > 1:
+            raise _Invalid(("at_least",), f"must be a PD ratio > 1, got {self.at_least:g}")
+        return self
+
+
+class _EarlyWarning(_Frozen):
+    actions: tuple[EarlyWarningAction, ...] = ()
+
+    @field_validator("actions")
+    @classmethod
+    def _once(cls, actions: tuple[EarlyWarningAction, ...]) -> tuple[EarlyWarningAction, ...]:
+        seen: dict[tuple[str, str], int] = {}
+        for i, a in enumerate(actions):
+            first = seen.setdefault((a.trigger, a.action), i)
+            if first != i:
+                raise _Invalid(
+                    (i, "action"),
+                    f"{a.action!r} for trigger {a.trigger!r} is already "
+                    f"early_warning.actions[{first}] (one action per trigger)",
+                )
+        return actions
+
+
 class PolicyFile(_Frozen):
     """policy.toml as written (its JSON schema: `PolicyFile.model_json_schema()`)."""
 
@@ -282,6 +351,8 @@ class PolicyFile(_Frozen):
     products: _Products
     caps: Caps
     knockouts: _Knockouts
+    # optional: a policy file without it opens no early-warning action
+    early_warning: _EarlyWarning = _EarlyWarning()
 
     @field_validator("master_scale")
     @classmethod
@@ -311,6 +382,7 @@ class Policy:
     caps: Caps
     knockout_rules: tuple[KnockoutRule, ...]
     source: str = "<dict>"
+    early_warning_actions: tuple[EarlyWarningAction, ...] = ()
 
     def product(self, name: str) -> ProductPolicy:
         try:
@@ -352,7 +424,10 @@ def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
         )
         for name in PRODUCTS
     }
-    return Policy(f.scale, f.master_scale, products, f.caps, f.knockouts.rules, source)
+    return Policy(
+        f.scale, f.master_scale, products, f.caps, f.knockouts.rules, source,
+        f.early_warning.actions,
+    )  # fmt: skip
 
 
 def price_capped(product: str, caps: Caps) -> bool:
@@ -416,6 +491,9 @@ def _expected(field: FieldInfo, kind: str) -> str:
     if kind == "finite_number":
         return "finite"
     tp = field.annotation
+    if type(None) in get_args(tp):  # an optional key: what it must be when given
+        tp = next(a for a in get_args(tp) if a is not type(None))
+        tp = get_args(tp)[0] if get_origin(tp) is Annotated else tp
     if get_origin(tp) is Literal:
         return f"one of {', '.join(map(str, get_args(tp)))}"
     if get_origin(tp) is tuple:

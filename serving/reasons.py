@@ -5,6 +5,10 @@ up the most (positive contribution in log-odds), ties broken by name. A feature 
 risk is never a reason. `reasons_from` is the per-row reference the columnar core is tested
 against; `reason` builds one reason from a feature's value, for both.
 
+The favourable counterpart, for a pre-approved offer (`kapok prospect`): `favourable_from` names
+the features that LOWERED the risk the most (negative contribution), ties by name, with codes
+"F_<FEATURE>" and the same wording; a feature that raised the risk is never one.
+
 Values are written as a person reads them, driven by the feature's `unit` in the schema: money as
 "CNY 130,300" and "13.03万元", ratios and shares as percentages, months, days and people with
 their unit, 0/1 flags as yes / no (是 / 否), categorical codes by their names (`features.labels`:
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
     from serving.model import ProductModel
 
 MAX_REASONS = 4
+MAX_FAVOURABLE = 3  # reasons an enterprise qualifies for a pre-approved offer
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,10 @@ class Reason:
 
 def reason_code(feature: str) -> str:
     return "R_" + feature.upper()
+
+
+def favourable_code(feature: str) -> str:
+    return "F_" + feature.upper()
 
 
 def json_value(value: Any) -> Any:
@@ -264,6 +273,27 @@ def reasons_from(
         key=lambda t: (-round(t[0], 12), t[1]),
     )
     return [reason(name, values.get(name), impact) for impact, name in ranked[:MAX_REASONS]]
+
+
+def favourable(name: str, value: Any, impact: float) -> Reason:
+    """A reason an enterprise qualifies: a feature that lowered its risk (impact < 0), worded as
+    `reason` words an adverse one, with the code F_<FEATURE>."""
+    r = reason(name, value, impact)
+    return Reason(favourable_code(name), r.feature, r.value, r.impact, r.text_en, r.text_zh)
+
+
+def favourable_from(
+    contrib: np.ndarray,
+    model: ProductModel,
+    values: Mapping[str, Any],
+    k: int = MAX_FAVOURABLE,
+) -> list[Reason]:
+    """The features that pushed this risk down the most (negative SHAP only), ties by name."""
+    ranked = sorted(
+        ((float(contrib[i]), name) for name, i in model.index.items() if contrib[i] < 0),
+        key=lambda t: (round(t[0], 12), t[1]),
+    )
+    return [favourable(name, values.get(name), impact) for impact, name in ranked[:k]]
 
 
 def knockout_reasons(knockouts: list[pol.Knockout]) -> list[Reason]:

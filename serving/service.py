@@ -535,6 +535,33 @@ class Kapok:
             )
         return Answer(**json_safe(dataclasses.asdict(record)))
 
+    @bentoml.api(route="/whatif")
+    @answers_errors
+    def whatif(self, body: Any, /, ctx: bentoml.Context) -> Answer:
+        """What would get this approved (serving/whatif.py): the decision at other amounts and
+        terms, and the smallest change the enterprise can make. Read only: an estimate, nothing
+        is decided and nothing is written to the decision log."""
+        self._caller(ctx, "whatif")
+        from serving.core import DecisionInputError
+        from serving.engine import EnterpriseNotFound
+        from serving.whatif import WhatIfInputError, what_if
+
+        request = check(m.WhatIfRequest, body)
+        grid = request.grid or m.WhatIfGrid()
+        try:
+            with store_faults():
+                found = what_if(
+                    self.engine, request.enterprise_id, request.product, request.amount,
+                    request.term_months, grid.amounts, grid.terms,
+                )  # fmt: skip
+        except WhatIfInputError as e:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(e), field=e.field) from None
+        except EnterpriseNotFound as e:
+            raise not_found(e) from None
+        except DecisionInputError as e:  # the feature store holds a value no policy can use
+            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, f"cannot decide: {e}") from None
+        return Answer(**found.as_dict())
+
 
 @contextlib.contextmanager
 def store_faults() -> Iterator[None]:

@@ -29,7 +29,7 @@ from tests.asgi_driver import gate_for, through
 from tests.cli_processes import run_kapok
 from tests.test_decision_log import pg_url  # noqa: F401  (fixture: a PostgreSQL database)
 
-ALL = ("score", "limit", "price", "screen", "explain", "log", "queue")
+ALL = ("score", "limit", "price", "screen", "explain", "log", "whatif", "queue")
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +96,7 @@ def test_roles_and_permissions(keys):
     lender = store.authenticate(f"Bearer {plain['lender']}")
     reviewer = store.authenticate(f"Bearer {plain['reviewer']}")
     admin = store.authenticate(f"Bearer {plain['admin']}")
-    for permission in ("score", "limit", "price", "screen"):
+    for permission in ("score", "limit", "price", "screen", "whatif"):
         store.authorize(lender, permission)
     with pytest.raises(AuthError) as e:
         store.authorize(lender, "explain")

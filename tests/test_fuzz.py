@@ -270,6 +270,17 @@ def bodies(path: str, ids: list[str], request_ids: list[str]) -> st.SearchStrate
             {"request_id": st.one_of(known, known, known.map(lambda r: r[:-1] or "x")),
              "body": body}
         )  # fmt: skip
+    if path == "/whatif":  # a grid of amounts and terms, or none
+        grid = st.fixed_dictionaries(
+            {},
+            optional={
+                "amounts": st.lists(AMOUNTS, max_size=5),
+                "terms": st.lists(TERMS, max_size=5),
+            },
+        )
+        return st.tuples(loan_bodies(ids, "amount"), st.one_of(st.none(), grid)).map(
+            lambda b: b[0] if b[1] is None else {**b[0], "grid": b[1]}
+        )
     if path == "/decision":
         known = st.sampled_from(request_ids)
         return st.fixed_dictionaries(

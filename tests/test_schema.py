@@ -9,12 +9,15 @@ import pytest
 
 from features.feast_defs import definitions
 from features.schema import (
+    ACTIONABLE,
     ALL_FEATURES,
     BY_NAME,
     FAMILIES,
     FEATURE_SERVICE,
     FEATURES,
     REQUEST_FEATURES,
+    Actionable,
+    Feature,
     features_of,
     monotone_constraints,
 )
@@ -28,6 +31,35 @@ def test_every_feature_is_documented_in_english_and_chinese():
         assert f.direction in (-1, 0, 1)
         assert not (f.categorical and f.direction), f.name
     assert {f.family for f in FEATURES} == {fam.name for fam in FAMILIES}
+
+
+def test_actionable_features_move_the_way_that_lowers_risk():
+    """An actionable feature (what-if, serving/whatif.py) is one the enterprise can change in
+    the near term, in the direction that does not raise the expected risk, to a bound it can
+    take; described in English and Chinese. Its history, age and court records are not."""
+    assert 4 <= len(ACTIONABLE) <= 8, [f.name for f in ACTIONABLE]
+    for f in ACTIONABLE:
+        move = f.actionable
+        assert move is not None and move.action and move.action_zh, f.name
+        assert f.direction != 0 and not f.categorical, f.name
+        assert move.direction == -f.direction, f"{f.name}: moving it would raise the risk"
+        low, high = f.bounds
+        assert low <= move.bound <= high, f.name
+    never = {
+        "reg_firm_age_months",
+        "reg_industry",
+        "jud_enforcements_12m",
+        "jud_dishonest_debtor_listed",
+        "cred_dpd90_months_24m",
+        "cred_dpd30_months_12m",
+    }
+    assert not never & {f.name for f in ACTIONABLE}
+    with pytest.raises(ValueError, match="must lower the risk"):
+        Feature("x", "tax", "float", "CNY", 1, "x", "x", actionable=Actionable(1, 1e9, "a", "a"))
+    with pytest.raises(ValueError, match="must lower the risk"):
+        Feature("x", "tax", "float", "CNY", 0, "x", "x", actionable=Actionable(-1, 0, "a", "a"))
+    with pytest.raises(ValueError, match="outside"):
+        Feature("x", "tax", "float", "share", 1, "x", "x", actionable=Actionable(-1, -1, "a", "a"))
 
 
 def test_feature_tables_have_exactly_the_schema_columns(small_system):

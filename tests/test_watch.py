@@ -253,6 +253,9 @@ def test_decision_log_book_is_the_running_approved_loans(trained_home, tmp_path,
 @pytest.mark.slow
 def test_cli_writes_the_watchlist_and_rejects_bad_input(trained_home, tmp_path, monkeypatch):
     monkeypatch.setenv("KAPOK_HOME", str(trained_home.paths.home))
+    # the watch opens its actions beside the decision log: a log of this test's own, not one
+    # in the shared home
+    monkeypatch.setenv("KAPOK_DECISION_LOG", f"sqlite:///{tmp_path / 'decisions.db'}")
     ids = _ids(trained_home, 300, seed=2)
     book = tmp_path / "book.csv"
     pl.DataFrame({"enterprise_id": ids, "requested_amount": 200_000.0}).write_csv(book)
