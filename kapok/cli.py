@@ -36,6 +36,10 @@ app.add_typer(data_app, name="data", no_args_is_help=True)
 app.add_typer(features_app, name="features", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of the lending API (stored hashed).")
 app.add_typer(keys_app, name="keys", no_args_is_help=True)
+queue_app = typer.Typer(
+    help="The referral queue: referred applications waiting for a credit officer's decision."
+)
+app.add_typer(queue_app, name="queue", no_args_is_help=True)
 audit_app = typer.Typer(
     help="Tamper evidence of the decision log: verify its hash chain, print its head to anchor."
 )
@@ -107,6 +111,7 @@ _KNOWN_ERRORS = {
     ("features.spec", "SpecError"),
     ("features.store", "OnlineStoreConfigError"),
     ("kapok.uscc", "USCCError"),
+    ("serving.queue", "QueueError"),
     ("review.actions", "ActionsError"),
 }
 
@@ -1393,7 +1398,7 @@ def prospect_command(
 @friendly_errors
 def keys_add(
     name: Annotated[str, typer.Argument(help="Who the key is for, e.g. acme-microloans.")],
-    role: Annotated[str, typer.Option(help="lender, reviewer or admin.")] = "lender",
+    role: Annotated[str, typer.Option(help="lender, reviewer, officer or admin.")] = "lender",
 ) -> None:
     """Create an API key; only its hash is stored. The key is printed once."""
     from serving.auth import add_key, keys_path
@@ -1587,6 +1592,94 @@ LogOption = Annotated[
         "under KAPOK_HOME/decisions).",
     ),
 ]
+
+
+# -- the referral queue ----------------------------------------------------------------------------
+@queue_app.command("list")
+@friendly_errors
+def queue_list(
+    product: Annotated[
+        str | None, typer.Option(help="microloan, guarantee or insurance (default: all).")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Referred on or after this day, YYYY-MM-DD.")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Referred up to this day, inclusive.")] = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 100,
+) -> None:
+    """The open referrals (no officer has decided them yet), the longest waiting first."""
+    from features.schema import PRODUCTS
+    from review.backfill import window_bounds
+    from serving.decision_log import DecisionLog
+    from serving.queue import open_queue
+
+    if product is not None and product not in PRODUCTS:
+        raise ValueError(f"--product must be one of {', '.join(PRODUCTS)}, got {product!r}")
+    start, end = window_bounds(since, until)
+    with DecisionLog() as log:
+        queue = open_queue(log, product, start, end, limit)
+    items = queue["items"]
+    if not items:
+        console.print("the referral queue is empty" + (f" for {product}" if product else ""))
+        return
+    shown = f" (showing {len(items):,})" if len(items) < queue["count"] else ""
+    table = Table(title=f"{queue['count']:,} open referrals, {queue['order']}{shown}")
+    for name in ("request_id", "referred (UTC)", "product", "enterprise"):
+        table.add_column(name, no_wrap=True)
+    for name in ("amount", "term", "pd", "grade"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("why referred")
+    for item in items:
+        steps = [s for s in item["referred_because"] if s.endswith("-> refer")]
+        why = ", ".join(item["knockouts"]) or "; ".join(steps[:1])
+        amount = f"{item['amount']:,.0f}" if item["amount"] is not None else ""
+        table.add_row(
+            item["request_id"], item["decided_at"][:16].replace("T", " "), item["product"],
+            item["enterprise_id"], amount, str(item["term_months"] or ""), f"{item['pd']:.2%}",
+            item["grade"], why,
+        )  # fmt: skip
+    out = Console()
+    if not out.is_terminal:  # a file or a pipe: whole request ids, one row a line
+        out = Console(width=240)
+    out.print(table)
+
+
+@queue_app.command("decide")
+@friendly_errors
+def queue_decide(
+    request_id: Annotated[str, typer.Argument(help="The referred decision's request_id.")],
+    officer: Annotated[str, typer.Option(help="The credit officer deciding (logged).")],
+    reason: Annotated[str, typer.Option(help="Why (required, logged with the decision).")],
+    approve: Annotated[bool, typer.Option("--approve", help="Approve the application.")] = False,
+    decline: Annotated[bool, typer.Option("--decline", help="Decline the application.")] = False,
+    limit: Annotated[
+        float | None,
+        typer.Option(help="Approve only: the limit in CNY (default: the model's, if any)."),
+    ] = None,
+    price: Annotated[
+        float | None,
+        typer.Option(
+            help="The headline annual rate / fee / premium, e.g. 0.18 (default: the model's)."
+        ),
+    ] = None,
+) -> None:
+    """Approve or decline a referred application: an override record in the decision log,
+    linked to the referral (the same rules as POST /queue/{request_id})."""
+    from serving.decision_log import DecisionLog
+    from serving.policy import load_policy
+    from serving.queue import Override, override
+
+    if approve == decline:
+        raise ValueError("say --approve or --decline (one of them)")
+    given = Override("approve" if approve else "decline", reason, officer, limit, price)
+    with DecisionLog() as log:
+        record = override(log, load_policy(), request_id, given, caller=officer)
+    limit_said = f", limit CNY {record.limit_amount:,.0f}" if record.limit_amount else ""
+    console.print(
+        f"{record.decision} by {officer}{limit_said}: override {record.request_id} of "
+        f"{request_id} logged"
+    )
+    print(record.request_id)
 
 
 @audit_app.command("verify")

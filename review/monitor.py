@@ -103,6 +103,9 @@ class MonitorResult:
     pooled_auc: float | None = None
     expected_auc: float | None = None
     notes: list[str] = field(default_factory=list)
+    # credit officers' overrides of the window's referred decisions (serving/queue.py)
+    overrides_by_grade: pl.DataFrame | None = None
+    overrides_by_officer: pl.DataFrame | None = None
 
     @property
     def verdict(self) -> str:
@@ -174,6 +177,51 @@ def current_frame(
         )
         .drop("caller")
     )
+
+
+def officer_overrides(log: DecisionLog, product: str, since: dt.datetime | None) -> pl.DataFrame:
+    """The officers' override records of `product` decided since `since` (an override comes
+    after its referral): the referral it decides (`overrides`), the officer, the decision."""
+    frame = log.frame(since, None, product, columns=["request", "decision"], endpoints=["override"])
+    return frame.select(
+        pl.col("request").str.json_path_match("$.overrides").alias("overrides"),
+        pl.col("request").str.json_path_match("$.officer").alias("officer"),
+        pl.col("decision").alias("override"),
+    )
+
+
+def override_rates(
+    current: pl.DataFrame, overrides: pl.DataFrame, by: str
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Of the window's referred decisions (`current`: request_id, grade, decision), how many an
+    officer decided, approved and declined, by `by` ("grade" or "officer"): `override_rate` is
+    the share of the referrals (of the grade; for an officer, of all of them) that were
+    overridden, `approve_share` the share of those overrides that approve. Also the totals."""
+    referred = current.filter(pl.col("decision") == "refer").select("request_id", "grade")
+    joined = referred.join(overrides, left_on="request_id", right_on="overrides", how="left")
+    done = pl.col("override").is_not_null()
+    counts = [
+        done.sum().alias("overridden"),
+        (pl.col("override") == "approve").sum().alias("approved"),
+        (pl.col("override") == "decline").sum().alias("declined"),
+    ]
+    totals = joined.select(pl.len().alias("referred"), *counts).row(0, named=True)
+    if by == "grade":
+        table = joined.group_by("grade").agg(pl.len().alias("referred"), *counts).sort("grade")
+        table = table.with_columns(
+            (pl.col("overridden") / pl.col("referred")).alias("override_rate")
+        )
+    else:
+        share = pl.col("overridden") / max(totals["referred"], 1)
+        table = joined.filter(done).group_by("officer").agg(*counts).sort("officer")
+        table = table.with_columns(share.alias("override_rate"))
+    table = table.with_columns(
+        pl.when(pl.col("overridden") > 0)
+        .then(pl.col("approved") / pl.col("overridden"))
+        .otherwise(None)
+        .alias("approve_share")
+    )
+    return table, totals
 
 
 def snapshots(current: pl.DataFrame) -> dict[str, pl.Series]:
@@ -359,6 +407,24 @@ def monitor(
             )
         )
 
+    # the officers' decisions on the window's referrals
+    overrides = officer_overrides(log, product, since)
+    by_grade, totals = override_rates(current, overrides, "grade")
+    by_officer, _ = override_rates(current, overrides, "officer")
+    referred = totals["referred"]
+    checks.append(
+        Check(
+            "officer overrides",
+            f"{totals['overridden']:,} of {referred:,} referred"
+            + (f" ({totals['overridden'] / referred:.0%})" if referred else ""),
+            INFO,
+            f"{totals['approved']:,} approved, {totals['declined']:,} declined by "
+            f"{by_officer.height} officer(s); {referred - totals['overridden']:,} still open"
+            if referred
+            else "no referred decision in the window",
+        )
+    )
+
     result = MonitorResult(
         product=product,
         since=since,
@@ -383,6 +449,8 @@ def monitor(
         history_start=evidence.history_start,
         history_source=evidence.history_source,
         notes=notes,
+        overrides_by_grade=by_grade,
+        overrides_by_officer=by_officer,
     )
 
     # back-test where outcomes have matured, outside the model's own development months
@@ -638,6 +706,19 @@ def render(r: MonitorResult) -> str:
             name="approval_volume",
         )
         doc.table(r.monthly)
+    with doc.section("Officers' overrides of referred decisions", "信贷员对转人工决策的改判"):
+        if r.overrides_by_grade is None or r.overrides_by_grade.height == 0:
+            doc.paragraph("No decision in this window was referred to a credit officer.")
+        else:
+            doc.paragraph(
+                "Of the window's referred decisions, the share an officer decided "
+                "(override_rate) and, of those, the share approved (approve_share); by the "
+                "model's grade, then by officer (override_rate: the officer's share of all the "
+                "window's referrals)."
+            )
+            doc.table(r.overrides_by_grade)
+            if r.overrides_by_officer is not None and r.overrides_by_officer.height:
+                doc.table(r.overrides_by_officer)
     with doc.section("Back-test", "回溯测试"):
         if r.backtest is None:
             doc.paragraph(

@@ -753,7 +753,16 @@ class _Report:
                     "time, same sources and definitions).",
                 ]
             )
-            doc.heading("Flags raised in this report", "本报告提示")
+            doc.heading("Officers' overrides of the model", "信贷员对模型决策的改判")
+            counts = override_counts(ev.name, ev.version)
+            if isinstance(counts, str):
+                doc.paragraph(counts)
+            else:
+                doc.paragraph(
+                    "Referred decisions of this model version in the decision log, and what "
+                    "credit officers decided on them (an override is its own record in the log)."
+                )
+                doc.table(counts)
             doc.bullets(self.flags or ["none"], css="flag" if self.flags else "ok")
             doc.heading("Sign-off", "审批签字")
             doc.raw(SIGN_OFF)
@@ -770,6 +779,36 @@ SIGN_OFF = (
     '<tr><th class="text">Signature 签名</th><td></td></tr>'
     "</table>"
 )
+
+
+def override_counts(model_name: str, version: str, url: str | None = None) -> pl.DataFrame | str:
+    """What officers decided on the model version's referred decisions: model decision, officer
+    decision (approve, decline, or still open) and how many. A text instead when there is no
+    decision log to read ("no decision log"): the report is built from MLflow alone."""
+    import sqlalchemy as sa
+
+    from serving.decision_log import DecisionLog, DecisionLogError, default_url
+
+    parsed = sa.make_url(url or default_url())
+    database = parsed.database or ""
+    if parsed.get_backend_name() == "sqlite" and database and not Path(database).exists():
+        return f"no decision log (none at {database}): no overrides to count"
+    try:
+        with DecisionLog(url) as log:
+            referred = log.tally(["decision"], model_name=model_name, model_version=version)
+            overrides = log.tally(["decision"], endpoints=["override"], model_name=model_name,
+                                  model_version=version)  # fmt: skip
+    except DecisionLogError as e:
+        return f"no decision log ({e})"
+    n_referred = dict(referred).get("refer", 0)
+    done = dict(overrides)
+    rows = [
+        {"model decision": "refer", "officer decision": d, "decisions": done.get(d, 0)}
+        for d in ("approve", "decline")
+    ]
+    rows.append({"model decision": "refer", "officer decision": "still open",
+                 "decisions": max(n_referred - sum(done.values()), 0)})  # fmt: skip
+    return pl.DataFrame(rows)
 
 
 def compare_pair(
@@ -1002,6 +1041,7 @@ __all__ = [
     "find_counterpart",
     "gains_table",
     "learned_direction",
+    "override_counts",
     "render",
     "segment_table",
     "wilson_interval",

@@ -28,13 +28,33 @@ TITLE = "Kapok lending API"
 
 @dataclass(frozen=True)
 class Endpoint:
-    path: str
+    path: str  # `{name}` segments are path parameters (`params`)
     summary: str
     permission: str  # what a key's role must allow (serving/auth.py)
-    request: type[BaseModel]
+    request: type[BaseModel] | None  # the JSON body (None: no body)
     answer: type[BaseModel]
     errors: tuple[int, ...]
     logged: bool  # a decision written to the decision log before the answer leaves
+    method: str = "POST"
+    params: type[BaseModel] | None = None  # query parameters (GET) or the path's parameters
+    meanings: tuple[tuple[int, str], ...] = ()  # what an error status means here, if not the usual
+
+    @property
+    def route(self) -> str:
+        """'POST /score', 'GET /queue': the request gate's key (serving/gate.py)."""
+        return f"{self.method} {self.path}"
+
+    @property
+    def operation_id(self) -> str:
+        name = self.path.strip("/").replace("{", "").replace("}", "").replace("/", "_")
+        return name if self.method == "POST" or name == "queue" else f"{name}_{self.method}"
+
+    @property
+    def anchor(self) -> str:
+        return self.operation_id
+
+    def meaning(self, status: int) -> str:
+        return dict(self.meanings).get(status, _ERROR_MEANING[status])
 
 
 _DECISION_ERRORS = (400, 401, 403, 404, 413, 415, 422, 429, 503)
@@ -78,6 +98,34 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "whatif", m.WhatIfRequest, m.WhatIfAnswer, (400, 401, 403, 404, 413, 415, 422, 429, 503),
         False,
     ),
+    Endpoint(
+        "/queue",
+        "The referral queue: referred applications no officer has decided yet, the longest "
+        "waiting first.",
+        "queue", None, m.QueueAnswer, (400, 401, 403, 429, 503), False, method="GET",
+        params=m.QueueQuery,
+        meanings=((400, "A query parameter is unknown or invalid (`invalid_request`; `field` "
+                         "names it)."),),
+    ),
+    Endpoint(
+        "/queue/{request_id}",
+        "A credit officer approves or declines a referred application, with a reason: a new "
+        "override record in the decision log, linked to the referral (never an update of it).",
+        "queue", m.OverrideRequest, m.OverrideAnswer,
+        (400, 401, 403, 404, 409, 413, 415, 422, 429, 503), True, params=m.QueuePath,
+        meanings=(
+            (404, "No application decision with this request_id in the log "
+                  "(`decision_not_found`)."),
+            (409, "The decision is not a refer (`not_referred`: the message says what it was), "
+                  "or an officer already decided it (`already_overridden`: the message names "
+                  "that override's request_id and officer). Only one override per referral is "
+                  "ever logged."),
+            (422, "The limit is above the product's maximum, its house limit per borrower or "
+                  "the amount asked for, or below the product's minimum; or the price is above "
+                  "a legal cap (`override_refused`)."),
+            (503, "Starting, or the decision log is unavailable: nothing was recorded."),
+        ),
+    ),
 )  # fmt: skip
 
 _ERROR_MEANING = {
@@ -89,6 +137,7 @@ _ERROR_MEANING = {
     "about the body); or a demo server (no keys) reached on, or listening on, an address other "
     "than loopback.",
     404: "The enterprise is not in the feature store (or the decision is not in the log).",
+    409: "The request conflicts with what the decision log holds.",
     413: "The body is larger than the server's limit (KAPOK_MAX_BODY_BYTES, default 1 MiB; "
     "checked after the key, before the body is read in full): split a /screen list into "
     "several requests.",
@@ -114,7 +163,7 @@ def openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the lending API."""
     models: list[type[BaseModel]] = [m.ErrorBody]
     for e in ENDPOINTS:
-        models += [e.request, e.answer]
+        models += [e.request, e.answer] if e.request is not None else [e.answer]
     schemas: dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -138,7 +187,7 @@ def openapi() -> dict[str, Any]:
         }
         for status in e.errors:
             responses[str(status)] = {
-                "description": f"`{CODES[status]}`: {_ERROR_MEANING[status]}",
+                "description": f"`{CODES[status]}`: {e.meaning(status)}",
                 "content": {"application/json": {"schema": {"$ref": ref("ErrorBody")}}},
             }
             if status == 429:
@@ -149,19 +198,21 @@ def openapi() -> dict[str, Any]:
                         "schema": {"type": "integer", "minimum": 1},
                     }
                 }
-        paths[e.path] = {
-            "post": {
-                "operationId": e.path.strip("/"),
-                "summary": e.summary,
-                "description": description,
-                "security": [{"bearer": []}],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"$ref": ref(e.request.__name__)}}},
-                },
-                "responses": responses,
-            }
+        operation: dict[str, Any] = {
+            "operationId": e.operation_id,
+            "summary": e.summary,
+            "description": description,
+            "security": [{"bearer": []}],
         }
+        if e.params is not None:
+            operation["parameters"] = _parameters(e)
+        if e.request is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": ref(e.request.__name__)}}},
+            }
+        operation["responses"] = responses
+        paths.setdefault(e.path, {})[e.method.lower()] = operation
     for probe, meaning in (
         ("/livez", "200 while the process is alive (also while the models load)."),
         (
@@ -195,7 +246,7 @@ def openapi() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "An API key from `kapok keys add NAME --role ROLE` "
-                    "(roles: lender, reviewer, admin), sent as "
+                    "(roles: lender, reviewer, officer, admin), sent as "
                     "`Authorization: Bearer kpk_…`.",
                 }
             },
@@ -203,6 +254,37 @@ def openapi() -> dict[str, Any]:
         },
         "paths": paths,
     }
+
+
+def _parameters(e: Endpoint) -> list[dict[str, Any]]:
+    """An endpoint's query or path parameters as OpenAPI parameter objects."""
+    assert e.params is not None
+    schema = e.params.model_json_schema()
+    where = "path" if "{" in e.path else "query"
+    required = set(schema.get("required", []))
+    parameters = []
+    for name, field in schema.get("properties", {}).items():
+        field = dict(field)
+        field.pop("title", None)
+        description = field.pop("description", "")
+        # an optional query parameter is left out rather than sent as null (a query string
+        # cannot say null): the schema of a given value is the non-null one
+        options = [o for o in field.pop("anyOf", []) if o.get("type") != "null"]
+        if options:
+            field.pop("default", None)
+            field = {**options[0], **field}
+            description = description or field.pop("description", "")
+        field.pop("description", None)
+        parameters.append(
+            {
+                "name": name,
+                "in": where,
+                "required": where == "path" or name in required,
+                "description": description,
+                "schema": field,
+            }
+        )
+    return parameters
 
 
 # -- the page -----------------------------------------------------------------------------------
@@ -292,7 +374,7 @@ def docs_html() -> str:
         f"<h1>{esc(TITLE)}</h1><p class='muted'>version {esc(spec['info']['version'])} · "
         "<a href='/openapi.json'>OpenAPI 3.1 document</a></p>",
         f"<p>{esc(spec['info']['description'])}</p>",
-        "<nav>" + "".join(f"<a href='#{e.path.strip('/')}'>{e.path}</a>" for e in ENDPOINTS),
+        "<nav>" + "".join(f"<a href='#{e.anchor}'>{e.route}</a>" for e in ENDPOINTS),
         "<a href='#errors'>errors</a></nav>",
         "<h2 id='auth'>Authentication</h2>",
         f"<p>{esc(spec['components']['securitySchemes']['bearer']['description'])} "
@@ -300,22 +382,38 @@ def docs_html() -> str:
         "<code>/readyz</code> need no key.</p>",
     ]
     for e in ENDPOINTS:
-        op = spec["paths"][e.path]["post"]
-        body = json.dumps(_example(e.request), ensure_ascii=False)
+        op = spec["paths"][e.path][e.method.lower()]
         parts += [
-            f"<h2 id='{e.path.strip('/')}'><span class='method'>POST</span> {e.path}</h2>",
+            f"<h2 id='{e.anchor}'><span class='method'>{e.method}</span> {esc(e.path)}</h2>",
             f"<p>{esc(e.summary)}</p><p>{esc(op['description'])}</p>",
             "<h3>Request</h3>",
-            _fields_table(schemas[e.request.__name__], schemas),
-            f"<pre>curl -s http://127.0.0.1:3000{e.path} \\\n"
-            '  -H "Authorization: Bearer $KAPOK_KEY" \\\n'
-            f"  -H 'Content-Type: application/json' \\\n  -d '{esc(body)}'</pre>",
+        ]
+        if e.params is not None:
+            where = "path" if "{" in e.path else "query"
+            parts += [
+                f"<p>{where} parameters:</p>",
+                _fields_table(e.params.model_json_schema(), schemas),
+            ]
+        url = f"http://127.0.0.1:3000{e.path}".replace("{request_id}", "req_…")
+        if e.request is not None:
+            body = json.dumps(_example(e.request), ensure_ascii=False)
+            parts += [
+                _fields_table(schemas[e.request.__name__], schemas),
+                f"<pre>curl -s {esc(url)} \\\n"
+                '  -H "Authorization: Bearer $KAPOK_KEY" \\\n'
+                f"  -H 'Content-Type: application/json' \\\n  -d '{esc(body)}'</pre>",
+            ]
+        else:
+            parts.append(
+                f"<pre>curl -s '{esc(url)}?product=microloan&amp;limit=20' \\\n"
+                '  -H "Authorization: Bearer $KAPOK_KEY"</pre>'
+            )
+        parts += [
             f"<h3>Answer (200): {esc(e.answer.__name__)}</h3>",
             _fields_table(schemas[e.answer.__name__], schemas),
             "<h3>Errors</h3><table><tr><th>status</th><th>code</th><th>when</th></tr>",
             "".join(
-                f"<tr><td>{s}</td><td><code>{CODES[s]}</code></td><td>"
-                f"{esc(_ERROR_MEANING[s])}</td></tr>"
+                f"<tr><td>{s}</td><td><code>{CODES[s]}</code></td><td>{esc(e.meaning(s))}</td></tr>"
                 for s in e.errors
             ),
             "</table>",
@@ -323,7 +421,7 @@ def docs_html() -> str:
     nested = sorted(
         name
         for name in schemas
-        if name not in {e.request.__name__ for e in ENDPOINTS}
+        if name not in {e.request.__name__ for e in ENDPOINTS if e.request is not None}
         and name not in {e.answer.__name__ for e in ENDPOINTS}
     )
     parts.append("<h2 id='types'>Types</h2>")

@@ -30,6 +30,7 @@ CODES: dict[int, str] = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",
     422: "cannot_decide",
@@ -161,7 +162,7 @@ _FALLBACK = {
     401: "missing or unknown API key",
     403: "this key's role may not call this endpoint",
     404: "no such endpoint",
-    405: "method not allowed (the decision endpoints take POST with a JSON body)",
+    405: "method not allowed (GET /queue; every other endpoint takes POST with a JSON body)",
     500: "internal error; the server log has the details",
     503: "the service is unavailable; try again shortly",
 }

@@ -8,9 +8,18 @@ these models, so the documented shape is the served one.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+)
 from pydantic_core import PydanticKnownError
 
 from features.schema import PRODUCTS
@@ -20,6 +29,7 @@ Product = Literal[PRODUCTS]  # type: ignore[valid-type]  # microloan, guarantee,
 
 EXAMPLE_ID = "91440112554351777N"
 MAX_SCREEN = 1000
+MAX_QUEUE = 1000
 
 
 def _uscc(value: str) -> str:
@@ -147,6 +157,110 @@ class DecisionRequest(_Request):
             examples=["req_d905f440373c45eaba39caa7b2ddb28a"],
         ),
     ]
+
+
+RequestId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=100,
+        pattern=r"^[^/.][^/]*$",  # one path segment (req_…, bf_…, <batch id>_<row>)
+        description="The request_id of a referred /score, /limit, /price or /screen decision.",
+        examples=["req_d905f440373c45eaba39caa7b2ddb28a"],
+    ),
+]
+
+
+def _iso_time(value: Any) -> Any:
+    """A query parameter's time must be ISO 8601 text (pydantic alone also takes a number of
+    seconds since 1970, which no one means by `until=0.5`)."""
+    if not isinstance(value, str) or not _ISO_DATE.match(value):
+        raise ValueError("should be an ISO 8601 time with an offset, e.g. 2026-12-01T00:00:00Z")
+    return value
+
+
+def _whole_number(value: Any) -> Any:
+    """A query parameter's count must be written as a whole number ('1.0' is not one)."""
+    if isinstance(value, str) and not value.strip().isdigit():
+        raise ValueError(f"should be a whole number, got {value!r}")
+    return value
+
+
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+QueryTime = Annotated[AwareDatetime, BeforeValidator(_iso_time)]
+
+
+class QueueQuery(_Request):
+    """GET /queue's query parameters (all optional)."""
+
+    product: ProductName | None = None
+    since: Annotated[
+        QueryTime | None,
+        Field(
+            description="Only referrals decided at or after this time (ISO 8601 with offset).",
+            examples=["2026-12-01T00:00:00Z"],
+        ),
+    ] = None
+    until: Annotated[
+        QueryTime | None,
+        Field(description="Only referrals decided before this time (ISO 8601 with offset)."),
+    ] = None
+    limit: Annotated[
+        int,
+        Field(ge=1, le=MAX_QUEUE),
+        BeforeValidator(_whole_number),
+        Field(
+            description=f"At most this many items (1-{MAX_QUEUE:,}); `count` says how many "
+            "are open in all.",
+            examples=[100],
+        ),
+    ] = 100
+
+
+class QueuePath(_Request):
+    """POST /queue/{request_id}'s path parameter."""
+
+    request_id: RequestId
+
+
+class OverrideRequest(_Request):
+    """A credit officer's decision on a referred application."""
+
+    decision: Annotated[
+        Literal["approve", "decline"],
+        Field(description="The officer's decision.", examples=["approve"]),
+    ]
+    reason: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=2000,
+            pattern=r"\S",
+            description="Why (required, not blank): kept in the decision log with the override.",
+            examples=["site visit 2026-12-03: orders from two state-owned buyers confirmed"],
+        ),
+    ]
+    limit: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            allow_inf_nan=False,
+            description="Approve only: the limit in CNY (default: the original decision's). "
+            "At most the product's maximum, its house limit and the amount asked for (422).",
+            examples=[200_000],
+        ),
+    ] = None
+    price: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            lt=1,
+            allow_inf_nan=False,
+            description="The headline annual rate / fee / premium as a fraction (default: the "
+            "original's); above a legal cap is refused (422).",
+            examples=[0.18],
+        ),
+    ] = None
 
 
 # -- answers ------------------------------------------------------------------------------------
@@ -295,7 +409,7 @@ class DecisionLogEntry(_Answer):
     request_id: str
     decided_at: str
     caller: str
-    endpoint: Literal["score", "limit", "price", "screen"]
+    endpoint: Literal["score", "limit", "price", "screen", "prospect", "override"]
     enterprise_id: str
     product: Product
     request: dict[str, Any]
@@ -311,6 +425,53 @@ class DecisionLogEntry(_Answer):
     price: dict[str, Any] | None
     reasons: list[Any]
     response: dict[str, Any]
+
+
+class QueueItem(_Answer):
+    """One referred application waiting for an officer."""
+
+    request_id: str = Field(description="The referred decision's id (POST /queue/{request_id}).")
+    decided_at: str = Field(description="When the model referred it, ISO 8601 UTC.")
+    endpoint: Literal["score", "limit", "price", "screen"]
+    caller: str = Field(description="Who asked for the decision (the key's name).")
+    product: Product
+    enterprise_id: str
+    amount: float | None = Field(description="The amount asked for, CNY.")
+    term_months: int | None
+    limit: float | None = Field(description="The limit the model set (/limit, /screen).")
+    pd: float
+    score: float
+    grade: str
+    decision: Literal["refer"]
+    knockouts: list[str] = Field(description="The knock-out rules that fired (KO_*).")
+    referred_because: list[str] = Field(description="The policy path: each step, in words.")
+    reasons: list[Any] = Field(description="The original decision's reasons.")
+
+
+class QueueAnswer(_Answer):
+    """GET /queue: the open referrals, the longest waiting first."""
+
+    order: Literal["oldest first"]
+    count: int = Field(ge=0, description="How many referrals are open (matching the filters).")
+    items: list[QueueItem]
+
+
+class OverrideAnswer(_Answer):
+    """POST /queue/{request_id}: the override record written to the decision log."""
+
+    request_id: str = Field(description="The override record's own id in the decision log.")
+    overrides: str = Field(description="The referred decision it decides.")
+    decided_at: str
+    officer: str
+    enterprise_id: str
+    product: Product
+    model_decision: Literal["refer"]
+    decision: Literal["approve", "decline"]
+    reason: str
+    limit: float | None = Field(description="The approved limit, CNY (null: none set).")
+    price: dict[str, Any] | None
+    grade: str
+    pd: float
 
 
 class ErrorBody(_Answer):

@@ -22,10 +22,12 @@ from kapok.settings import paths
 ENV_VAR = "KAPOK_API_KEYS"
 KEY_PREFIX = "kpk_"
 
-PERMISSIONS = frozenset({"score", "limit", "price", "screen", "explain", "log", "whatif"})
+PERMISSIONS = frozenset({"score", "limit", "price", "screen", "explain", "log", "whatif", "queue"})
 ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "lender": frozenset({"score", "limit", "price", "screen", "whatif"}),
     "reviewer": frozenset({"explain", "log"}),
+    # credit officers: the referral queue (GET /queue, POST /queue/{request_id})
+    "officer": frozenset({"queue"}),
     "admin": PERMISSIONS,
 }
 

@@ -28,6 +28,7 @@ only: a demo server that listens on, or is reached at, another address answers e
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 
@@ -54,10 +55,28 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
+def _route(key: str) -> tuple[str, str]:
+    """'/score' → ('POST', '/score'); 'GET /queue' → ('GET', '/queue')."""
+    method, _, path = key.rpartition(" ")
+    return (method.strip().upper() or "POST"), path.strip()
+
+
+def _pattern(path: str) -> re.Pattern[str]:
+    """A route path with `{name}` segments as a regular expression. A `{name}` matches the rest
+    of the path, whatever it is (empty, or with slashes): every request under the route's
+    prefix is gated, and the endpoint says what is wrong with a parameter it cannot use."""
+    parts = re.split(r"(\{[^/{}]+\})", path)
+    return re.compile(
+        "".join(".*" if p.startswith("{") and p.endswith("}") else re.escape(p) for p in parts)
+    )
+
+
 class RequestGate:
-    """ASGI: a POST to a path of `permissions` (path → the permission it needs) is answered 401,
-    403 or 415 before anything reads its body, or let in with its caller in the request's state
-    (`gated_caller`); every other request passes untouched."""
+    """ASGI: a request to a route of `permissions` (route → the permission it needs; a route is
+    a path, meaning POST, or 'METHOD /path', whose `{name}` matches the rest of the path, e.g.
+    'POST /queue/{request_id}') is answered 401, 403 or 415 before anything reads its body, or
+    let in with its caller in the request's state (`gated_caller`); every other request passes
+    untouched."""
 
     def __init__(
         self,
@@ -68,7 +87,14 @@ class RequestGate:
         rate: RateLimit | Callable[[], RateLimit | None] | None = rate_limit,
     ) -> None:
         self.app = app
-        self.permissions = dict(permissions)
+        self.permissions: dict[tuple[str, str], str] = {}  # (method, path) → permission
+        self.patterns: list[tuple[str, re.Pattern[str], str]] = []  # routes with {name} segments
+        for key, permission in permissions.items():
+            method, path = _route(key)
+            if "{" in path:
+                self.patterns.append((method, _pattern(path), permission))
+            else:
+                self.permissions[(method, path)] = permission
         self.keys = keys
         self.max_body = max_body if max_body is not None else max_body_bytes()
         limit = rate() if callable(rate) else rate
@@ -81,8 +107,8 @@ class RequestGate:
                 await _answer(send, ApiError(HTTPStatus.FORBIDDEN, reason))
                 return
         permission = None
-        if scope["type"] == "http" and scope.get("method") == "POST":
-            permission = self.permissions.get(scope.get("path", ""))
+        if scope["type"] == "http":
+            permission = self.permission(scope.get("method", ""), scope.get("path", ""))
         if not permission:
             await self.app(scope, receive, send)
             return
@@ -102,6 +128,15 @@ class RequestGate:
                 return
             receive = bounded
         await self.app(scope, receive, send)
+
+    def permission(self, method: str, path: str) -> str | None:
+        """The permission a request to `path` with `method` needs (None: not gated)."""
+        found = self.permissions.get((method, path))
+        if found is None:
+            for routed, pattern, permission in self.patterns:
+                if routed == method and pattern.fullmatch(path):
+                    return permission
+        return found
 
     def _demo(self) -> bool:
         try:
@@ -143,6 +178,8 @@ class RequestGate:
             verdict = self.limiter.take(caller.name)
             if not verdict.allowed:
                 return TooManyRequests(self.limiter.message(verdict.retry_after), verdict)
+        if scope.get("method") in ("GET", "HEAD"):
+            return caller  # no body to type or size (GET /queue reads its query only)
         content_type = headers.get("content-type", "").strip()
         if content_type and media_type(content_type) != JSON:
             said = media_type(content_type)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import json
 import os
 import sys
 import threading
@@ -24,7 +25,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import bentoml
 from pydantic import BaseModel, ConfigDict
+from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 import kapok  # noqa: F401  (telemetry off)
 from kapok.settings import max_body_bytes, paths, rate_limit
@@ -127,12 +131,108 @@ def freeze_loaded_heap() -> None:
     gc.freeze()
 
 
+def caller_name(service: Any, scope: Any, path: str, permission: str) -> str:
+    """The caller's name (the decision log's `caller`). RequestGate checked the key and the
+    role before BentoML read the body and handed on the caller it let in: the key is not
+    checked again. A request that reached the endpoint without it (a route the gate does
+    not know) is refused, never answered unchecked; the role is checked again against the
+    endpoint's own permission (a set lookup), should the gate's map and the endpoint differ.
+    """
+    if not service.ready:
+        raise ApiError(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "starting: the models are not loaded yet (GET /readyz answers 200 once they are)",
+            code="starting",
+        )
+    caller = gated_caller(scope)
+    if caller is None:
+        raise ApiError(
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+            f"{path} was reached without the request gate's key check (serving/gate.py): refused",
+        )
+    try:
+        service.keys.authorize(caller, permission)
+    except AuthError as e:
+        raise ApiError(e.status, str(e)) from None
+    return caller.name
+
+
+# -- the referral queue: GET /queue and POST /queue/{request_id} ----------------------------------
+# BentoML 1.4's @bentoml.api routes answer POST only (its app adds each as a Starlette Route with
+# methods=["POST"]) and hand the endpoint the body, not the path's parameters: the queue's two
+# routes are a small Starlette app mounted into the service (bentoml.asgi_app), behind the
+# same middlewares as every endpoint (error shape, request gate: key, role, rate, content type,
+# body size), documented in serving/api_docs.py with the others. Its handlers reach the worker's
+# Kapok instance (its decision log, its policy, its readiness) through
+# bentoml.get_current_service().
+async def _queue_answer(work: Callable[[], dict[str, Any]]) -> JSONResponse:
+    from starlette.concurrency import run_in_threadpool
+
+    try:
+        return JSONResponse(await run_in_threadpool(work))
+    except ApiError as e:
+        return JSONResponse(e.body(), status_code=e.status)
+
+
+async def queue_list(request: Request) -> JSONResponse:
+    """GET /queue: the open referrals, the longest waiting first."""
+
+    def work() -> dict[str, Any]:
+        from serving.queue import open_queue
+
+        service: Kapok = bentoml.get_current_service()
+        caller_name(service, request.scope, request.url.path, "queue")
+        query = check(m.QueueQuery, dict(request.query_params))
+        with log_faults("cannot read the queue"):
+            return open_queue(service.log, query.product, query.since, query.until, query.limit)
+
+    return await _queue_answer(work)
+
+
+async def queue_decide(request: Request) -> JSONResponse:
+    """POST /queue/{request_id}: an officer's approve / decline, logged as an override record."""
+    raw = await request.body()
+
+    def work() -> dict[str, Any]:
+        from serving.queue import Override, QueueError, override
+
+        service: Kapok = bentoml.get_current_service()
+        caller = caller_name(service, request.scope, request.url.path, "queue")
+        request_id = check(m.QueuePath, dict(request.path_params)).request_id
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as e:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {e}",
+                           code="invalid_json") from None  # fmt: skip
+        given = check(m.OverrideRequest, body)
+        try:
+            decided = Override(given.decision, given.reason, caller, given.limit, given.price)
+            with log_faults("nothing recorded"):
+                record = override(service.log, service.engine.policy, request_id, decided, caller)
+        except QueueError as e:  # 400, 404, 409, 422 with the queue's own code
+            raise ApiError(e.status, e.message, code=e.code, field=e.field) from None
+        return record.response
+
+    return await _queue_answer(work)
+
+
+QUEUE_APP = Starlette(
+    routes=[
+        Route("/queue", queue_list, methods=["GET"]),
+        # any rest of the path, so that a request id it cannot be (empty, with a slash) is a
+        # 400 naming request_id rather than BentoML's redirect or 404
+        Route("/queue/{request_id:path}", queue_decide, methods=["POST"]),
+    ]
+)
+
+
 @bentoml.service(
     name="kapok",
     traffic={"timeout": 60},
     workers=_workers(),
     logging={"access": {"enabled": False}},
 )
+@bentoml.asgi_app(QUEUE_APP, path="/")
 class Kapok:
     def __init__(self) -> None:
         self.ready = False
@@ -187,30 +287,7 @@ class Kapok:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _caller(self, ctx: bentoml.Context, permission: str) -> str:
-        """The caller's name (the decision log's `caller`). RequestGate checked the key and the
-        role before BentoML read the body and handed on the caller it let in: the key is not
-        checked again. A request that reached the endpoint without it (a route the gate does
-        not know) is refused, never answered unchecked; the role is checked again against the
-        endpoint's own permission (a set lookup), should the gate's map and the endpoint differ.
-        """
-        if not self.ready:
-            raise ApiError(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "starting: the models are not loaded yet (GET /readyz answers 200 once they are)",
-                code="starting",
-            )
-        caller = gated_caller(ctx.request.scope)
-        if caller is None:
-            raise ApiError(
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                f"{ctx.request.url.path} was reached without the request gate's key check "
-                "(serving/gate.py): refused",
-            )
-        try:
-            self.keys.authorize(caller, permission)
-        except AuthError as e:
-            raise ApiError(e.status, str(e)) from None
-        return caller.name
+        return caller_name(self, ctx.request.scope, ctx.request.url.path, permission)
 
     def _envelope(self, request_id: str, product: str, model: Any, feats: Any) -> dict[str, Any]:
         return {
@@ -558,5 +635,5 @@ def not_found(e: Exception) -> ApiError:
 # the content type checked before BentoML reads a body; Kapok's docs page at / (BentoML's own
 # page loads external scripts). The first added is the outermost.
 Kapok.add_asgi_middleware(ErrorShapeMiddleware)
-Kapok.add_asgi_middleware(RequestGate, permissions={e.path: e.permission for e in ENDPOINTS})
+Kapok.add_asgi_middleware(RequestGate, permissions={e.route: e.permission for e in ENDPOINTS})
 Kapok.add_asgi_middleware(DocsMiddleware)

@@ -29,7 +29,7 @@ from tests.asgi_driver import gate_for, through
 from tests.cli_processes import run_kapok
 from tests.test_decision_log import pg_url  # noqa: F401  (fixture: a PostgreSQL database)
 
-ALL = ("score", "limit", "price", "screen", "explain", "log", "whatif")
+ALL = ("score", "limit", "price", "screen", "explain", "log", "whatif", "queue")
 
 
 @pytest.fixture(autouse=True)

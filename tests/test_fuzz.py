@@ -139,7 +139,8 @@ CONFIG = schemathesis.Config.from_dict(
         "phases": {"stateful": {"enabled": False}},
     }
 )
-schema = schemathesis.openapi.from_dict(DOCUMENT, config=CONFIG).include(method="POST")
+# every endpoint of ENDPOINTS with its method (POST, and GET /queue); not the probes
+schema = schemathesis.openapi.from_dict(DOCUMENT, config=CONFIG).include(path=list(BY_PATH))
 
 
 def test_served_document(served) -> None:  # noqa: F811
@@ -150,8 +151,10 @@ def test_served_document(served) -> None:  # noqa: F811
     assert response.status_code == 200
     assert response.json() == DOCUMENT
     loaded = schemathesis.openapi.from_url(api.base + "/openapi.json", config=CONFIG)
-    posted = {op.ok().path for op in loaded.get_all_operations() if op.ok().method == "post"}
-    assert posted == set(BY_PATH)
+    routes = {(op.ok().method.upper(), op.ok().path) for op in loaded.get_all_operations()}
+    assert routes - {("GET", "/livez"), ("GET", "/readyz")} == {
+        (e.method, e.path) for e in ENDPOINTS
+    }
 
 
 def sent_as(response: requests.Response) -> str:
@@ -177,13 +180,14 @@ def test_generated_requests(case: schemathesis.Case, served) -> None:  # noqa: F
         status, body = response.status_code, response.json()
         said = f"{case.method} {path} as {who}, {case.media_type} body {case.body!r}"
         assert status < 500, f"{said}: {status} {body}"
-        if case.method.upper() != "POST":
+        if case.method.upper() != BY_PATH[path].method:
             assert status == 405, f"{said}: {status} {body}"
             ErrorBody.model_validate(body)
             continue
         conforms(path, status, body, said)
         if who in allowed(path):
-            if sent_as(response) not in ("", "application/json"):
+            has_body = BY_PATH[path].request is not None  # GET /queue takes none to type
+            if has_body and sent_as(response) not in ("", "application/json"):
                 assert status == 415, f"{said}: {status} {body}"
                 assert body["error"]["code"] == "unsupported_media_type", f"{said}: {body}"
             continue
@@ -250,6 +254,22 @@ def bodies(path: str, ids: list[str], request_ids: list[str]) -> st.SearchStrate
         )
         rows = st.lists(st.one_of(applicant, applicant, junk), max_size=6)
         return st.fixed_dictionaries({"product": st.sampled_from(PRODUCTS), "applicants": rows})
+    if path == "/queue":
+        return st.fixed_dictionaries(
+            {},
+            optional={"product": st.sampled_from(PRODUCTS), "limit": st.integers(1, 1000)},
+        )
+    if path == "/queue/{request_id}":
+        known = st.sampled_from(request_ids)
+        body = st.fixed_dictionaries(
+            {"decision": st.sampled_from(["approve", "decline"]),
+             "reason": st.one_of(st.just("checked on site"), st.text(min_size=1, max_size=30))},
+            optional={"limit": AMOUNTS, "price": st.floats(0.001, 0.5)},
+        )  # fmt: skip
+        return st.fixed_dictionaries(
+            {"request_id": st.one_of(known, known, known.map(lambda r: r[:-1] or "x")),
+             "body": body}
+        )  # fmt: skip
     if path == "/whatif":  # a grid of amounts and terms, or none
         grid = st.fixed_dictionaries(
             {},
@@ -302,20 +322,54 @@ def request_ids(served) -> list[str]:  # noqa: F811
     return ids
 
 
-@pytest.mark.parametrize("path", list(BY_PATH))
-def test_known_enterprises(path: str, served, request_ids: list[str]) -> None:  # noqa: F811
-    """Bodies that name the region's enterprises (and logged decisions), each sent as an allowed
-    role (drawn): no 5xx, the documented status and shape, and some 200s; the same body as every
-    role not allowed is 403 and without a key 401."""
+@pytest.fixture(scope="module")
+def referred_ids(served, request_ids: list[str]) -> list[str]:  # noqa: F811
+    """Request ids of referred /score decisions (for POST /queue/{request_id}), up to 40, and
+    the other logged decisions (approvals, declines: a 409)."""
     api: Api = served[0]
-    operation = schema[path]["POST"]
+    referred: list[str] = []
+    for eid in served[2][:400]:
+        # guarantees: no price cap turns a PD in the refer band into a decline
+        body = request(eid, product="guarantee", amount=500_000)
+        status, answer = api.call("/score", body, role="lender")
+        assert status == 200, answer
+        if answer["decision"] == "refer":
+            referred.append(answer["request_id"])
+        if len(referred) >= 40:
+            break
+    assert referred, "no referred decision among 400 enterprises"
+    return referred + request_ids
+
+
+def case_of(operation: Any, path: str, drawn: Any) -> schemathesis.Case:
+    """The request `bodies(path)` drew: a JSON body, GET /queue's query, or POST
+    /queue/{request_id}'s path parameter and body."""
+    if path == "/queue":
+        return operation.Case(query=drawn)
+    if path == "/queue/{request_id}":
+        return operation.Case(
+            path_parameters={"request_id": drawn["request_id"]},
+            body=drawn["body"],
+            media_type="application/json",
+        )
+    return operation.Case(body=drawn, media_type="application/json")
+
+
+@pytest.mark.parametrize("path", list(BY_PATH))
+def test_known_enterprises(path: str, served, request_ids: list[str], referred_ids) -> None:  # noqa: F811
+    """Bodies that name the region's enterprises (and logged decisions; referred ones for the
+    queue), each sent as an allowed role (drawn): no 5xx, the documented status and shape, and
+    some 200s; the same request as every role not allowed is 403 and without a key 401."""
+    api: Api = served[0]
+    operation = schema[path][BY_PATH[path].method]
+    ids = referred_ids if path.startswith("/queue") else request_ids
     statuses: Counter[int] = Counter()
     may, may_not = allowed(path), not_allowed(path)
 
     @FUZZ_SETTINGS
-    @given(body=bodies(path, served[2][:300], request_ids), role=st.sampled_from(may))
+    @given(body=bodies(path, served[2][:300], ids), role=st.sampled_from(may))
     def run(body: dict[str, Any], role: str) -> None:
-        case = operation.Case(body=body, media_type="application/json")
+        case = case_of(operation, path, body)
         calls = [(role, bearer(api.keys[role]))] + [(r, bearer(api.keys[r])) for r in may_not]
         for who, headers in [*calls, ("no key", {})]:
             response = case.call(base_url=api.base, headers=headers)
@@ -354,7 +408,10 @@ def test_unreadable_body_without_a_valid_key(served) -> None:  # noqa: F811
     type, is 401 without a key or with an unknown one and 403 for a role that may not call the
     endpoint; the same body from an allowed caller is 400 invalid_json."""
     api: Api = served[0]
-    for path in BY_PATH:
+    for route, endpoint in BY_PATH.items():
+        if endpoint.request is None:
+            continue  # GET /queue takes no body
+        path = route.replace("{request_id}", "req_0")
         for content_type in ("application/json", "multipart/form-data", "text/plain"):
             typed = {"Content-Type": content_type}
             for headers in (typed, typed | bearer(UNKNOWN_KEY)):
@@ -362,12 +419,12 @@ def test_unreadable_body_without_a_valid_key(served) -> None:  # noqa: F811
                 assert no_key.status_code == 401, (path, headers, no_key.text)
                 assert no_key.json()["error"]["code"] == "unauthenticated", no_key.text
                 assert no_key.headers["WWW-Authenticate"] == "Bearer"
-            role = not_allowed(path)[0]
+            role = not_allowed(route)[0]
             forbidden = raw_post(api, path, b"xx", typed | bearer(api.keys[role]))
             assert forbidden.status_code == 403, (path, role, forbidden.text)
             assert forbidden.json()["error"]["code"] == "forbidden", forbidden.text
             assert f"role {role!r}" in forbidden.json()["error"]["message"], forbidden.text
-        key = bearer(api.keys[allowed(path)[0]])
+        key = bearer(api.keys[allowed(route)[0]])
         unreadable = raw_post(api, path, b"xx", {"Content-Type": "application/json"} | key)
         assert unreadable.status_code == 400, (path, unreadable.text)
         assert unreadable.json()["error"]["code"] == "invalid_json", unreadable.text

@@ -35,7 +35,7 @@ from serving.api_models import (
     ScoreAnswer,
     ScreenAnswer,
 )
-from serving.auth import add_key
+from serving.auth import ROLE_PERMISSIONS, add_key
 from serving.replay import replay
 from training.data import product_data
 from training.train import train
@@ -152,9 +152,7 @@ def served(tmp_path_factory, small_system):
     )
     assert policy_file.read_text() != shipped
     keys_file = home.home / "api_keys.toml"
-    keys = {
-        role: add_key(keys_file, f"test-{role}", role) for role in ("lender", "reviewer", "admin")
-    }
+    keys = {role: add_key(keys_file, f"test-{role}", role) for role in ROLE_PERMISSIONS}
     env = dict(os.environ, KAPOK_HOME=str(home.home), KAPOK_API_KEYS=str(keys_file),
                KAPOK_POLICY=str(policy_file), BENTOML_HOME=str(home.home / "bentoml"))  # fmt: skip
     env.pop("KAPOK_DEMO", None)
