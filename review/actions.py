@@ -35,6 +35,7 @@ from sqlalchemy import event, exc
 
 from review.portfolio import ID
 from review.watch import RISK_DRIVERS
+from serving.append_only import AppendOnly
 from serving.decision_log import _reason, _sqlite_pragmas, default_url
 from serving.policy import EarlyWarningAction
 from serving.sqlite_race import retry_racing
@@ -133,26 +134,8 @@ actions = sa.Table(
     sa.Index("actions_answers_idx", "action_id", "seq"),
 )  # fmt: skip
 
-_SQLITE_TRIGGERS = [
-    f"""CREATE TRIGGER IF NOT EXISTS actions_no_{op.lower()} BEFORE {op} ON actions
-BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY_MESSAGE}'); END;"""
-    for op in ("UPDATE", "DELETE")
-]
-_PG_FUNCTION = f"""CREATE OR REPLACE FUNCTION kapok_actions_append_only() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION USING MESSAGE =
-        '{APPEND_ONLY_MESSAGE}: ' || TG_OP || ' on actions is not allowed';
-END;
-$$"""
-_PG_TRIGGERS = {
-    "actions_no_update_delete": """CREATE TRIGGER actions_no_update_delete
-BEFORE UPDATE OR DELETE ON actions
-FOR EACH ROW EXECUTE FUNCTION kapok_actions_append_only()""",
-    "actions_no_truncate": """CREATE TRIGGER actions_no_truncate
-BEFORE TRUNCATE ON actions
-FOR EACH STATEMENT EXECUTE FUNCTION kapok_actions_append_only()""",
-}
+# UPDATE, DELETE (and TRUNCATE) refused by the database, as for the decision log
+_GUARD = AppendOnly("actions", APPEND_ONLY_MESSAGE)
 
 # every action with its status now: what `kapok actions list` shows
 LIST_SCHEMA = {
@@ -254,11 +237,7 @@ class ActionStore:
                         sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY}
                     )
                 _metadata.create_all(conn, checkfirst=True)
-                if self._backend == "sqlite":
-                    for statement in _SQLITE_TRIGGERS:
-                        conn.exec_driver_sql(statement)
-                else:
-                    _create_pg_triggers(conn)
+                _GUARD.install(conn, self._backend)
         except (OSError, exc.SQLAlchemyError) as e:
             raise self._error(e, "cannot create the actions table") from e
 
@@ -500,23 +479,6 @@ def _insert_skipping_duplicates(backend: str) -> Any:
     else:
         from sqlalchemy.dialects.postgresql import insert
     return insert(actions).on_conflict_do_nothing()
-
-
-def _create_pg_triggers(conn: sa.Connection) -> None:
-    existing = set(
-        conn.execute(
-            sa.text(
-                "SELECT tgname FROM pg_trigger "
-                "WHERE tgrelid = 'actions'::regclass AND NOT tgisinternal"
-            )
-        ).scalars()
-    )
-    missing = [name for name in _PG_TRIGGERS if name not in existing]
-    if not missing:
-        return
-    conn.exec_driver_sql(_PG_FUNCTION)
-    for name in missing:
-        conn.exec_driver_sql(_PG_TRIGGERS[name])
 
 
 # -- the watch's summary -------------------------------------------------------------------------

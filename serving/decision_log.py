@@ -46,6 +46,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
 from kapok.settings import paths
+from serving.append_only import AppendOnly
 from serving.sqlite_race import retry_racing
 
 if TYPE_CHECKING:
@@ -490,29 +491,11 @@ def chain_hash(prev_hash: str, content: bytes) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + content).hexdigest()
 
 
-_SQLITE_TRIGGERS = [
-    f"""CREATE TRIGGER IF NOT EXISTS decisions_no_update BEFORE UPDATE ON decisions
-BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY_MESSAGE}'); END;""",
-    f"""CREATE TRIGGER IF NOT EXISTS decisions_no_delete BEFORE DELETE ON decisions
-BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY_MESSAGE}'); END;""",
-]
-
-_PG_FUNCTION = f"""CREATE OR REPLACE FUNCTION kapok_decisions_append_only() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION USING MESSAGE =
-        '{APPEND_ONLY_MESSAGE}: ' || TG_OP || ' on decisions is not allowed';
-END;
-$$"""
-
-_PG_TRIGGERS = {
-    "decisions_no_update_delete": """CREATE TRIGGER decisions_no_update_delete
-BEFORE UPDATE OR DELETE ON decisions
-FOR EACH ROW EXECUTE FUNCTION kapok_decisions_append_only()""",
-    "decisions_no_truncate": """CREATE TRIGGER decisions_no_truncate
-BEFORE TRUNCATE ON decisions
-FOR EACH STATEMENT EXECUTE FUNCTION kapok_decisions_append_only()""",
-}
+# UPDATE, DELETE (and TRUNCATE) refused by the database (serving/append_only.py)
+_GUARD = AppendOnly("decisions", APPEND_ONLY_MESSAGE)
+_SQLITE_TRIGGERS = _GUARD.sqlite_triggers
+_PG_FUNCTION = _GUARD.pg_function
+_PG_TRIGGERS = _GUARD.pg_triggers
 
 
 def _reason(error: BaseException) -> str:
@@ -752,11 +735,7 @@ class DecisionLog:
                 _add_chain_columns(conn)
                 _widen_endpoints(conn, self._backend)
                 conn.exec_driver_sql(_OVERRIDE_ONCE[self._backend])
-                if self._backend == "sqlite":
-                    for statement in _SQLITE_TRIGGERS:
-                        conn.exec_driver_sql(statement)
-                else:
-                    _create_pg_triggers(conn)
+                _GUARD.install(conn, self._backend)
         except (OSError, exc.SQLAlchemyError) as e:
             raise self._error(e, "cannot create the decisions table") from e
 
@@ -1269,23 +1248,6 @@ _OVERRIDE_ONCE = {
     "postgresql": "CREATE UNIQUE INDEX IF NOT EXISTS decisions_override_once_idx ON decisions "
     "(((request::jsonb) ->> 'overrides')) WHERE endpoint = 'override'",
 }
-
-
-def _create_pg_triggers(conn: sa.Connection) -> None:
-    existing = set(
-        conn.execute(
-            sa.text(
-                "SELECT tgname FROM pg_trigger "
-                "WHERE tgrelid = 'decisions'::regclass AND NOT tgisinternal"
-            )
-        ).scalars()
-    )
-    missing = [name for name in _PG_TRIGGERS if name not in existing]
-    if not missing:
-        return
-    conn.exec_driver_sql(_PG_FUNCTION)
-    for name in missing:
-        conn.exec_driver_sql(_PG_TRIGGERS[name])
 
 
 def _to_row(record: DecisionRecord) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +135,26 @@ def trained_home(tmp_path_factory: pytest.TempPathFactory, small_system: System)
     first = train(data, p, trials=3, seed=7)
     second = train(data, p, trials=3, seed=8)
     return Trained(p, first, second)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A database of its own on the local PostgreSQL server (127.0.0.1:5432), dropped
+    afterwards; skipped locally when the server is absent, a failure under CI=true."""
+    require_service("127.0.0.1", 5432, "PostgreSQL")
+    import psycopg2
+
+    name = f"kapok_test_{uuid.uuid4().hex}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user="postgres")
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
 
 
 def require_service(host: str, port: int, what: str) -> None:

@@ -7,7 +7,6 @@ import datetime as dt
 import re
 import shutil
 import tomllib
-import uuid
 from pathlib import Path
 
 import polars as pl
@@ -21,7 +20,6 @@ from review import actions as act
 from review import portfolio as pf
 from review import watch
 from serving import policy as P
-from tests.conftest import require_service
 from tests.test_watch import AS_OF, PREVIOUS, _edit, _ids, _snapshot
 
 SHIPPED = P.DEFAULT_PATH.read_text(encoding="utf-8")
@@ -160,25 +158,6 @@ def _store_checks(url: str) -> None:
 
 def test_store_opens_once_records_outcomes_as_new_rows_and_refuses_edits(tmp_path: Path) -> None:
     _store_checks(f"sqlite:///{tmp_path / 'decisions' / 'decisions.db'}")
-
-
-@pytest.fixture
-def pg_url():
-    """A database of its own on the local PostgreSQL server, dropped afterwards."""
-    require_service("127.0.0.1", 5432, "PostgreSQL")
-    import psycopg2
-
-    name = f"kapok_actions_{uuid.uuid4().hex}"
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user="postgres")
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.mark.postgres

@@ -35,7 +35,7 @@ from serving.decision_log import (
 )
 from tests.cli_processes import run_kapok
 from tests.conftest import repo_root
-from tests.test_decision_log import T0, pg_url, record  # noqa: F401  (pg_url: a fixture)
+from tests.test_decision_log import T0, record
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +138,7 @@ def test_every_write_is_chained_in_commit_order(url: str):
 
 
 @pytest.mark.postgres
-def test_the_same_records_give_the_same_chain_on_sqlite_and_postgres(pg_url, tmp_path):  # noqa: F811
+def test_the_same_records_give_the_same_chain_on_sqlite_and_postgres(pg_url, tmp_path):
     """Canonical bytes do not depend on the database: floats, timestamps, JSON text round-trip."""
     heads = []
     for url in (f"sqlite:///{tmp_path / 'x.db'}", pg_url):

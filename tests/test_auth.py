@@ -27,7 +27,6 @@ from serving.auth import (
 )
 from tests.asgi_driver import gate_for, through
 from tests.cli_processes import run_kapok
-from tests.test_decision_log import pg_url  # noqa: F401  (fixture: a PostgreSQL database)
 
 ALL = ("score", "limit", "price", "screen", "explain", "log", "whatif", "queue")
 
@@ -283,7 +282,7 @@ def test_last_decision_by_caller_does_not_create_a_log(tmp_path):
 
 
 @pytest.mark.postgres
-def test_last_decision_by_caller_on_postgres(pg_url):  # noqa: F811  (the imported fixture)
+def test_last_decision_by_caller_on_postgres(pg_url):
     import sqlalchemy as sa
 
     from serving.decision_log import DecisionLog

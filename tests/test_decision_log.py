@@ -10,14 +10,12 @@ import re
 import sqlite3
 import threading
 import time
-import uuid
 
 import pytest
 import sqlalchemy as sa
 
 from kapok.settings import paths
 from serving.decision_log import DecisionLog, DecisionLogError, DecisionRecord, new_request_id
-from tests.conftest import require_service
 
 T0 = dt.datetime(2025, 3, 1, 9, 30, 0, 123456, tzinfo=dt.UTC)
 
@@ -215,25 +213,6 @@ def test_timestamps_normalised_to_utc(log: DecisionLog):
     log.write(record("req_tz", decided_at=local))
     got = log.get("req_tz").decided_at
     assert got == local and got.utcoffset() == dt.timedelta(0)
-
-
-@pytest.fixture
-def pg_url():
-    """A database of its own on the local PostgreSQL server, dropped afterwards."""
-    require_service("127.0.0.1", 5432, "PostgreSQL")
-    import psycopg2
-
-    name = f"kapok_log_{uuid.uuid4().hex}"
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user="postgres")
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.mark.postgres
@@ -846,8 +825,13 @@ def _widened(url: str) -> None:
         with pytest.raises(DecisionLogError):  # still append-only, still checked
             log.write(record("req_offer"))
     engine = sa.create_engine(url)
+    names = (
+        "SELECT name FROM sqlite_master WHERE type = 'index'"
+        if engine.dialect.name == "sqlite"
+        else "SELECT indexname FROM pg_indexes WHERE tablename = 'decisions'"
+    )
     with engine.connect() as conn:
-        indexes = {i["name"] for i in sa.inspect(conn).get_indexes("decisions")}
+        indexes = set(conn.exec_driver_sql(names).scalars())
     engine.dispose()
     assert "decisions_endpoint_idx" in indexes
     assert verify(url).intact  # the widening rewrote no record: the chain still verifies

@@ -29,7 +29,6 @@ from serving.queue import (
     open_queue,
     override,
 )
-from tests.test_decision_log import pg_url  # noqa: F401
 from tests.test_service import served  # noqa: F401
 
 T0 = dt.datetime(2026, 3, 2, 9, 30, tzinfo=dt.UTC)
@@ -223,7 +222,7 @@ def test_two_officers_racing_in_two_processes_one_wins(tmp_path) -> None:
 
 
 @pytest.mark.postgres
-def test_two_officers_racing_on_a_postgresql_log(pg_url: str) -> None:  # noqa: F811
+def test_two_officers_racing_on_a_postgresql_log(pg_url: str) -> None:
     """The same on a PostgreSQL log (the unique index there is on request::jsonb)."""
     racing(pg_url)
 

@@ -40,7 +40,6 @@ from tests.cli_processes import kapok_command, run_kapok
 from tests.conftest import linked_home, require_service
 from tests.test_audit import _drop_triggers, _sql
 from tests.test_cli_ui import free_port, stop_everything
-from tests.test_decision_log import pg_url  # noqa: F401  (a fixture: a database of its own)
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -250,7 +249,7 @@ def _logged(url: str) -> list[sa.Row]:
 @pytest.mark.timeout(1800)
 def test_two_replicas_sharing_one_postgresql_log_keep_one_verifiable_chain(
     replica_home: ReplicaHome,
-    pg_url: str,  # noqa: F811
+    pg_url: str,
     tmp_path: Path,
 ):
     home = replica_home
