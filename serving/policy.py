@@ -647,6 +647,31 @@ def knockouts(features: Mapping[str, object], policy: Policy) -> list[Knockout]:
 _Step = tuple[str | None, Outcome, str]  # (reason code or None, outcome, text)
 
 
+def term_outside(product: ProductPolicy, term: object) -> str | None:
+    """Why `term` is not a term the product offers at all ("must be ..."), or None: a request
+    the API refuses (400) rather than decides."""
+    low, high = product.term_months_min, product.term_months_max
+    if isinstance(term, bool) or not isinstance(term, int) or not low <= term <= high:
+        return (
+            f"must be a whole number of months between {low} and {high} for {product.name}, "
+            f"got {term!r}"
+        )
+    return None
+
+
+def amount_outside(product: ProductPolicy, amount: float) -> str | None:
+    """Why `amount` is not an amount the product offers at all ("must be ..."), or None. The
+    API refuses it (400) where it decides at that amount (/score, /price, /screen, /whatif); a
+    limit search (/limit) may start above the range, since it offers at most `amount_max`."""
+    low, high = product.amount_min, product.amount_max
+    if not low <= amount <= high:
+        return (
+            f"must be between CNY {low:,.0f} and {high:,.0f} for {product.name} (the "
+            f"product's range), got {amount:,.2f}"
+        )
+    return None
+
+
 def decide(
     pd: float,
     product: ProductPolicy,

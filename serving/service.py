@@ -33,6 +33,7 @@ from starlette.routing import Route
 import kapok  # noqa: F401  (telemetry off)
 from kapok.settings import max_body_bytes, paths, rate_limit
 from serving import api_models as m
+from serving import policy as pol
 from serving.access import demo_refusal
 from serving.api_docs import ENDPOINTS, DocsMiddleware
 from serving.api_errors import ApiError, ErrorShapeMiddleware, quiet_client_error_tracebacks
@@ -55,16 +56,19 @@ class Answer(BaseModel):
 
 
 def check_term(product: str, term: int, engine: LendingEngine, field: str = "term_months") -> None:
-    """The term within the product's range in the lending policy (the one check the request
-    models cannot make: the range is policy, loaded at start)."""
-    rules = engine.policy.product(product)
-    if not rules.term_months_min <= term <= rules.term_months_max:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST,
-            f"{field} must be a whole number of months between {rules.term_months_min} and "
-            f"{rules.term_months_max} for {product}, got {term!r}",
-            field=field,
-        )
+    """The term within the product's range in the lending policy (a check the request models
+    cannot make: the range is policy, loaded at start)."""
+    problem = pol.term_outside(engine.policy.product(product), term)
+    if problem:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{field} {problem}", field=field)
+
+
+def check_amount(product: str, amount: float, engine: LendingEngine, field: str) -> None:
+    """The amount within the product's range: a decision at an amount the product does not
+    offer at all is refused, as for the term."""
+    problem = pol.amount_outside(engine.policy.product(product), amount)
+    if problem:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{field} {problem}", field=field)
 
 
 def answers_errors(endpoint: Callable[..., Any]) -> Callable[..., Any]:
@@ -384,6 +388,9 @@ class Kapok:
         eid, product, term = request.enterprise_id, request.product, request.term_months
         amount = request.amount if isinstance(request, m.PriceRequest) else request.requested_amount
         check_term(product, term, self.engine)
+        if not limit:  # /limit searches up to the product's maximum whatever was asked
+            field = "amount" if isinstance(request, m.PriceRequest) else "requested_amount"
+            check_amount(product, amount, self.engine, field)
         a = self._assess(eid, product, amount, term, limit)
         request_id = new_request_id()
         answer = self._score_body(request_id, product, a)
@@ -482,6 +489,8 @@ class Kapok:
             try:
                 applicant = check(m.Applicant, row, prefix=where)
                 check_term(product, applicant.term_months, self.engine, f"{where}.term_months")
+                check_amount(product, applicant.requested_amount, self.engine,
+                             f"{where}.requested_amount")  # fmt: skip
                 valid.append((i, applicant.enterprise_id, applicant.requested_amount,
                               applicant.term_months))  # fmt: skip
             except ApiError as e:

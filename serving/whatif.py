@@ -76,14 +76,14 @@ def grid_for(
 ) -> Grid:
     """The grid to decide: the caller's amounts and terms (either missing: the requested one),
     or with `default` and neither given, the requested amount, 75% and 50% of it at the requested
-    term and 12, 24 and 36 months (within the product's range). WhatIfInputError for a term
-    outside the product's range, an amount that is not a positive number, or more than
-    MAX_CELLS cells."""
+    term and 12, 24 and 36 months (within the product's range). WhatIfInputError for a term or
+    an amount outside the product's range, an amount that is not a positive number, or more
+    than MAX_CELLS cells."""
     check_term(product, term, "term_months")
-    check_amount(amount, "amount")
+    check_amount(product, amount, "amount")
     if default and amounts is None and terms is None:
         amounts = [amount] + [round(amount * f / 1000) * 1000.0 for f in (0.75, 0.5)]
-        amounts = [a for a in amounts if a > 0]
+        amounts = [a for a in amounts if pol.amount_outside(product, a) is None]
         terms = [term] + [
             t for t in (12, 24, 36) if product.term_months_min <= t <= product.term_months_max
         ]
@@ -93,7 +93,7 @@ def grid_for(
         which = "grid.amounts" if not amounts else "grid.terms"
         raise WhatIfInputError(f"{which}: give at least one value", which)
     for i, a in enumerate(amounts):
-        check_amount(a, f"grid.amounts[{i}]")
+        check_amount(product, a, f"grid.amounts[{i}]")
     for i, t in enumerate(terms):
         check_term(product, t, f"grid.terms[{i}]")
     amounts_ = tuple(sorted(set(map(float, amounts)), reverse=True))
@@ -109,19 +109,18 @@ def grid_for(
 
 
 def check_term(product: pol.ProductPolicy, term: Any, field: str) -> None:
-    low, high = product.term_months_min, product.term_months_max
-    if isinstance(term, bool) or not isinstance(term, int) or not low <= term <= high:
-        raise WhatIfInputError(
-            f"{field} must be a whole number of months between {low} and {high} for "
-            f"{product.name}, got {term!r}",
-            field,
-        )
+    problem = pol.term_outside(product, term)
+    if problem:
+        raise WhatIfInputError(f"{field} {problem}", field)
 
 
-def check_amount(amount: Any, field: str) -> None:
+def check_amount(product: pol.ProductPolicy, amount: Any, field: str) -> None:
     ok = isinstance(amount, int | float) and not isinstance(amount, bool)
     if not ok or not math.isfinite(amount) or amount <= 0:
         raise WhatIfInputError(f"{field} must be a positive number of CNY, got {amount!r}", field)
+    problem = pol.amount_outside(product, amount)
+    if problem:
+        raise WhatIfInputError(f"{field} {problem}", field)
 
 
 @dataclass(frozen=True)

@@ -345,6 +345,35 @@ def test_screen_ranks_and_reports_bad_rows(served):
     assert body["error"]["field"] == "applicants" and "1000" in body["error"]["message"], body
 
 
+def test_an_amount_the_product_does_not_offer_is_refused_not_decided(served):
+    """microloan lends CNY 10,000 to 3,000,000: a decision at 5,000,000 is a 400 naming the
+    range (as an out-of-range term is), never an approval of more than the product offers; the
+    limit search may start there and offers at most the maximum."""
+    api, home, ids, _ = served
+    top = pol.load_policy(home.home / "policy.toml").product("microloan").amount_max
+    for path, key in (("/score", "requested_amount"), ("/price", "amount")):
+        body = request(ids[0], amount=top + 1_000_000)
+        if key == "amount":
+            body["amount"] = body.pop("requested_amount")
+        status, answer = api.call(path, body, role="lender")
+        assert status == 400, answer
+        assert answer["error"]["field"] == key, answer
+        assert f"{top:,.0f}" in answer["error"]["message"], answer
+    status, answer = api.call("/score", request(ids[0], amount=5_000), role="lender")
+    assert (status, answer["error"]["field"]) == (400, "requested_amount"), answer
+    status, answer = api.call("/limit", request(ids[0], amount=top + 1_000_000), role="lender")
+    assert status == 200, answer
+    assert answer["limit"] <= top
+    applicants = [{"enterprise_id": e, "requested_amount": a, "term_months": 12}
+                  for e, a in ((ids[0], 200_000), (ids[1], top + 1))]  # fmt: skip
+    status, body = api.call(
+        "/screen", {"product": "microloan", "applicants": applicants}, role="lender"
+    )
+    assert status == 200, body
+    assert body["count"] == 1 and [e["index"] for e in body["errors"]] == [1], body
+    assert body["errors"][0]["error"]["field"] == "applicants[1].requested_amount", body
+
+
 def test_auth_and_roles(served):
     """401 (no key, malformed header, unknown key) and 403 (role) each say which, in Kapok's
     error shape, without saying anything about other keys."""

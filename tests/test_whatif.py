@@ -310,7 +310,14 @@ def test_cli_prints_the_answer_and_refuses_bad_input_in_one_line(served, region,
     assert len(answer["grid"]) == 4 and answer["estimate"] is True
     assert answer["changes"]["status"] in ("found", "out_of_reach", "blocked")
     for extra, said in (
-        (["--amounts", "1,2,3,4,5", "--terms", "6,12,18,24,36"], f"at most {MAX_CELLS} cells"),
+        (
+            ["--amounts", "10000,20000,30000,40000,50000", "--terms", "6,12,18,24,36"],
+            f"at most {MAX_CELLS} cells",
+        ),
+        (
+            ["--amounts", "100000,5000000"],  # more than microloan lends at all
+            "--amounts[1] must be between CNY 10,000 and 3,000,000 for microloan",
+        ),
         (["--terms", "6,48"], "--terms[1] must be a whole number of months between 1 and 36"),
         (["--amounts", "1,x"], "--amounts: 'x' is not a number"),
     ):
