@@ -21,10 +21,14 @@ def test_help_lists_every_stage():
     for word in ("run", "data", "features", "KAPOK_HOME"):
         assert word in result.output
     assert "train" in result.output and "promote" in result.output
+    for stage in ("prospect", "whatif", "simulate-policy", "queue", "actions", "watch"):
+        assert stage in result.output, stage
     groups = {
         "data": ("generate", "check-spec"),
         "features": ("build", "apply", "materialize", "online"),
         "audit": ("verify", "anchor"),
+        "queue": ("list", "decide"),
+        "actions": ("list", "record"),
     }
     for group, commands in groups.items():
         out = runner.invoke(app, [group, "--help"]).output
