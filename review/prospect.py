@@ -570,9 +570,10 @@ def by_segment(offers: pl.DataFrame, column: str) -> pl.DataFrame:
         offers.group_by(column)
         .agg(
             pl.len().alias("offers"),
-            pl.col("limit").sum().alias("total limit"),
-            pl.col("expected_loss").sum().alias("expected loss"),
-            pl.col("expected_revenue").sum().alias("expected revenue"),
+            # whole CNY: every amount of the table in one format, with thousands separators
+            pl.col("limit").sum().round(0).cast(pl.Int64).alias("total limit"),
+            pl.col("expected_loss").sum().round(0).cast(pl.Int64).alias("expected loss"),
+            pl.col("expected_revenue").sum().round(0).cast(pl.Int64).alias("expected revenue"),
             pl.col("pd").mean().alias("mean PD"),
         )
         .sort(column)
@@ -614,9 +615,12 @@ def render_html(result: Offers) -> str:
                 ("decided", result.decided),
                 *((f"not offered: {NOT_OFFERED[k]}", n) for k, n in result.not_offered.items()),
                 ("offers" + (f" (top {req.top} by PD)" if req.top else ""), offers.height),
-                ("total pre-approved limit (CNY)", float(offers["limit"].sum())),
-                ("expected loss, one year (CNY)", float(offers["expected_loss"].sum())),
-                ("expected revenue, one year (CNY)", float(offers["expected_revenue"].sum())),
+                ("total pre-approved limit (CNY)", round(float(offers["limit"].sum()))),
+                ("expected loss, one year (CNY)", round(float(offers["expected_loss"].sum()))),
+                (
+                    "expected revenue, one year (CNY)",
+                    round(float(offers["expected_revenue"].sum())),
+                ),
                 ("logged to the decision log", result.logged),
                 ("book", result.book_source),
             ]
