@@ -440,6 +440,18 @@ decisions = sa.Table(
     sa.CheckConstraint(_ENDPOINT_CHECK, name="decisions_endpoint_check"),
     sa.Index("decisions_decided_at_idx", "decided_at"),
     sa.Index("decisions_endpoint_idx", "endpoint", "decided_at"),
+    # the referral queue (open_referrals): only the refer decisions, oldest first; covers the
+    # queue's count (a refer is always an application's decision: offers approve, overrides
+    # approve or decline)
+    sa.Index(
+        "decisions_referrals_idx",
+        "decided_at",
+        "request_id",
+        "product",
+        "endpoint",
+        sqlite_where=sa.text("decision = 'refer'"),
+        postgresql_where=sa.text("decision = 'refer'"),
+    ),
     sa.Index("decisions_enterprise_idx", "enterprise_id", "decided_at"),
 )
 CHAIN_COLUMNS = ("seq", "prev_hash", "hash")
@@ -1074,13 +1086,16 @@ class DecisionLog:
         linked = decisions.c.request_id.in_(
             sa.select(overridden).where((done.c.endpoint == _OVERRIDE) & overridden.is_not(None))
         )
-        where = self._window(sa.select(decisions.c.request_id), since, until, product,
-                             APPLICATION_ENDPOINTS).whereclause  # fmt: skip
-        where = sa.and_(where, decisions.c.decision == "refer", ~linked)
-        total = self._select(
-            sa.select(sa.func.count()).select_from(decisions).where(where), "referral count"
-        )[0][0]
-        query = sa.select(decisions).where(where)
+        # a refer is only ever an application's decision (an offer approves, an officer
+        # approves or declines), so no endpoint filter: with one, the planners chose the
+        # endpoint index and read every application's record (1.1 s on 519,039 decisions); and
+        # 'refer' written out, not bound, so that the partial index of referrals serves the
+        # count and the page (18 ms)
+        refer = decisions.c.decision == sa.literal_column("'refer'")
+        counted = sa.select(sa.func.count()).select_from(decisions).where(refer, ~linked)
+        counted = self._window(counted, since, until, product)
+        total = self._select(counted, "referral count")[0][0]
+        query = self._window(sa.select(decisions).where(refer, ~linked), since, until, product)
         query = query.order_by(decisions.c.decided_at.asc(), decisions.c.request_id.asc())
         if limit is not None:
             query = query.limit(limit)
