@@ -35,7 +35,7 @@ from sqlalchemy import event, exc
 
 from review.portfolio import ID
 from review.watch import RISK_DRIVERS
-from serving.append_only import AppendOnly
+from serving.append_only import AppendOnly, store_url
 from serving.decision_log import _reason, _sqlite_pragmas, default_url
 from serving.policy import EarlyWarningAction
 from serving.sqlite_race import retry_racing
@@ -183,16 +183,8 @@ class ActionStore:
 
     def __init__(self, url: str | None = None) -> None:
         raw = url if url is not None else default_url()
-        try:
-            self._url = sa.make_url(raw)
-        except exc.ArgumentError as e:
-            raise ActionsError(f"actions store: not a valid SQLAlchemy URL: {e}") from e
+        self._url = store_url(raw, "actions store", "actions store", ActionsError)
         self._backend = self._url.get_backend_name()
-        if self._backend not in ("sqlite", "postgresql"):
-            raise ActionsError(
-                f"actions store {self.url}: unsupported backend {self._backend!r} "
-                "(use sqlite or postgresql, which enforce the append-only triggers)"
-            )
         connect_args: dict[str, Any] = {}
         if self._backend == "sqlite":
             connect_args = {"timeout": 30}

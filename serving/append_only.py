@@ -68,3 +68,20 @@ FOR EACH STATEMENT EXECUTE FUNCTION {function}""",
         conn.exec_driver_sql(self.pg_function)
         for name in missing:
             conn.exec_driver_sql(self.pg_triggers[name])
+
+
+def store_url(raw: str, where: str, store: str, error: type[Exception]) -> sa.URL:
+    """`raw` as the URL of a store these triggers can guard (SQLite or PostgreSQL), else
+    `error` with a message that names `where` the URL came from (a bad URL) or the `store`
+    (another backend), the password masked."""
+    try:
+        url = sa.make_url(raw)
+    except sa.exc.ArgumentError as e:
+        raise error(f"{where}: not a valid SQLAlchemy URL: {e}") from e
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise error(
+            f"{store} {url.render_as_string(hide_password=True)}: unsupported backend "
+            f"{backend!r} (use sqlite or postgresql, which enforce the append-only triggers)"
+        )
+    return url

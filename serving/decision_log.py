@@ -46,7 +46,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
 from kapok.settings import paths
-from serving.append_only import AppendOnly
+from serving.append_only import AppendOnly, store_url
 from serving.sqlite_race import retry_racing
 
 if TYPE_CHECKING:
@@ -617,16 +617,8 @@ class DecisionLog:
 
     def __init__(self, url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         raw = url if url is not None else default_url()
-        try:
-            self._url = sa.make_url(raw)
-        except exc.ArgumentError as e:
-            raise DecisionLogError(f"{ENV_VAR}: not a valid SQLAlchemy URL: {e}") from e
+        self._url = store_url(raw, ENV_VAR, "decision log", DecisionLogError)
         self._backend = self._url.get_backend_name()
-        if self._backend not in ("sqlite", "postgresql"):
-            raise DecisionLogError(
-                f"decision log {self.url}: unsupported backend {self._backend!r} "
-                "(use sqlite or postgresql, which enforce the append-only triggers)"
-            )
         if not timeout > 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
         self._timeout = float(timeout)

@@ -14,13 +14,13 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from features.schema import FAMILIES, features_of
+from features.schema import FAMILIES
 from kapok.cli import app
 from review import actions as act
 from review import portfolio as pf
 from review import watch
 from serving import policy as P
-from tests.test_watch import AS_OF, PREVIOUS, _edit, _ids, _snapshot
+from tests.test_watch import AS_OF, PREVIOUS, _edit, _ids, _snapshot, turn_bad
 
 SHIPPED = P.DEFAULT_PATH.read_text(encoding="utf-8")
 
@@ -217,16 +217,7 @@ def _home_with_a_grade_drop(trained_home, tmp_path: Path) -> tuple[Path, str, st
     for eid in (bad, stable):
         for fam in FAMILIES:
             _edit(features, fam.name, eid, now_at, _snapshot(features, fam.name, eid, prev_at))
-    for fam in ("credit_history", "receivables_payables", "payments"):
-        frame = pl.read_parquet(features / fam / "*.parquet")
-        edits = {}
-        for f in features_of(fam):
-            if f.direction == 0:
-                continue
-            column = frame[f.name].drop_nulls().cast(pl.Float64)
-            value = column.max() * 2 if f.direction > 0 else column.min()
-            edits[f.name] = int(value) if f.dtype == "int" else float(value)
-        _edit(features, fam, bad, now_at, edits)
+    turn_bad(features, bad, now_at)
     return home, bad, stable
 
 

@@ -127,6 +127,25 @@ def test_watch_flags_a_deteriorating_borrower_and_not_a_stable_one(trained_home,
 
 
 @pytest.mark.slow
+def turn_bad(features: Path, eid: str, at: datetime) -> dict[str, float]:
+    """The enterprise's credit history, receivables and payments turn bad at `at`: every
+    risk-raising value extreme (the largest seen, doubled; the smallest of a protective one).
+    The values written, by feature."""
+    worse: dict[str, float] = {}
+    for fam in ("credit_history", "receivables_payables", "payments"):
+        frame = pl.read_parquet(features / fam / "*.parquet")
+        edits = {}
+        for f in features_of(fam):
+            if f.direction == 0:
+                continue
+            column = frame[f.name].drop_nulls().cast(pl.Float64)
+            value = column.max() * 2 if f.direction > 0 else column.min()
+            edits[f.name] = int(value) if f.dtype == "int" else float(value)
+        _edit(features, fam, eid, at, edits)
+        worse.update(edits)
+    return worse
+
+
 def test_model_flags_name_the_features_that_moved_the_risk(trained_home, tmp_path):
     """A borrower whose credit history turns delinquent gets a model flag with SHAP drivers."""
     from training.pyfunc import load_scorer
@@ -144,19 +163,7 @@ def test_model_flags_name_the_features_that_moved_the_risk(trained_home, tmp_pat
     now_at, prev_at = pf.end_of_day(AS_OF), pf.end_of_day(PREVIOUS)
     for fam in FAMILIES:
         _edit(features, fam.name, calm, now_at, _snapshot(features, fam.name, calm, prev_at))
-    # its credit history, receivables and payments turn bad: every risk-raising value extreme
-    worse: dict[str, float] = {}
-    for fam in ("credit_history", "receivables_payables", "payments"):
-        frame = pl.read_parquet(features / fam / "*.parquet")
-        edits = {}
-        for f in features_of(fam):
-            if f.direction == 0:
-                continue
-            column = frame[f.name].drop_nulls().cast(pl.Float64)
-            value = column.max() * 2 if f.direction > 0 else column.min()
-            edits[f.name] = int(value) if f.dtype == "int" else float(value)
-        _edit(features, fam, calm, now_at, edits)
-        worse.update(edits)
+    worse = turn_bad(features, calm, now_at)
     result = watch.watch(features, scorer, book, AS_OF, PREVIOUS, product="microloan")
     row = result.flagged.filter(pl.col("enterprise_id") == calm).row(0, named=True)
     assert set(row["flags"]) & set(watch.MODEL_FLAGS), row
