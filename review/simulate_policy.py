@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,21 +277,15 @@ def models_for(
 ) -> dict[tuple[str, str], tuple[ProductModel, str]]:
     """Per logged (model_name, version): the model that re-decides its records, and what it is
     (the logged version while it is in the registry, else the current champion)."""
-    from mlflow.exceptions import MlflowException
-
     from serving.model import load_champion
     from training.pyfunc import load_scorer
-    from training.tracking import _NOT_THERE, configure
+    from training.tracking import configure, version_exists
 
     client = configure(paths)
     champion: ProductModel | None = None
     out = {}
     for name, version in versions:
-        try:
-            client.get_model_version(name, version)
-        except MlflowException as e:
-            if e.error_code not in _NOT_THERE:  # the store failing is not a model gone
-                raise
+        if not version_exists(client, name, version):  # a failing store raises instead
             champion = champion or load_champion(paths, product)
             out[(name, version)] = (
                 champion,
@@ -404,11 +398,6 @@ def _segment(feature: str) -> pl.Expr:
     return pl.col(feature).replace(names).fill_null("unknown")
 
 
-def _chunks(frame: pl.DataFrame, size: int) -> Iterator[pl.DataFrame]:
-    for start in range(0, frame.height, size):
-        yield frame.slice(start, size)
-
-
 def simulate(
     paths: Paths,
     product: str,
@@ -445,7 +434,7 @@ def simulate(
             mine = logged.filter(
                 (pl.col("model_name") == name) & (pl.col("model_version") == version)
             )
-            for chunk in _chunks(mine, CHUNK):
+            for chunk in mine.iter_slices(CHUNK):
                 parts.append(decide_chunk(chunk, model, current, candidate))
                 if progress:
                     progress(chunk.height)

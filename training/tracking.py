@@ -149,6 +149,23 @@ def alias_version(client: MlflowClient, model: str, alias: str) -> str | None:
         raise TrackingStoreUnavailable(uri, _reason(e)) from e
 
 
+def version_exists(client: MlflowClient, model: str, version: str) -> bool:
+    """Whether `model` version `version` is in the registry; a store that cannot be read
+    raises TrackingStoreUnavailable, never taken for "gone" (as in `alias_version`)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    uri = client.tracking_uri
+    try:
+        client.get_model_version(model, version)
+    except MlflowException as e:
+        if e.error_code in _NOT_THERE:
+            return False
+        raise TrackingStoreUnavailable(uri, _reason(e)) from e
+    except (SQLAlchemyError, OSError) as e:
+        raise TrackingStoreUnavailable(uri, _reason(e)) from e
+    return True
+
+
 def _reason(error: BaseException) -> str:
     """The database driver's own words where there are some (MLflow wraps SQLAlchemy's error,
     which wraps the driver's)."""
