@@ -30,7 +30,7 @@ from kapok.staging import staged_file
 from serving import core
 from serving import policy as pol
 from serving.decision_log import DecisionLog, DecisionRecord, JSONText
-from serving.engine import loan_request
+from serving.engine import decision_answer, loan_request
 from serving.model import ProductModel, load_champion
 from serving.reasons import reasons_json
 
@@ -155,20 +155,9 @@ def decide_batch(
         score, grade = float(d.score[i]), str(d.grade[i])
         request_id = request_id_for(app_id)
         decided_at = applied_at.isoformat()
-        body = {
-            "request_id": request_id,
-            "product": model.product,
-            "model_name": model.name,
-            "model_version": model.version,
-            "features_as_of": decided_at,
-            "decided_at": decided_at,
-            "pd": round(pd_, 6),
-            "score": round(score, 1),
-            "grade": grade,
-            "decision": decision.decision,
-            "policy_path": decision.path,
-            "reasons": reasons_json(d.reasons(i, values)),
-        }
+        shown = reasons_json(d.reasons(i, values))
+        body = decision_answer(request_id, model.product, model, decided_at, decided_at, pd_,
+                               score, grade, decision, shown)  # fmt: skip
         records.append(
             DecisionRecord(
                 request_id=request_id,

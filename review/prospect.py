@@ -54,6 +54,7 @@ from serving import columnar_policy as cp
 from serving import core
 from serving import policy as pol
 from serving.decision_log import DecisionLog, DecisionRecord, JSONText
+from serving.engine import decision_answer
 from serving.model import ProductModel
 from serving.reasons import MAX_FAVOURABLE, Reason, favourable, reasons_json
 
@@ -384,23 +385,14 @@ def _offer_chunk(
         decision = d.decision_row(r, values[r])
         pd_, score, grade = float(d.pd[r]), float(d.score[r]), str(d.grade[r])
         shown = reasons_json(reasons[r])
+        published = as_of[r].isoformat() if as_of[r] is not None else None
         body = {
-            "request_id": request_id,
-            "product": model.product,
-            "model_name": model.name,
-            "model_version": model.version,
-            "features_as_of": as_of[r].isoformat() if as_of[r] is not None else None,
-            "decided_at": decided_at.isoformat(),
-            "pd": round(pd_, 6),
-            "score": round(score, 1),
-            "grade": grade,
-            "decision": decision.decision,
-            "policy_path": decision.path,
-            "reasons": shown,
+            **decision_answer(request_id, model.product, model, published,
+                              decided_at.isoformat(), pd_, score, grade, decision, shown),
             "limit": limit,
             "binding_constraint": binding[r],
             "run_id": run_id,
-        }
+        }  # fmt: skip
         request = {
             ID: ids[r],
             "product": model.product,

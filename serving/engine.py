@@ -65,6 +65,38 @@ def loan_request(eid: str, product: str, amount: float, term: int) -> dict[str, 
     }
 
 
+def decision_answer(
+    request_id: str,
+    product: str,
+    model: ProductModel,
+    features_as_of: str | None,
+    decided_at: str,
+    pd: float,
+    score: float,
+    grade: str,
+    decision: pol.Decision,
+    reasons: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A decision's answer as /score words it (what /limit and /price extend): the request id,
+    the model, when its features were published and when it decided, PD, score, grade, the
+    decision with its policy path, and the reasons (as `reasons_json` gives them). The API,
+    `kapok backfill` and `kapok prospect` log the same shape."""
+    return {
+        "request_id": request_id,
+        "product": product,
+        "model_name": model.name,
+        "model_version": model.version,
+        "features_as_of": features_as_of,
+        "decided_at": decided_at,
+        "pd": round(pd, 6),
+        "score": round(score, 1),
+        "grade": grade,
+        "decision": decision.decision,
+        "policy_path": decision.path,
+        "reasons": reasons,
+    }
+
+
 def policy_outcome(
     model: ProductModel,
     values: Mapping[str, Any],

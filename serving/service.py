@@ -356,17 +356,14 @@ class Kapok:
         )
 
     def _score_body(self, request_id: str, product: str, a: dict) -> dict[str, Any]:
+        from serving.engine import decision_answer
         from serving.reasons import reasons_json
 
-        return {
-            **self._envelope(request_id, product, a["model"], a["features"]),
-            "pd": round(a["pd"], 6),
-            "score": round(a["score"], 1),
-            "grade": a["grade"],
-            "decision": a["decision"].decision,
-            "policy_path": a["decision"].path,
-            "reasons": reasons_json(a["reasons"]),
-        }
+        return decision_answer(
+            request_id, product, a["model"], a["features"].as_of,
+            datetime.now(UTC).isoformat(), a["pd"], a["score"], a["grade"], a["decision"],
+            reasons_json(a["reasons"]),
+        )  # fmt: skip
 
     def _decide(
         self,
