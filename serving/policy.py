@@ -844,6 +844,17 @@ class Price:
         }
 
 
+def legal_cap(product: str, amount: float, policy: Policy) -> float | None:
+    """The legal cap on the product's all-in rate at `amount`: the microloan all-in rate cap,
+    the government-backed guarantee fee cap (None when guarantees are not government-backed),
+    none for insurance."""
+    if product == "microloan":
+        return policy.caps.microloan_all_in
+    if product == "guarantee":
+        return policy.caps.guarantee_fee(amount)
+    return None
+
+
 def price(
     pd: float,
     amount: float,
@@ -877,13 +888,8 @@ def price(
     capital_charge = k * prod.capital_hurdle_rate
     rate = el_rate + loading + prod.cost_of_funds + prod.operating_cost + capital_charge
     rate += prod.margin
-    cap: float | None = None
-    all_in = rate
-    if prod.name == "microloan":
-        cap = policy.caps.microloan_all_in
-        all_in = rate + extra_annual_cost
-    elif prod.name == "guarantee":
-        cap = policy.caps.guarantee_fee(amount)
+    cap = legal_cap(prod.name, amount, policy)
+    all_in = rate + extra_annual_cost if prod.name == "microloan" else rate
     rate_name = HEADLINE_RATE[prod.name]
     return Price(
         product=prod.name,

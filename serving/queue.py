@@ -32,7 +32,7 @@ from serving.decision_log import (
     json_safe,
     new_request_id,
 )
-from serving.policy import Policy
+from serving.policy import HEADLINE_RATE, Policy, legal_cap
 
 OFFICER_DECISIONS = ("approve", "decline")
 DEFAULT_LIMIT = 100  # items a listing shows unless asked for more
@@ -196,15 +196,8 @@ def _price(
     if given.price is None:
         return price
     product = original.product
-    caps = policy.caps
     amount = limit if limit is not None else requested(original)[0] or 0.0
-    cap = (
-        caps.microloan_all_in
-        if product == "microloan"
-        else caps.guarantee_fee(amount)
-        if product == "guarantee"
-        else None
-    )
+    cap = legal_cap(product, amount, policy)
     extra = float((price or {}).get("extra_annual_cost") or 0.0) if product == "microloan" else 0.0
     all_in = given.price + extra
     if cap is not None and all_in > cap + 1e-12:
@@ -213,11 +206,7 @@ def _price(
             f"for {product}",
             "price",
         )
-    rate_name = (price or {}).get("rate_name") or {
-        "microloan": "annual_rate",
-        "guarantee": "fee_rate",
-        "insurance": "premium_rate",
-    }.get(product, "rate")
+    rate_name = (price or {}).get("rate_name") or HEADLINE_RATE.get(product, "rate")
     base = price or {"product": product}
     return {
         **base,
