@@ -110,6 +110,7 @@ _KNOWN_ERRORS = {
     ("serving.decision_log", "DecisionLogError"),
     ("features.spec", "SpecError"),
     ("features.store", "OnlineStoreConfigError"),
+    ("kapok.engine", "EngineConfigError"),
     ("kapok.uscc", "USCCError"),
     ("serving.queue", "QueueError"),
     ("review.actions", "ActionsError"),

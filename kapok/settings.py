@@ -58,6 +58,12 @@ def online_store_url() -> str:
     return os.environ.get("KAPOK_ONLINE_STORE", "sqlite").strip() or "sqlite"
 
 
+def feast_registry_url() -> str:
+    """KAPOK_FEAST_REGISTRY: 'file' (default: KAPOK_HOME/feature_repo/data/registry.db) or a
+    postgresql:// URL, the SQL registry several API replicas and workers share."""
+    return os.environ.get("KAPOK_FEAST_REGISTRY", "file").strip() or "file"
+
+
 # -- the lending API's access limits (serving/access.py applies them) ---------------------------
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a /screen of 1,000 applicants is ~92 KB of JSON
 
