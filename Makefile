@@ -69,6 +69,7 @@ bench-smoke: install
 	$(BIN)/python bench/soak.py --home $(SMOKE_HOME) --rate 20 --minutes 0.5 --warm 1 --smoke
 	$(BIN)/python bench/crash.py --home $(SMOKE_HOME) --reps 2 --min-load 1 --max-load 3
 	$(BIN)/python bench/pit.py --home $(SMOKE_HOME) --products microloan
+	$(BIN)/python bench/scaling.py --home $(SMOKE_HOME) --quick
 	rm -rf $(SMOKE_HOME)
 
 clean:
