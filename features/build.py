@@ -19,6 +19,7 @@ import polars as pl
 from features.pipelines import Panel, build_family
 from features.raw_tables import ENTERPRISE_TABLES, chunk_name, read_manifest, scan
 from features.schema import FAMILIES, SCHEMA_VERSION
+from kapok.engine import engine
 from kapok.staging import staged_folder
 
 # per-enterprise tables, read chunk by chunk (the regional aggregates describe no enterprise)
@@ -38,7 +39,9 @@ def build_chunk(raw: Path, staging: Path, chunk: int, months: int, start: date) 
     for fam in FAMILIES:
         frame = build_family(fam.name, tables, panel)
         target = staging / fam.name / chunk_name(chunk)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        # not parents=True: a shard still running after a failed build was cleaned up (Ray)
+        # must fail here rather than recreate the removed staging folder
+        target.parent.mkdir(exist_ok=True)
         # zstd level 1: 9% larger than the default level, written in half the time
         frame.write_parquet(target, compression="zstd", compression_level=1, statistics=True)
         rows[fam.name] = frame.height
@@ -57,8 +60,9 @@ def workers() -> int:
 
 def build(raw: Path, out: Path, progress: Callable[[str], None] | None = None) -> dict:
     """Chunks are independent (a chunk is a set of enterprises), so they are built by several
-    processes at once; each writes its own part files, so the output does not depend on how
-    many ran or in which order they finished."""
+    processes at once (KAPOK_ENGINE=ray: Ray Data tasks, features.build_ray); each writes its
+    own part files, so the output does not depend on how many ran, where, or in which order
+    they finished."""
     manifest = read_manifest(raw)
     start = date.fromisoformat(manifest["start"] + "-01")
     rows = dict.fromkeys((f.name for f in FAMILIES), 0)
@@ -68,11 +72,17 @@ def build(raw: Path, out: Path, progress: Callable[[str], None] | None = None) -
         "rows": rows,
         "first_snapshot": f"{start:%Y-%m}",
         "months": manifest["months"],
+        "engine": str(engine()),  # where it was built; the tables are the same either way
     }
     chunks = range(manifest["chunks"])
     n = min(workers(), len(chunks))
     with staged_folder(out) as staging:
-        if n == 1:
+        if engine().is_ray:  # the same chunks and part files, scheduled by Ray Data
+            from features.build_ray import build_shards
+
+            done = build_shards(raw, staging, len(chunks), manifest["months"], start)
+            _collect(done, rows, progress)
+        elif n == 1:
             done = (build_chunk(raw, staging, c, manifest["months"], start) for c in chunks)
             _collect(done, rows, progress)
         else:
