@@ -3,12 +3,17 @@ naive alternative measured in the same run.
 
     python bench/features_build.py --raw /tmp/k1m/data/raw            # 1,000,000 enterprises
     python bench/features_build.py --raw /tmp/kapok-bench-smoke/data/raw      # CI: seconds
+    python bench/features_build.py --raw /tmp/k100k/data/raw --engine ray     # local vs Ray
 
 - **floor**: reading every input table of every chunk (parquet decode, nothing computed): no build
   can be faster than reading its input.
 - **build**: `features.build.build` as `kapok features build` runs it (worker processes,
   KAPOK_BUILD_WORKERS), into a temporary folder; peak memory is the sum of the resident memory
   of this process and its children, sampled every 0.2 s.
+- **ray** (`--engine ray`): the same build with KAPOK_ENGINE=ray (Ray Data tasks, one per chunk,
+  KAPOK_RAY_CPUS cores, default: as many as the local build's workers), after the local build in
+  the same run; its time over the local build's is the ratio. Ray is started first and its
+  start-up is shown apart; the peak includes Ray's own processes (raylet, GCS, idle workers).
 - **naive**: the previous pipeline (polars window expressions over a joined month grid, one family
   at a time), taken from git at NAIVE_COMMIT, on the first chunk only, and extrapolated to all
   chunks. The same chunk is built by today's pipeline in one process for a like-for-like ratio,
@@ -121,7 +126,14 @@ def main() -> None:
     parser.add_argument(
         "--raw", type=Path, required=True, help="a raw folder (kapok data generate)"
     )
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: also build on Ray in the same run and print its ratio to the local build",
+    )
     args = parser.parse_args()
+    os.environ["KAPOK_ENGINE"] = "local"  # the build line is the local engine's, always
     manifest = read_manifest(args.raw)
     chunks, months = manifest["chunks"], manifest["months"]
     start = date.fromisoformat(manifest["start"] + "-01")
@@ -153,6 +165,9 @@ def main() -> None:
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
+    if args.engine == "ray":
+        on_ray(args.raw, built, peak.peak, chunks)
+
     old = naive_pipelines()
     tables = raw_chunk(args.raw, 0)
     t0 = time.perf_counter()
@@ -181,6 +196,34 @@ def main() -> None:
         f"goal   ≤ {GOAL_SECONDS:.0f} s and ≤ {GOAL_BYTES / 1e9:.0f} GB at 1,000,000 × 36: "
         f"{built * scale:.0f} s (linear in enterprise-months), {peak.peak / 1e9:.2f} GB: {verdict}"
     )
+
+
+def on_ray(raw: Path, local_seconds: float, local_peak: int, chunks: int) -> None:
+    """The same build on a local Ray, limited like the local build (KAPOK_RAY_CPUS, default the
+    local build's worker count), timed without Ray's start-up."""
+    from kapok.engine import ray_cpus, ray_init, ray_shutdown
+
+    os.environ.setdefault("KAPOK_RAY_CPUS", str(min(workers(), chunks)))
+    os.environ["KAPOK_ENGINE"] = "ray"
+    out = Path(tempfile.mkdtemp(prefix="kapok-bench-features-ray-"))
+    try:
+        with PeakMemory() as peak:
+            t0 = time.perf_counter()
+            ray_init()
+            started = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            build(raw, out / "features")
+            built = time.perf_counter() - t0
+        print(
+            f"ray    same build on Ray Data:        {built:8.1f} s, peak {peak.peak / 1e9:.2f} GB "
+            f"with Ray's processes, {ray_cpus()} CPU(s) ({built / local_seconds:.2f}× the local "
+            f"build's time, {peak.peak / local_peak:.2f}× its peak); Ray start-up {started:.1f} s "
+            "not counted"
+        )
+    finally:
+        ray_shutdown()
+        os.environ["KAPOK_ENGINE"] = "local"
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":
