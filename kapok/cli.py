@@ -110,6 +110,7 @@ _KNOWN_ERRORS = {
     ("serving.decision_log", "DecisionLogError"),
     ("features.spec", "SpecError"),
     ("features.store", "OnlineStoreConfigError"),
+    ("features.build_ray", "ShardBuildError"),
     ("kapok.engine", "EngineConfigError"),
     ("kapok.uscc", "USCCError"),
     ("serving.queue", "QueueError"),

@@ -14,6 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
+from typer.testing import CliRunner
 
 import kapok.bigdata.generate as bigdata
 from features.build import MANIFEST, build
@@ -21,7 +22,9 @@ from features.build_ray import ShardBuildError
 from features.raw_tables import chunk_name
 from features.schema import FAMILIES
 from kapok.bigdata.simulate import SimulationConfig
+from kapok.cli import app
 from kapok.engine import ray_shutdown
+from kapok.settings import paths
 
 CHUNK = 700  # enterprises per shard: 2,000 enterprises make 3 shards, the last a short one
 REGION = SimulationConfig(enterprises=2_000, months=24, seed=5)
@@ -99,19 +102,28 @@ def test_ray_build_equals_local_build(raw: Path, local_features: Path, on_ray: N
 
 
 def test_failing_shard_keeps_previous_tables(
-    raw: Path, local_features: Path, on_ray: None, tmp_path: Path
+    raw: Path, local_features: Path, on_ray: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    broken = tmp_path / "raw"
-    shutil.copytree(raw, broken)
-    (broken / "registration" / chunk_name(1)).write_bytes(b"not parquet")
-    out = tmp_path / "features"
-    shutil.copytree(local_features, out)
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setenv("KAPOK_HOME", str(tmp_path))
+    p = paths()
+    shutil.copytree(raw, p.raw)
+    (p.raw / "registration" / chunk_name(1)).write_bytes(b"not parquet")
+    shutil.copytree(local_features, p.features)
+    before = {
+        f.relative_to(p.features): f.read_bytes() for f in p.features.rglob("*") if f.is_file()
+    }
 
     with pytest.raises(ShardBuildError, match=r"shard 1 \(part-0001\.parquet") as failure:
-        build(broken, out)
-
+        build(p.raw, p.features)
     assert "registration" in str(failure.value)  # the cause: which table could not be read
-    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # the CLI says so in one line, without a traceback
+    result = CliRunner().invoke(app, ["features", "build"])
+    assert result.exit_code == 2, result.output
+    assert "error: feature build failed on shard 1 (part-0001.parquet" in result.output
+    assert "Traceback" not in result.output
+
+    after = {
+        f.relative_to(p.features): f.read_bytes() for f in p.features.rglob("*") if f.is_file()
+    }
     assert after == before
-    assert not out.with_name("features.partial").exists()
+    assert not p.features.with_name("features.partial").exists()
